@@ -1,0 +1,61 @@
+"""Ray start-up and the version-sensitive Ray calls, kept in one place.
+
+Local-Ray settings that avoid known hangs on small machines live here, not in tests:
+more logical CPUs than the workers need (Ray Data starves otherwise), the dashboard on
+(Train V2 cleans up placement groups through it) and token auth off for a local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+from synthaug.config import RayConfig
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join the cluster we run under (``ray job submit``), ``cfg.address``, or start a local Ray."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Workers inherit these; keep torch to one thread each so 2 cores are not oversubscribed.
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], "RAY_TRAIN_V2_ENABLED": "1"}}
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.include_dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's progress bars (the issue asks for them) but not its verbose logs."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+
+
+def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
+    """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions)."""
+    import ray
+
+    major, minor = (int(x) for x in ray.__version__.split(".")[:2])
+    kwargs: dict = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": 1}
+    if (major, minor) >= (2, 9):
+        kwargs["concurrency"] = (min_size, max_size) if min_size != max_size else min_size
+    else:  # pragma: no cover - old Ray
+        from ray.data import ActorPoolStrategy
+
+        kwargs["compute"] = ActorPoolStrategy(min_size=min_size, max_size=max_size)
+    return kwargs
