@@ -161,6 +161,29 @@ def validate_table(table: pa.Table, class_names: list[str], where: str, labelled
 def write_dataset(
     data: pa.Table | Any,
     path: str | Path,
+    **manifest_kwargs: Any,
+) -> dict:
+    """Write a contract dataset atomically; ``data`` is a pyarrow Table or a Ray Dataset.
+
+    The rows go to a staging directory, then :func:`finalize_dataset` validates and
+    hashes them, writes the manifest last and renames the directory to ``path``.
+    """
+    tmp = staging_dir(path)
+    try:
+        if isinstance(data, pa.Table):
+            (tmp / DATA_DIR).mkdir()
+            pq.write_table(data, tmp / DATA_DIR / "part-00000.parquet")
+        else:  # a Ray Dataset: let Ray write the shards.
+            data.write_parquet(str(tmp / DATA_DIR))
+        return finalize_dataset(tmp, path, **manifest_kwargs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finalize_dataset(
+    tmp: str | Path,
+    path: str | Path,
     *,
     class_names: list[str],
     image_size: tuple[int, int],
@@ -169,42 +192,28 @@ def write_dataset(
     labelled: bool = True,
     extra: dict | None = None,
 ) -> dict:
-    """Write a contract dataset atomically; ``data`` is a pyarrow Table or a Ray Dataset.
-
-    The rows go to a staging directory, are read back to validate and hash them, the
-    manifest is written last, and only then is the directory renamed to ``path``.
-    """
-    path = Path(path)
-    tmp = staging_dir(path)
-    try:
-        if isinstance(data, pa.Table):
-            (tmp / DATA_DIR).mkdir()
-            pq.write_table(data, tmp / DATA_DIR / "part-00000.parquet")
-        else:  # a Ray Dataset: let Ray write the shards.
-            data.write_parquet(str(tmp / DATA_DIR))
-        table = pq.read_table(tmp / DATA_DIR)
-        validate_table(table, class_names, str(path), labelled=labelled)
-        labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-        counts = {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "num_rows": table.num_rows,
-            "class_names": list(class_names),
-            "counts": counts,
-            "labelled": labelled,
-            "image_size": list(image_size),
-            "channels": channels,
-            "image_encoding": "png",
-            "columns": table.column_names,
-            "content_hash": table_content_hash(table),
-            "config": config,
-            **(extra or {}),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Validate the shards in ``tmp/data``, write the manifest last, rename ``tmp`` to ``path``."""
+    tmp = Path(tmp)
+    table = pq.read_table(tmp / DATA_DIR)
+    validate_table(table, class_names, str(path), labelled=labelled)
+    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+    counts = {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "num_rows": table.num_rows,
+        "class_names": list(class_names),
+        "counts": counts,
+        "labelled": labelled,
+        "image_size": list(image_size),
+        "channels": channels,
+        "image_encoding": "png",
+        "columns": table.column_names,
+        "content_hash": table_content_hash(table),
+        "config": config,
+        **(extra or {}),
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    commit_dir(tmp, path)
     return manifest
 
 

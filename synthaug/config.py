@@ -83,6 +83,7 @@ class SampleConfig:
     """Class-balanced sampling with classifier-free guidance through a Ray Data actor pool."""
 
     per_class: int = _f(100, "Images to sample per class.")
+    class_counts: dict = _f({}, "Per-class counts {class_name: n} overriding per_class (only these classes).")
     guidance_scale: float = _f(2.0, "CFG scale w: eps = eps_u + w (eps_c - eps_u); w = 1 is purely conditional.")
     sampler: str = _f("ddim", "'ddpm', 'ddim' or 'dpmsolver++'.")
     steps: int = _f(50, "Denoising steps.")
@@ -181,6 +182,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if tp is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
         if tp is tuple:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
@@ -317,6 +324,8 @@ def validate(cfg: Config) -> None:
     _check(s.steps >= 1, "config key 'sample.steps' must be >= 1")
     _check(s.guidance_scale >= 0, "config key 'sample.guidance_scale' must be >= 0")
     _check(s.per_class >= 1, "config key 'sample.per_class' must be >= 1 (N = 0 samples nothing)")
+    for name, n in s.class_counts.items():
+        _check(isinstance(n, int) and n >= 1, f"config key 'sample.class_counts.{name}' must be an integer >= 1 (N = 0 samples nothing)")
     _check(s.batch_size >= 1, "config key 'sample.batch_size' must be >= 1")
     _check(1 <= s.min_actors <= s.max_actors, "config keys 'sample.min_actors' <= 'sample.max_actors', both >= 1")
     c = cfg.classify

@@ -1,0 +1,147 @@
+"""Plain-PyTorch diffusion cores, independent of Ray: the training loss and the sampling loop.
+
+Sampling is deterministic per sample: image i's initial noise (and, for DDPM, every
+step's noise) comes from its own ``torch.Generator`` seeded with ``seeds[i]``, so an
+image does not depend on which batch or actor it was sampled in.
+
+Guidance convention: ``eps = eps_uncond + w * (eps_cond - eps_uncond)``; w = 1 is purely
+conditional and skips the unconditional pass; w = 0 is purely unconditional.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def diffusion_loss(gen, x0: torch.Tensor, labels: torch.Tensor, noise_scheduler, *, prediction_type: str = "epsilon",
+                   min_snr_gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard denoising loss on clean ``x0`` (B, C, H, W) in [-1, 1] with class ``labels`` (B,)."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
+    xt = noise_scheduler.add_noise(x0, noise, t)
+    pred = gen.denoise(xt, t, labels)
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma > 0:
+        # Min-SNR weighting (Hang et al., 2023): min(SNR, gamma) / SNR for eps, / (SNR + 1) for v.
+        abar = noise_scheduler.alphas_cumprod.to(x0.device)[t]
+        snr = abar / (1 - abar)
+        w = torch.clamp(snr, max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+        per_sample = per_sample * w
+    return per_sample.mean()
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up then cosine decay to 0, as a LambdaLR multiplier."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def per_sample_noise(seeds: list[int], shape: tuple, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list]:
+    """Initial noise (B, *shape) from one generator per sample; returns it and the generators."""
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    return x, gens
+
+
+def _guided(gen, x: torch.Tensor, t, labels: torch.Tensor, w: float) -> torch.Tensor:
+    """Model output with classifier-free guidance; one pass at w = 1 (or w = 0)."""
+    tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    null = torch.full_like(labels, gen.null_class)
+    if w == 1.0:
+        return gen.denoise(x, tt, labels)
+    if w == 0.0:
+        return gen.denoise(x, tt, null)
+    out = gen.denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+    cond, uncond = out.chunk(2)
+    return uncond + w * (cond - uncond)
+
+
+def make_scheduler(sampler: str, scheduler_config: dict):
+    """A diffusers scheduler for ``sampler`` built from the generator's training schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"config key 'sample.sampler': unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=False)
+    if sampler == "dpmsolver++":
+        # With the cosine schedule, DPM-Solver++ saturates images unless the last
+        # (lowest-SNR) lambdas are clipped; diffusers' recommended value is -5.1.
+        clip = -5.1 if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2" else -float("inf")
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            lambda_min_clipped=clip, final_sigmas_type="zero")
+    return DDPMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+
+
+def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, gens: list, v: float) -> torch.Tensor:
+    """One ancestral DDPM step over a respaced schedule, with per-sample noise.
+
+    The variance interpolates in log space between the posterior variance (v = 0) and
+    beta_t (v = 1), the coefficient the paper tunes: exp(v log beta + (1 - v) log beta~).
+    """
+    abar = sched.alphas_cumprod.to(x.device, torch.float64)
+    a_t = abar[t]
+    a_prev = abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64, device=x.device)
+    beta = 1 - a_t / a_prev
+    x64, eps64 = x.double(), eps.double()
+    x0 = ((x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()).clamp(-1, 1)
+    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x64
+    if t_prev < 0:
+        return mean.to(x.dtype)
+    post_var = beta * (1 - a_prev) / (1 - a_t)
+    log_var = v * torch.log(beta) + (1 - v) * torch.log(post_var.clamp(min=1e-20))
+    noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(x.device)
+    return (mean + (0.5 * log_var).exp() * noise).to(x.dtype)
+
+
+@torch.inference_mode()
+def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: float, sampler: str = "ddim",
+                  steps: int = 50, ddpm_log_variance_v: float = 1.0, device: str | torch.device = "cpu",
+                  autocast_dtype: torch.dtype | None = None, counter: dict | None = None) -> torch.Tensor:
+    """Sample one image per (label, seed); returns float (B, C, H, W) in [-1, 1]."""
+    if steps < 1:
+        raise ValueError("config key 'sample.steps' must be >= 1")
+    if guidance_scale < 0:
+        raise ValueError("config key 'sample.guidance_scale' must be >= 0")
+    sched = make_scheduler(sampler, gen.scheduler_config)
+    sched.set_timesteps(steps, device=device)
+    y = torch.as_tensor(labels, dtype=torch.long, device=device)
+    x, gens = per_sample_noise(seeds, (gen.channels, gen.image_size, gen.image_size), device)
+    x = x * sched.init_noise_sigma
+    timesteps = [int(t) for t in sched.timesteps]
+    prediction_type = gen.scheduler_config.get("prediction_type", "epsilon")
+    for i, t in enumerate(timesteps):
+        xin = sched.scale_model_input(x, t)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = _guided(gen, xin, t, y, guidance_scale).float()
+        if counter is not None:
+            counter["denoiser_calls"] = counter.get("denoiser_calls", 0) + (1 if guidance_scale in (0.0, 1.0) else 2)
+        if sampler == "ddpm":
+            if prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x
+                a = sched.alphas_cumprod.to(x.device)[t]
+                out = a.sqrt() * out + (1 - a).sqrt() * x
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            x = _ddpm_step(sched, out, t, t_prev, x, gens, ddpm_log_variance_v)
+        else:
+            x = sched.step(out, t, x).prev_sample
+    return x.clamp(-1, 1)

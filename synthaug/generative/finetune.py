@@ -1,0 +1,266 @@
+"""Generator training with Ray Train (DDP): class-conditional fine-tuning, and pretraining.
+
+Pretraining on an unlabelled pool is the same loop with every label set to the null
+class. One function, :func:`train_loop_per_worker`, runs for 1 and for N workers.
+
+Data: the driver turns the contract dataset into a *step plan* -- seeded permutations
+of the rows, concatenated until ``steps x batch x grad_accum`` rows -- and streams it
+through Ray Data, decoded in ``map_batches``. Checkpoints (rank 0, every N steps)
+hold model, EMA, optimiser, LR schedule, step and RNG state; a re-run of the same
+command resumes from the latest one (Train V2 finds it in the run's storage), and
+a restarted worker group skips the plan rows already consumed, so the final step
+count is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from synthaug.artifacts import DatasetError, read_manifest, read_table, hash_tree
+from synthaug.config import Config, TrainGenConfig, to_dict
+from synthaug.data.images import decode_batch, to_float
+from synthaug.generative import models
+from synthaug.generative.diffusion import diffusion_loss, lr_lambda
+
+STATE_FILE = "train_state.json"
+
+
+# ----------------------------------------------------------------------------- data plan
+
+
+def step_plan(num_rows: int, rows_needed: int, seed: int, offset: int = 0) -> np.ndarray:
+    """Row indices for the whole run: seeded permutations, concatenated, from ``offset``."""
+    epochs = (offset + rows_needed) // num_rows + 1
+    idx = np.concatenate([np.random.default_rng([seed, e]).permutation(num_rows) for e in range(epochs)])
+    return idx[offset : offset + rows_needed]
+
+
+def _decode(batch: dict) -> dict:
+    """Ray Data map_batches: PNG bytes -> float32 (B, C, H, W) in [-1, 1] and int64 labels."""
+    return {"x": to_float(decode_batch(batch["image"])), "y": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def latest_step(storage: Path) -> int:
+    """The step of the newest checkpoint under a run's storage (0 when none)."""
+    steps = [json.loads(p.read_text())["step"] for p in storage.rglob(STATE_FILE)] if storage.exists() else []
+    return max(steps, default=0)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _save_checkpoint(dirpath: str, model, ema, opt, sched, step: int, rng: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(dirpath, "model.safetensors"))
+    ema_state = ema.state_dict()
+    save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+              os.path.join(dirpath, "ema.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema_state, "rng": rng},
+               os.path.join(dirpath, "state.pt"))
+    with open(os.path.join(dirpath, STATE_FILE), "w") as f:
+        json.dump({"step": step}, f)
+
+
+def _load_checkpoint(dirpath: str, model, ema, opt, sched) -> tuple[int, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(dirpath, "model.safetensors")))
+    state = torch.load(os.path.join(dirpath, "state.pt"), weights_only=True)
+    shadow = load_file(os.path.join(dirpath, "ema.safetensors"))
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    step = json.loads(Path(dirpath, STATE_FILE).read_text())["step"]
+    return step, state["rng"]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function (1 or N workers): diffusion training with EMA and resume."""
+    import ray.train
+    import ray.train.torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    t: TrainGenConfig = TrainGenConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("SYNTHAUG_TORCH_THREADS", "1"))))
+    device = ray.train.torch.get_device()
+
+    # Build or load the generator; seed so that all ranks start identical.
+    torch.manual_seed(t.seed)
+    if config["base_dir"]:
+        gen = models.load_generator(config["base_dir"], t.family, config["class_names"])
+    else:
+        gen = models.new_generator(t.family, t.arch, config["class_names"], config["image_size"],
+                                   config["channels"], t.prediction_type)
+    noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
+    raw_model = gen.model.to(device)
+    ema = EMAModel(raw_model.parameters(), decay=t.ema_decay)
+    opt = torch.optim.AdamW(raw_model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
+    rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
+
+    # Resume from the latest checkpoint (a re-run, or a restarted worker group).
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            step, _ = _load_checkpoint(d, raw_model, ema, opt, sched)
+        rng = torch.Generator().manual_seed(t.seed * 1000 + rank + 7919 * step)
+        if rank == 0:
+            print(f"[{config['stage']}] resumed at step {step}/{t.steps}")
+    ema.to(device)
+    gen.model = ray.train.torch.prepare_model(raw_model) if world > 1 else raw_model
+    gen.model.train()
+
+    micro = t.batch_size // world
+    null = gen.null_class
+    autocast = device.type == "cuda" and t.mixed_precision in ("auto", "bf16")
+    shard = ray.train.get_dataset_shard("train")
+    skip = (step - config["plan_offset"]) * t.grad_accum  # plan batches already consumed
+    t0, seen, last_loss, micro_count = time.time(), 0, float("nan"), 0
+
+    while step < t.steps:
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device):
+            if skip > 0:
+                skip -= 1
+                continue
+            x, y = batch["x"], batch["y"]
+            if config["unconditional"]:
+                y = torch.full_like(y, null)
+            elif t.label_dropout > 0:  # label dropout to the null class, for CFG
+                drop = torch.rand(y.shape, generator=rng).to(device) < t.label_dropout
+                y = torch.where(drop, torch.full_like(y, null), y)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = diffusion_loss(gen, x, y, noise_sched, prediction_type=t.prediction_type,
+                                      min_snr_gamma=t.min_snr_gamma, generator=None)
+            (loss / t.grad_accum).backward()
+            seen += x.shape[0]
+            micro_count += 1
+            if micro_count % t.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            ema.step(raw_model.parameters())
+            step += 1
+            last_loss = float(loss)
+
+            if rank == 0 and (step % 50 == 0 or step == t.steps):
+                ips = seen * world / max(1e-9, time.time() - t0)
+                print(f"[{config['stage']}] step {step}/{t.steps} loss {last_loss:.4f} {ips:.0f} img/s", flush=True)
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                metrics = {"step": step, "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as d:
+                        _save_checkpoint(d, raw_model, ema, opt, sched, step, rng.get_state())
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                else:
+                    ray.train.report(metrics)
+            if step >= t.steps:
+                break
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _resolve_base(t: TrainGenConfig, base_dir: str | Path | None) -> str:
+    base = str(base_dir or t.base or "")
+    if base:
+        models.check_base_dir(base, t.family)
+    return base
+
+
+def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
+        base_dir: str | Path | None = None, unconditional: bool = False) -> dict:
+    """Train a generator on a contract dataset and export it (EMA weights) to ``out_dir``.
+
+    ``stage`` picks the config section ('pretrain' or 'finetune'); ``unconditional``
+    trains with every label set to the null class (pretraining on an unlabelled pool).
+    Everything is checked before Ray Train starts.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from synthaug.raylocal import init_ray
+
+    t: TrainGenConfig = getattr(cfg, stage)
+    data_manifest = read_manifest(data_dir)
+    class_names = list(data_manifest["class_names"])
+    if not class_names:
+        raise DatasetError(f"{data_dir}: class count of 0; a generator needs at least one class")
+    base = _resolve_base(t, base_dir)
+    image_size, channels = int(data_manifest["image_size"][0]), int(data_manifest["channels"])
+    if base:
+        probe = models.load_generator(base, t.family, class_names)
+        if probe.image_size != image_size or probe.channels != channels:
+            raise models.GeneratorError(
+                f"{base}: generator takes {probe.channels}x{probe.image_size}px images, data {data_dir} has "
+                f"{channels}x{image_size}px; image size incompatible with the model")
+    else:
+        models.new_generator(t.family, t.arch, class_names, image_size, channels)  # raises on bad sizes
+    if not data_manifest.get("labelled", True) and not unconditional:
+        raise DatasetError(f"{data_dir}: unlabelled dataset; class-conditional training needs labels")
+
+    # Step plan, from where the newest checkpoint left off.
+    init_ray(cfg.ray)
+    storage = Path(storage_dir).absolute()
+    offset_steps = latest_step(storage / stage)
+    table = read_table(data_dir, columns=["image", "label"])
+    rows_needed = max(0, t.steps - offset_steps) * t.batch_size * t.grad_accum + t.batch_size
+    plan = table.take(pa.array(step_plan(table.num_rows, rows_needed, t.seed, offset_steps * t.batch_size * t.grad_accum)))
+    import ray.data
+
+    ds = ray.data.from_arrow(plan).map_batches(_decode, batch_format="numpy")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
+            "image_size": image_size, "channels": channels, "unconditional": unconditional,
+            "plan_offset": offset_steps,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=stage, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    seconds = time.time() - t0
+
+    # Export the EMA weights in diffusers layout with a manifest.
+    with result.checkpoint.as_directory() as d:
+        step = json.loads(Path(d, STATE_FILE).read_text())["step"]
+        gen = models.load_generator(base, t.family, class_names) if base else models.new_generator(
+            t.family, t.arch, class_names, image_size, channels, t.prediction_type)
+        from safetensors.torch import load_file
+
+        shadow = load_file(os.path.join(d, "ema.safetensors"))
+        with torch.no_grad():
+            for i, p in enumerate(gen.model.parameters()):
+                p.copy_(shadow[str(i)])
+    if step != t.steps:
+        raise RuntimeError(f"{stage}: finished at step {step}, expected {t.steps}")
+    return models.save_generator(gen, out_dir, {
+        "stage": stage, "steps": step, "unconditional": unconditional,
+        "base": base, "base_hash": hash_tree(base) if base else "",
+        "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
+        "config": to_dict(cfg), "train_seconds": round(seconds, 1),
+        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
+    })
