@@ -1,0 +1,127 @@
+"""``synthaug <stage> [--config x.yaml] [key.sub=value ...] [--dry-run]``.
+
+Every stage takes the same YAML (one section per stage) plus dotted overrides; inputs
+and outputs default to the run layout in :mod:`synthaug.pipeline` and can be named
+explicitly with the stage's path flags. The resolved config is written into the run
+directory before any work; ``--dry-run`` prints the plan and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STAGES = {
+    "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
+    "ingest": "real images -> contract datasets (train / val / pool)",
+    "pretrain": "unconditional generator pretraining on the unlabelled pool (Ray Train)",
+    "finetune": "class-conditional generator fine-tuning (Ray Train)",
+    "sample": "class-balanced sampling with CFG (Ray Data actor pool)",
+    "evaluate": "FID / IS / KID / PR (torch-fidelity), near-copy audit, CAS",
+    "classify": "train classifiers on a real / synthetic mix (Ray Train)",
+    "sweep": "Ray Tune over guidance x mixing ratio",
+    "config-reference": "print the config reference (markdown)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="synthaug", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help in STAGES.items():
+        sp = sub.add_parser(name, help=help, description=help)
+        if name == "config-reference":
+            continue
+        sp.add_argument("--config", help="YAML config (defaults: synthaug/config.py)")
+        sp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.guidance_scale=1.5")
+        if name in ("pretrain", "finetune", "classify"):
+            sp.add_argument("--data", help="input contract dataset (default: from the run layout)")
+        if name in ("pretrain", "finetune", "sample"):
+            sp.add_argument("--out", help="output directory (default: from the run layout)")
+        if name == "finetune":
+            sp.add_argument("--base", help="local base generator directory (diffusers layout)")
+        if name == "sample":
+            sp.add_argument("--generator", help="exported generator directory")
+        if name in ("evaluate", "classify"):
+            sp.add_argument("--real", help="real val/reference contract dataset")
+            sp.add_argument("--synthetic", nargs="*", default=[], help="synthetic contract dataset(s)")
+        if name == "evaluate":
+            sp.add_argument("--extractor", help="saved in-domain classifier dir (default: train one)")
+            sp.add_argument("--train", help="real train set for the near-copy audit")
+        if name == "classify":
+            sp.add_argument("--ratio", type=float, default=1.0, help="synthetic:real ratio (0 = real only)")
+            sp.add_argument("--synthetic-only", action="store_true", help="train on synthetic only (CAS)")
+    return ap
+
+
+def _plan(stage: str, cfg, args) -> str:
+    from synthaug.config import to_dict
+    from synthaug.pipeline import RunPaths
+
+    p = RunPaths(cfg)
+    lines = [f"synthaug {stage}: {STAGES[stage]}", f"  work dir:    {p.work}", f"  results dir: {p.results}"]
+    for key in ("data", "base", "out", "generator", "real", "synthetic", "extractor"):
+        if getattr(args, key, None):
+            lines.append(f"  {key}: {getattr(args, key)}")
+    sections = {"run": None, "ingest": "ingest", "pretrain": "pretrain", "finetune": "finetune", "sample": "sample",
+                "evaluate": "evaluate", "classify": "classify", "sweep": "sweep"}
+    sec = sections[stage]
+    body = to_dict(cfg) if sec is None else {sec: to_dict(getattr(cfg, sec))}
+    lines.append(json.dumps(body, indent=2))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.stage == "config-reference":
+        from synthaug.config import reference_markdown
+
+        print(reference_markdown())
+        return 0
+
+    from synthaug.config import ConfigError, dump_config, load_config
+    from synthaug.pipeline import RunPaths
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"synthaug: error: {e}", file=sys.stderr)
+        return 2
+    print(_plan(args.stage, cfg, args))
+    if args.dry_run:
+        return 0
+    dump_config(cfg, RunPaths(cfg).work, f"config.{args.stage}.yaml")
+    result = _dispatch(args, cfg)
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
+    return 0
+
+
+def _dispatch(args, cfg):
+    from synthaug import pipeline as P
+
+    s = args.stage
+    if s == "run":
+        return P.run_all(cfg)
+    if s == "ingest":
+        return {k: m["num_rows"] for k, m in P.stage_ingest(cfg).items()}
+    if s == "pretrain":
+        return P.stage_pretrain(cfg, args.data, args.out)
+    if s == "finetune":
+        return P.stage_finetune(cfg, args.data, args.base, args.out)
+    if s == "sample":
+        out, manifest = P.stage_sample(cfg, args.generator, args.out)
+        return {"dataset": str(out), **manifest}
+    if s == "evaluate":
+        return P.evaluate_cli(cfg, args.real, args.synthetic, args.extractor, args.train)
+    if s == "classify":
+        return P.classify_cli(cfg, args.data, args.real, args.synthetic, args.ratio, args.synthetic_only)
+    if s == "sweep":
+        return P.sweep_cli(cfg, args.overrides)
+    raise AssertionError(s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

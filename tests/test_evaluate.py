@@ -1,0 +1,392 @@
+"""Evaluate stage: fidelity metrics against independent references, invariances, the offline
+Inception path, the content-keyed feature cache, bad input, the near-copy audit, reports.
+
+Everything runs on CPU with no network: a tiny in-domain classifier is trained here in a
+few seconds, and the Inception test uses randomly initialised weights from a temp file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.linalg
+import torch
+
+from synthaug.artifacts import DatasetError, read_manifest, read_table, sha256_file, write_dataset
+from synthaug.classify.models import create_classifier, save_classifier
+from synthaug.config import EvaluateConfig
+from synthaug.data.images import decode_batch, encode_png, to_float
+from synthaug.evaluate import fidelity as fd
+from synthaug.evaluate import memorization as mem
+from synthaug.evaluate import report
+
+CLASSES = [str(i) for i in range(10)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load_images(path):
+    """uint8 (N, C, H, W) images and labels of a contract dataset."""
+    t = read_table(path, columns=["image", "label"])
+    return decode_batch(t.column("image").to_pylist()), np.asarray(t.column("label").to_pylist())
+
+
+def write_set(path, images, labels, prefix="img", class_names=CLASSES, size=None):
+    """Write uint8 (N, C, H, W) images (or a list of them, sizes may differ) as a contract dataset."""
+    ids = [f"{prefix}-{i:05d}" for i in range(len(images))]
+    pngs = [encode_png(np.asarray(im).transpose(1, 2, 0)) for im in images]
+    labels = [int(x) for x in labels]
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "image": pa.array(pngs, pa.binary()),
+            "label": pa.array(labels, pa.int64()),
+            "class_name": pa.array([class_names[x] for x in labels], pa.string()),
+            "source": pa.array(["synthetic"] * len(ids), pa.string()),
+        }
+    )
+    c, h, w = images[0].shape if len(images) else (1, 8, 8)
+    write_dataset(table, path, class_names=class_names, image_size=size or (h, w), channels=c, config={})
+    return path
+
+
+def noisy(images, sigma, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(images.astype(np.float64) + rng.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
+
+
+def frechet(x, y):
+    """Independent Fréchet distance (float64, scipy sqrtm) between two feature sets."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.fixture(scope="module")
+def clf_dir(digits_dirs, tmp_path_factory):
+    """A synthaug_cnn_tiny trained for a few epochs on the digits train_full split."""
+    torch.manual_seed(0)
+    x, y = load_images(digits_dirs["train_full"])
+    x, y = torch.from_numpy(to_float(x)), torch.from_numpy(y)
+    model = create_classifier("synthaug_cnn_tiny", num_classes=10, in_chans=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(4):
+        for idx in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    meta = {"model": "synthaug_cnn_tiny", "num_classes": 10, "in_chans": 1, "image_size": [8, 8], "class_names": CLASSES}
+    return save_classifier(model.eval(), tmp_path_factory.mktemp("clf") / "extractor", meta)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(digits_dirs, tmp_path_factory):
+    """A stand-in synthetic set: the real train_full images with pixel noise."""
+    x, y = load_images(digits_dirs["train_full"])
+    return write_set(tmp_path_factory.mktemp("syn") / "synth", noisy(x, 20.0), y, prefix="syn")
+
+
+def calls():
+    return sum(fd.FORWARD_CALLS.values())
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def test_fid_matches_direct_frechet(digits_dirs, synth_dir, clf_dir):
+    ex = fd.resolve_extractor("in-domain", clf_dir)
+    fr, _ = fd.dataset_features(digits_dirs["val"], ex)
+    fs, _ = fd.dataset_features(synth_dir, ex)
+    ours = fd.fidelity_from_features(fs, fr, ex.layers, 100)["fid"]
+    ref = frechet(fs["pre_logits"], fr["pre_logits"])
+    assert ref > 0
+    assert ours == pytest.approx(ref, rel=1e-4)
+    # The end-to-end path gives the same number from the same features.
+    out = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig())
+    assert out["fid"] == pytest.approx(ours, rel=1e-6)
+    keys = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score", "n_real",
+            "n_synthetic", "extractor", "extractor_hash", "kid_subset_size", "fid_small_sample_warning"}
+    assert keys <= set(out)
+    assert out["extractor"] == "in-domain" and out["extractor_hash"] == sha256_file(clf_dir / "model.safetensors")
+    assert out["feature_layer_fid"] == "pre_logits" and out["feature_layer_isc"] == "logits"
+    assert out["n_real"] == read_manifest(digits_dirs["val"])["num_rows"]
+    assert out["fid_small_sample_warning"] is True  # 539 < 10 x 128 features
+    assert 0.0 <= out["precision"] <= 1.0 and 0.0 <= out["recall"] <= 1.0
+    assert 1.0 <= out["isc_mean"] <= 10.0
+
+
+def test_isc_of_confident_uniform_logits_is_k():
+    k, n = 10, 400
+    logits = (60.0 * np.eye(k, dtype=np.float32))[np.arange(n) % k]  # (N, K) one confident class each
+    feats = {"pre_logits": np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32), "logits": logits}
+    layers = fd.METRIC_LAYERS["in-domain"]
+    out = fd.fidelity_from_features(feats, feats, layers, 50, isc_splits=1)
+    assert out["isc_mean"] == pytest.approx(k, abs=1e-3)
+    flat = dict(feats, logits=np.zeros_like(logits))  # no confidence at all -> IS 1
+    assert fd.fidelity_from_features(flat, feats, layers, 50, isc_splits=1)["isc_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kid_of_a_set_against_itself_is_zero(digits_dirs, clf_dir):
+    ex = fd.resolve_extractor("in-domain", clf_dir)
+    f, labels = fd.dataset_features(digits_dirs["val"], ex)
+    part = lambda sel: {k: v[sel] for k, v in f.items()}  # noqa: E731
+    # The yardstick: two clearly different distributions (digits 0-4 against 5-9).
+    apart = fd.fidelity_from_features(part(labels < 5), part(labels >= 5), ex.layers, 100)
+    assert apart["kid_mean"] > 1.0
+    # The set against itself. torch-fidelity draws the two subsets independently from the
+    # same pool, so they share ~m^2/n points and the estimate sits O(1/n) below 0.
+    same = fd.fidelity_from_features(f, f, ex.layers, 100)
+    assert abs(same["kid_mean"]) < 0.02 * apart["kid_mean"]
+    assert abs(same["fid"]) < 1e-6 * apart["fid"]
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    # Two disjoint halves of one set: same distribution, independent samples.
+    perm = np.random.default_rng(0).permutation(len(labels))
+    halves = fd.fidelity_from_features(part(perm[::2]), part(perm[1::2]), ex.layers, 100)
+    assert abs(halves["kid_mean"]) < 0.03 * apart["kid_mean"]
+
+
+# ----------------------------------------------------------------------------- invariance
+
+
+def test_metrics_do_not_depend_on_batch_size(digits_dirs, synth_dir, clf_dir):
+    a = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig(batch_size=7))
+    b = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig(batch_size=64))
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, float):
+            assert v == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+        else:
+            assert v == b[k], k
+
+
+def test_per_class_fid(digits_dirs, synth_dir, clf_dir):
+    cfg = EvaluateConfig()
+    per = fd.compute_per_class_fid(digits_dirs["val"], synth_dir, clf_dir, cfg)
+    assert list(per) == CLASSES
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in per.values())
+    # The reference: torch-fidelity-independent Fréchet distance on the class's features.
+    ex = fd.resolve_extractor("in-domain", clf_dir)
+    (fr, lr), (fs, ls) = fd.dataset_features(digits_dirs["val"], ex), fd.dataset_features(synth_dir, ex)
+    ref = frechet(fs["pre_logits"][ls == 3], fr["pre_logits"][lr == 3])
+    assert per["3"]["fid"] == pytest.approx(ref, rel=1e-4)
+    # Ten train images per class is below the documented minimum: NaN, counts still reported.
+    small = fd.compute_per_class_fid(digits_dirs["val"], digits_dirs["train"], clf_dir, cfg)
+    assert all(math.isnan(r["fid"]) and r["n_synthetic"] == 10 for r in small.values())
+    assert all(math.isfinite(r["fid"]) for r in fd.compute_per_class_fid(digits_dirs["val"], digits_dirs["train"], clf_dir, cfg, min_count=5).values())
+
+
+# ----------------------------------------------------------------------------- offline Inception
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any socket connection or torch.hub download fails the test."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(inc, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def random_inception_weights(path):
+    """A randomly initialised state dict with torch-fidelity's InceptionV3 shapes."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Shapes(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *a, **k):  # skip loading: we only want the architecture
+            return None
+
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    torch.save(Shapes("shapes", ["2048"], feature_extractor_weights_path=str(empty)).state_dict(), path)
+    return path
+
+
+def test_inception_path_runs_offline_from_a_verified_file(tmp_path, no_network):
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    digest = sha256_file(weights)
+    rng = np.random.default_rng(0)
+    real = write_set(tmp_path / "real", rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8), np.arange(6) % 3, class_names=CLASSES[:3])
+    syn = write_set(tmp_path / "syn", rng.integers(0, 256, (5, 3, 10, 10), dtype=np.uint8), np.arange(5) % 3, class_names=CLASSES[:3])
+    cfg = EvaluateConfig(extractor="inception-v3-compat", batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small-sample and KID-subset warnings
+        out = fd.compute_fidelity(real, syn, None, cfg, tmp_path / "cache", inception_weights=str(weights), expected_sha256=digest)
+    assert out["extractor"] == "inception-v3-compat" and out["extractor_hash"] == digest
+    assert out["feature_dim"] == 2048 and out["feature_layer_isc"] == "logits_unbiased"
+    assert out["kid_subset_size"] == 5 and (out["n_real"], out["n_synthetic"]) == (6, 5)
+    assert math.isfinite(out["fid"]) and math.isfinite(out["isc_mean"])
+
+    # A missing file or a checksum mismatch is an error naming the path and where to get the weights.
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(fd.ExtractorError, match="nope.pth") as e:
+        fd.compute_fidelity(real, syn, None, cfg, inception_weights=str(missing))
+    assert fd.INCEPTION_WEIGHTS_URL in str(e.value)
+    with pytest.raises(fd.ExtractorError, match="inception.pth") as e:  # official checksum != random file
+        fd.compute_fidelity(real, syn, None, cfg, inception_weights=str(weights))
+    assert fd.INCEPTION_WEIGHTS_URL in str(e.value) and fd.INCEPTION_WEIGHTS_SHA256 in str(e.value)
+    with pytest.raises(fd.ExtractorError, match="never downloads"):
+        fd.compute_fidelity(real, syn, None, cfg)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_feature_cache_is_keyed_by_content_and_weights(digits_dirs, synth_dir, clf_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = EvaluateConfig(batch_size=64)
+    n0 = calls()
+    first = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, cfg, cache)
+    assert calls() > n0 and len(list(cache.glob("*.npz"))) == 2
+
+    # Nothing changed: features come from the cache, the extractor never runs.
+    n1 = calls()
+    again = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, cfg, cache)
+    assert calls() == n1 and again == first
+
+    # One real image changed: that set's content hash changes, so its features are recomputed.
+    x, y = load_images(digits_dirs["val"])
+    x[0, 0, 3, 3] ^= 0xFF
+    changed = write_set(tmp_path / "val_changed", x, y, prefix="val")
+    assert read_manifest(changed)["content_hash"] != read_manifest(digits_dirs["val"])["content_hash"]
+    n2 = calls()
+    out = fd.compute_fidelity(changed, synth_dir, clf_dir, cfg, cache)
+    assert calls() - n2 == math.ceil(len(x) / 64)  # the real set only; the synthetic one is reused
+    assert out["fid"] != first["fid"] and len(list(cache.glob("*.npz"))) == 3
+
+    # Same images, other extractor weights: recomputed too (the key holds the weights' sha256).
+    from synthaug.classify.models import load_classifier
+
+    model, meta = load_classifier(clf_dir)
+    with torch.no_grad():
+        model.head.bias.add_(0.5)
+    other = save_classifier(model, tmp_path / "other_clf", meta)
+    n3 = calls()
+    fd.compute_fidelity(digits_dirs["val"], synth_dir, other, cfg, cache)
+    assert calls() > n3
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(digits_dirs, synth_dir, clf_dir, tmp_path):
+    cfg = EvaluateConfig()
+    x, y = load_images(digits_dirs["val"])
+
+    # An empty dataset.
+    empty = write_set(tmp_path / "empty", np.zeros((0, 1, 8, 8), np.uint8), [], size=(8, 8))
+    with pytest.raises(DatasetError, match="empty"):
+        fd.compute_fidelity(digits_dirs["val"], empty, clf_dir, cfg)
+
+    # Fewer images than the KID subset size: the subset is lowered, with a warning, and recorded.
+    few = write_set(tmp_path / "few", x[:30], y[:30])
+    with pytest.warns(UserWarning, match="KID subset size lowered from 100 to 30"):
+        out = fd.compute_fidelity(digits_dirs["val"], few, clf_dir, cfg)
+    assert out["kid_subset_size"] == 30 and out["n_synthetic"] == 30
+    # Fewer than precision/recall's neighbourhood needs: refused.
+    tiny = write_set(tmp_path / "tiny", x[:3], y[:3])
+    with pytest.raises(DatasetError, match="at least 4 images"):
+        fd.compute_fidelity(digits_dirs["val"], tiny, clf_dir, cfg)
+
+    # Image sizes: the in-domain extractor does not resize, so sets must match (checked before extraction).
+    big = write_set(tmp_path / "big", np.zeros((8, 1, 10, 10), np.uint8), np.arange(8))
+    n = calls()
+    with pytest.raises(DatasetError, match="sizes differ"):
+        fd.compute_fidelity(digits_dirs["val"], big, clf_dir, cfg)
+    assert calls() == n
+    # ... and within a set, an image that breaks the manifest's size is named.
+    odd = write_set(tmp_path / "odd", [*x[:5], np.zeros((1, 9, 9), np.uint8)], y[:6], size=(8, 8))
+    with pytest.raises(DatasetError, match="img-00005"):
+        fd.compute_fidelity(digits_dirs["val"], odd, clf_dir, cfg)
+
+    # A directory without a manifest is incomplete and not read.
+    incomplete = tmp_path / "incomplete"
+    (incomplete / "data").mkdir(parents=True)
+    (read_table(few)).to_pandas().to_parquet(incomplete / "data" / "part-0.parquet")
+    with pytest.raises(DatasetError, match="manifest"):
+        fd.compute_fidelity(digits_dirs["val"], incomplete, clf_dir, cfg)
+
+    # No usable extractor.
+    with pytest.raises(fd.ExtractorError, match="classifier"):
+        fd.compute_fidelity(digits_dirs["val"], few, tmp_path / "no_clf", cfg)
+    with pytest.raises(fd.ExtractorError, match="unknown extractor"):
+        fd.compute_fidelity(digits_dirs["val"], few, clf_dir, EvaluateConfig(extractor="clip"))
+
+
+# ----------------------------------------------------------------------------- memorisation
+
+
+def test_near_copy_audit_finds_planted_copies(digits_dirs, clf_dir, tmp_path):
+    x, y = load_images(digits_dirs["train_full"])
+    # 20 exact copies of train images among 200 noisy ones.
+    syn_x = np.concatenate([x[:20], noisy(x[100:300], 40.0, seed=1)])
+    syn_y = np.concatenate([y[:20], y[100:300]])
+    syn = write_set(tmp_path / "syn", syn_x, syn_y, prefix="syn")
+    audit = mem.near_copy_audit(digits_dirs["train_full"], digits_dirs["val"], syn, fd.make_feature_fn(clf_dir), percentile=5.0, top_k=24)
+    assert audit["n_synthetic"] == 220 and audit["n_train"] == len(x) and audit["percentile"] == 5.0
+    assert audit["near_copy_threshold"] > 0
+    assert 20 / 220 <= audit["near_copy_share"] < 0.5
+    assert 20 / 220 <= audit["pixel_near_copy_share"] < 0.5
+    assert set(audit["per_class"]) == set(CLASSES)
+    assert sum(r["n_synthetic"] for r in audit["per_class"].values()) == 220
+    assert len(audit["pairs"]) == 24
+    top = audit["pairs"][:20]  # closest first: exactly the planted copies, at distance 0
+    assert all(p.distance == 0.0 and p.pixel_distance == 0.0 for p in top)
+    assert {p.synthetic_id for p in top} == {f"syn-{i:05d}" for i in range(20)}
+    assert all(np.array_equal(p.synthetic_image, p.train_image) and p.synthetic_label == p.train_label for p in top)
+    assert audit["pairs"][20].distance > 0
+    json.dumps([p.as_row() for p in audit["pairs"]])  # the pairs' metadata is JSON-able
+    png = mem.save_pairs_grid(audit["pairs"], tmp_path / "pairs.png")
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_near_copy_audit_bad_input(digits_dirs, clf_dir, tmp_path):
+    fn = fd.make_feature_fn(clf_dir)
+    big = write_set(tmp_path / "big", np.zeros((8, 1, 10, 10), np.uint8), np.arange(8))
+    with pytest.raises(DatasetError, match="pixel-space audit needs one image shape"):
+        mem.near_copy_audit(digits_dirs["train"], digits_dirs["val"], big, fn)
+    empty = write_set(tmp_path / "empty", np.zeros((0, 1, 8, 8), np.uint8), [], size=(8, 8))
+    with pytest.raises(DatasetError, match="empty"):
+        mem.near_copy_audit(digits_dirs["train"], digits_dirs["val"], empty, fn)
+    with pytest.raises(ValueError, match="no pairs"):
+        mem.save_pairs_grid([], tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def test_reports(tmp_path):
+    metrics = {"fid": 12.5, "isc_mean": 3.0, "n_real": 10, "extractor": "in-domain", "per_class_min": float("nan"), "flag": True}
+    js, md = report.write_metrics(tmp_path, metrics)
+    back = json.loads(js.read_text())
+    assert back == {**metrics, "per_class_min": None}  # NaN is written as null
+    assert "| `fid` | 12.5 |" in md.read_text() and "n/a" in md.read_text()
+    with pytest.raises(ValueError, match="per_class"):
+        report.write_metrics(tmp_path, {"per_class": {"0": 1.0}})
+
+    per = {"0": {"fid": 1.25, "n_real": 50}, "1": {"fid": float("nan"), "n_real": 3}}
+    table = report.per_class_markdown(per)
+    assert table.splitlines()[0] == "| class | fid | n_real |" and "| 1 | n/a | 3 |" in table
+    pj, _ = report.write_per_class(tmp_path, per)
+    assert json.loads(pj.read_text())["1"]["fid"] is None
+
+    rows = [{"guidance_scale": w, "fid": 30 / (1 + w), "isc_mean": 2 + w, "isc_std": 0.1, "cas": 0.8 - 0.01 * w} for w in (1.0, 2.0, 4.0)]
+    png = report.plot_vs_guidance(rows + [{"guidance_scale": 8.0, "fid": 5.0}], tmp_path / "fig3.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="guidance_scale"):
+        report.plot_vs_guidance([{"fid": 1.0}], tmp_path / "bad.png")
