@@ -84,12 +84,15 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     if sampler == "ddim":
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=False)
     if sampler == "dpmsolver++":
-        # With the cosine schedule, DPM-Solver++ saturates images unless the last
-        # (lowest-SNR) lambdas are clipped; diffusers' recommended value is -5.1.
-        clip = -5.1 if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2" else -float("inf")
+        # With the cosine schedule, DPM-Solver++ saturates images: its first steps sit at
+        # sigma/alpha ~ 160, which multiplies any eps error into the x0 prediction. Clip the
+        # lowest-SNR lambdas (diffusers' recommended -5.1) and, as DDIM's clip_sample does,
+        # bound the x0 prediction (per-sample dynamic thresholding at 1.0).
+        cosine = scheduler_config.get("beta_schedule") == "squaredcos_cap_v2"
         return DPMSolverMultistepScheduler.from_config(
             scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
-            lambda_min_clipped=clip, final_sigmas_type="zero")
+            lambda_min_clipped=-5.1 if cosine else -float("inf"), final_sigmas_type="zero",
+            thresholding=bool(scheduler_config.get("clip_sample", True)), sample_max_value=1.0)
     return DDPMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
 
 

@@ -111,11 +111,12 @@ def train_loop_per_worker(config: dict) -> None:
     rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
 
     # Resume from the latest checkpoint (a re-run, or a restarted worker group).
-    step = 0
+    step = start_step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             step, _ = _load_checkpoint(d, raw_model, ema, opt, sched)
+            start_step = step
         rng = torch.Generator().manual_seed(t.seed * 1000 + rank + 7919 * step)
         if rank == 0:
             print(f"[{config['stage']}] resumed at step {step}/{t.steps}")
@@ -155,13 +156,13 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             ema.step(raw_model.parameters())
             step += 1
-            last_loss = float(loss)
+            last_loss = float(loss.detach())
 
             if rank == 0 and (step % 50 == 0 or step == t.steps):
                 ips = seen * world / max(1e-9, time.time() - t0)
                 print(f"[{config['stage']}] step {step}/{t.steps} loss {last_loss:.4f} {ips:.0f} img/s", flush=True)
             if step % t.checkpoint_every == 0 or step == t.steps:
-                metrics = {"step": step, "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
+                metrics = {"step": step, "start_step": start_step, "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as d:
                         _save_checkpoint(d, raw_model, ema, opt, sched, step, rng.get_state())
@@ -262,5 +263,5 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         "base": base, "base_hash": hash_tree(base) if base else "",
         "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
         "config": to_dict(cfg), "train_seconds": round(seconds, 1),
-        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
+        "resumed_from": offset_steps, "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
     })

@@ -1,0 +1,149 @@
+"""Generator training (Ray Train, 2 workers) and sampling (Ray Data actor pool), tiny and real."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from synthaug.artifacts import DatasetError, read_manifest, read_table
+from synthaug.config import ConfigError, load_config
+from synthaug.generative import finetune, models, sample
+from synthaug.data.images import from_float
+from synthaug.generative.diffusion import sample_images
+
+TINY = ["pretrain.steps=12", "pretrain.batch_size=16", "pretrain.checkpoint_every=6", "pretrain.num_workers=2",
+        "finetune.steps=12", "finetune.batch_size=16", "finetune.checkpoint_every=6", "finetune.num_workers=2",
+        "sample.per_class=3", "sample.steps=4", "sample.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def gens(ray_session, digits_dirs, tmp_path_factory):
+    """Pretrain on the pool, then fine-tune from that export, both with 2 DDP workers.
+
+    The fine-tune is interrupted at step 6 (a run configured for 6 steps) and re-run
+    for 12, so it must resume from the step-6 checkpoint.
+    """
+    root = tmp_path_factory.mktemp("gen")
+    cfg = load_config(None, TINY + [f"work_dir={root}/work"])
+    pre = finetune.run(cfg, "pretrain", digits_dirs["pool"], root / "pre", root / "ray", unconditional=True)
+    short = load_config(None, TINY + ["finetune.steps=6"])
+    first = finetune.run(short, "finetune", digits_dirs["train"], root / "ft6", root / "ray", base_dir=root / "pre")
+    ft = finetune.run(cfg, "finetune", digits_dirs["train"], root / "ft", root / "ray", base_dir=root / "pre")
+    return {"cfg": cfg, "root": root, "pre": root / "pre", "ft": root / "ft", "pre_m": pre, "ft_m": ft, "ft6_m": first}
+
+
+def test_exports_have_manifest_and_sample(gens, digits_dirs):
+    m = gens["ft_m"]
+    assert m["family"] == "unet" and m["steps"] == 12 and m["class_names"] == [str(i) for i in range(10)]
+    assert m["base_hash"] == read_manifest(gens["pre"])["weights_hash"] or m["base_hash"]
+    assert m["data_content_hash"] == read_manifest(digits_dirs["train"])["content_hash"]
+    assert gens["pre_m"]["unconditional"] is True
+    assert (gens["ft"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    gen = models.load_generator(gens["ft"], require_manifest=True)
+    x = sample_images(gen, [0, 1], [1, 2], guidance_scale=2.0, steps=3)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_resume_continues_from_checkpoint(gens):
+    assert gens["ft6_m"]["steps"] == 6 and gens["ft6_m"]["resumed_from"] == 0
+    assert gens["ft_m"]["steps"] == 12 and gens["ft_m"]["resumed_from"] == 6
+    assert finetune.latest_step(gens["root"] / "ray" / "finetune") == 12
+
+
+def _sample(cfg_over, gen_dir, out):
+    cfg = load_config(None, TINY + cfg_over)
+    return sample.run(cfg, gen_dir, out)
+
+
+def _images(d):
+    t = read_table(d).sort_by("id")
+    return dict(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
+
+
+def test_sampling_is_invariant_to_pool_and_batch_size(gens, tmp_path):
+    a, ma = _sample(["sample.max_actors=1", "sample.batch_size=4"], gens["ft"], tmp_path / "a")
+    b, _ = _sample(["sample.min_actors=2", "sample.max_actors=2", "sample.batch_size=7"], gens["ft"], tmp_path / "b")
+    assert set(ma["counts"].values()) == {3} and ma["num_rows"] == 30
+    assert _images(a) == _images(b)
+    prov = read_table(a).to_pylist()[0]
+    assert prov["source"] == "synthetic" and prov["sampler"] == "ddim" and prov["steps"] == 4
+    assert prov["guidance_scale"] == 2.0 and prov["generator"] == read_manifest(gens["ft"])["weights_hash"][:16]
+
+
+def test_sampling_resumes_without_resampling(gens, tmp_path):
+    cfg = load_config(None, TINY)
+    whole, _ = sample.run(cfg, gens["ft"], tmp_path / "whole")
+    part, info = sample.run(cfg, gens["ft"], tmp_path / "resumed", stop_after_rows=12)
+    assert info == {"sampled": 12, "complete": False}
+    out, m = sample.run(cfg, gens["ft"], tmp_path / "resumed")
+    assert m["sampled_this_run"] == 18  # only the missing ids
+    assert _images(out) == _images(whole)
+    # A different config never reuses another's output directory.
+    with pytest.raises(DatasetError, match="holds a different sampling config's data"):
+        sample.run(load_config(None, TINY + ["sample.steps=5"]), gens["ft"], tmp_path / "whole")
+
+
+def test_guidance_one_skips_unconditional_pass(gens):
+    gen = models.load_generator(gens["ft"])
+    c1, c2 = {}, {}
+    sample_images(gen, [0, 1], [5, 6], guidance_scale=1.0, steps=3, counter=c1)
+    sample_images(gen, [0, 1], [5, 6], guidance_scale=2.0, steps=3, counter=c2)
+    assert c1["denoiser_calls"] == 3 and c2["denoiser_calls"] == 6
+    a = sample_images(gen, [0, 1], [5, 6], guidance_scale=1.0, steps=3)
+    b = sample_images(gen, [0, 1], [5, 6], guidance_scale=4.0, steps=3)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_samplers_are_batch_invariant(gens, sampler):
+    gen = models.load_generator(gens["ft"])
+    labels, seeds = [0, 1, 2, 3, 4], [10, 11, 12, 13, 14]
+    whole = sample_images(gen, labels, seeds, guidance_scale=2.0, sampler=sampler, steps=4)
+    parts = torch.cat([sample_images(gen, labels[i:i + 2], seeds[i:i + 2], guidance_scale=2.0, sampler=sampler, steps=4)
+                       for i in range(0, 5, 2)])
+    assert torch.allclose(whole, parts, atol=1e-3)
+    assert np.array_equal(from_float(whole), from_float(parts))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_sample_bad_input(gens, tmp_path):
+    with pytest.raises(DatasetError, match="class 'seven' is not in the generator's manifest"):
+        _sample(["sample.class_counts={seven: 3}"], gens["ft"], tmp_path / "x")
+    nomani = tmp_path / "nomani"
+    shutil.copytree(gens["ft"], nomani)
+    (nomani / "manifest.json").unlink()
+    with pytest.raises(models.GeneratorError, match="no manifest.json"):
+        _sample([], nomani, tmp_path / "y")
+    for over, msg in [("sample.sampler=heun", "unknown sampler"), ("sample.steps=0", "sample.steps"),
+                      ("sample.guidance_scale=-0.5", "guidance_scale"), ("sample.per_class=0", "N = 0"),
+                      ("sample.class_counts={'3': 0}", "N = 0")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [over])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_finetune_bad_input(gens, digits_dirs, tmp_path):
+    cfg = load_config(None, TINY)
+    with pytest.raises(models.GeneratorError, match="does not exist"):
+        finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "o", tmp_path / "r", base_dir=tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(gens["pre"], broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(models.GeneratorError, match="incomplete generator, no weights"):
+        finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "o", tmp_path / "r", base_dir=broken)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(gens["pre"], wrong)
+    m = json.loads((wrong / "manifest.json").read_text())
+    (wrong / "manifest.json").write_text(json.dumps({**m, "family": "dit"}))
+    with pytest.raises(models.GeneratorError, match="family/model mismatch"):
+        finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "o", tmp_path / "r", base_dir=wrong)
+    with pytest.raises(models.GeneratorError, match="not divisible"):
+        models.new_generator("unet", "tiny", ["a"], 7, 1)
+    assert not (tmp_path / "o").exists()
