@@ -99,7 +99,7 @@ class SampleConfig:
 class EvaluateConfig:
     """Fidelity metrics, CAS and the memorisation audit."""
 
-    extractor: str = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default).")
+    extractor: str = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default) or 'inception-v3-compat' (needs a local weights file).")
     extractor_epochs: int = _f(30, "Epochs for the in-domain extractor classifier (trained on real train).")
     kid_subset_size: int = _f(100, "KID subset size; lowered with a warning when a set is smaller.")
     near_copy_percentile: float = _f(5.0, "Near-copy threshold: this percentile of real-val-to-train distances.")
@@ -111,7 +111,8 @@ class ClassifyConfig:
     """Classifier training on real / synthetic mixtures (Ray Train)."""
 
     model: str = _f("synthaug_cnn_tiny", "timm model name (synthaug registers tiny CNNs for 8x8 inputs).")
-    epochs: int = _f(30, "Training epochs over the mixed train set.")
+    epochs: int = _f(30, "Training epochs (see epoch_images).")
+    epoch_images: int = _f(0, "Images per epoch; 0 = the real rows of the train set (every mix gets the same optimiser steps as real-only), or the whole set when it has no real rows.")
     batch_size: int = _f(64, "Global batch size.")
     lr: float = _f(3e-3, "Peak learning rate (AdamW, cosine).")
     weight_decay: float = _f(0.05, "AdamW weight decay.")
@@ -330,6 +331,7 @@ def validate(cfg: Config) -> None:
     _check(1 <= s.min_actors <= s.max_actors, "config keys 'sample.min_actors' <= 'sample.max_actors', both >= 1")
     c = cfg.classify
     _check(c.epochs >= 1, "config key 'classify.epochs' must be >= 1")
+    _check(c.epoch_images >= 0, "config key 'classify.epoch_images' must be >= 0")
     _check(len(c.seeds) >= 1, "config key 'classify.seeds' must list at least one seed")
     w = cfg.sweep
     _check(len(w.guidance_scales) >= 1 and len(w.ratios) >= 1, "config keys 'sweep.guidance_scales' and 'sweep.ratios' must not be empty (empty grid)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,10 @@ from synthaug.evaluate import memorization as mem
 from synthaug.evaluate import report
 
 CLASSES = [str(i) for i in range(10)]
+
+# Digits sets are far below 10 x the 128 feature dimensions, so every FID here warns; the
+# flag is checked where it matters, the warning would only be noise elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:FID from .* samples:UserWarning")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,7 +116,8 @@ def test_fid_matches_direct_frechet(digits_dirs, synth_dir, clf_dir):
     assert ref > 0
     assert ours == pytest.approx(ref, rel=1e-4)
     # The end-to-end path gives the same number from the same features.
-    out = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig())
+    with pytest.warns(UserWarning, match="FID from 539 samples with 128-dim features"):  # 539 < 10 x 128
+        out = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig())
     assert out["fid"] == pytest.approx(ours, rel=1e-6)
     keys = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score", "n_real",
             "n_synthetic", "extractor", "extractor_hash", "kid_subset_size", "fid_small_sample_warning"}
@@ -121,9 +125,29 @@ def test_fid_matches_direct_frechet(digits_dirs, synth_dir, clf_dir):
     assert out["extractor"] == "in-domain" and out["extractor_hash"] == sha256_file(clf_dir / "model.safetensors")
     assert out["feature_layer_fid"] == "pre_logits" and out["feature_layer_isc"] == "logits"
     assert out["n_real"] == read_manifest(digits_dirs["val"])["num_rows"]
-    assert out["fid_small_sample_warning"] is True  # 539 < 10 x 128 features
+    assert out["fid_small_sample_warning"] is True
+    big = {"pre_logits": np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32), "logits": np.zeros((100, 3), np.float32)}
+    assert fd.fidelity_from_features(big, big, ex.layers, 50)["fid_small_sample_warning"] is False  # 100 >= 10 x 4
     assert 0.0 <= out["precision"] <= 1.0 and 0.0 <= out["recall"] <= 1.0
     assert 1.0 <= out["isc_mean"] <= 10.0
+
+
+def test_same_numbers_as_torch_fidelity_calculate_metrics(digits_dirs, synth_dir, clf_dir):
+    """The registered extractor inside torch-fidelity's own entry point gives our numbers."""
+    import torch_fidelity
+
+    ours = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig())
+    theirs = torch_fidelity.calculate_metrics(
+        input1=fd.ContractImages(synth_dir), input2=fd.ContractImages(digits_dirs["val"]),
+        feature_extractor=fd.IN_DOMAIN, feature_extractor_weights_path=str(clf_dir),
+        isc=True, fid=True, kid=True, prc=True, kid_subset_size=100,
+        cuda=False, cache=False, save_cpu_ram=True, verbose=False,
+    )
+    pairs = {"fid": "frechet_inception_distance", "isc_mean": "inception_score_mean", "isc_std": "inception_score_std",
+             "kid_mean": "kernel_inception_distance_mean", "kid_std": "kernel_inception_distance_std",
+             "precision": "precision", "recall": "recall", "f_score": "f_score"}
+    for ours_key, key in pairs.items():
+        assert ours[ours_key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-8), ours_key
 
 
 def test_isc_of_confident_uniform_logits_is_k():
@@ -221,15 +245,14 @@ def test_inception_path_runs_offline_from_a_verified_file(tmp_path, no_network):
     weights = random_inception_weights(tmp_path / "inception.pth")
     digest = sha256_file(weights)
     rng = np.random.default_rng(0)
-    real = write_set(tmp_path / "real", rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8), np.arange(6) % 3, class_names=CLASSES[:3])
-    syn = write_set(tmp_path / "syn", rng.integers(0, 256, (5, 3, 10, 10), dtype=np.uint8), np.arange(5) % 3, class_names=CLASSES[:3])
+    real = write_set(tmp_path / "real", rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8), np.arange(5) % 3, class_names=CLASSES[:3])
+    syn = write_set(tmp_path / "syn", rng.integers(0, 256, (4, 3, 10, 10), dtype=np.uint8), np.arange(4) % 3, class_names=CLASSES[:3])
     cfg = EvaluateConfig(extractor="inception-v3-compat", batch_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # small-sample and KID-subset warnings
+    with pytest.warns(UserWarning, match="KID subset size lowered from 100 to 4"):
         out = fd.compute_fidelity(real, syn, None, cfg, tmp_path / "cache", inception_weights=str(weights), expected_sha256=digest)
     assert out["extractor"] == "inception-v3-compat" and out["extractor_hash"] == digest
     assert out["feature_dim"] == 2048 and out["feature_layer_isc"] == "logits_unbiased"
-    assert out["kid_subset_size"] == 5 and (out["n_real"], out["n_synthetic"]) == (6, 5)
+    assert out["kid_subset_size"] == 4 and (out["n_real"], out["n_synthetic"]) == (5, 4)
     assert math.isfinite(out["fid"]) and math.isfinite(out["isc_mean"])
 
     # A missing file or a checksum mismatch is an error naming the path and where to get the weights.

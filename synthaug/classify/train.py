@@ -237,6 +237,22 @@ class _Session:
             ray.tune.report(metrics, checkpoint=ckpt)
 
 
+def _take(data, steps: int, kwargs: dict):
+    """Exactly ``steps`` batches: passes over the shard (each reshuffled) until the count is met."""
+    done, passes = 0, 0
+    while done < steps:
+        kw = dict(kwargs, local_shuffle_seed=(kwargs["local_shuffle_seed"] + passes) % (2**31))
+        got = 0
+        for batch in data.iter_torch_batches(**kw):
+            yield batch
+            done, got = done + 1, got + 1
+            if done >= steps:
+                return
+        if got == 0:
+            return
+        passes += 1
+
+
 def _all_reduce_sum(values: list[float]) -> list[float]:
     """Sum across DDP ranks (identity on one process)."""
     import torch.distributed as dist
@@ -293,7 +309,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # Optimiser and schedule over the whole run (also when resuming with more epochs).
     per_worker_batch = max(1, cfg.batch_size // world)
-    steps_per_epoch = max(1, math.ceil((int(config["n_train"]) // world) / per_worker_batch))
+    steps_per_epoch = max(1, math.ceil((int(config["epoch_images"]) // world) / per_worker_batch))
     total = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(bare, cfg)
     scheduler = cosine_with_warmup(optimizer, total, max(1, round(WARMUP_FRACTION * total)))
@@ -311,14 +327,13 @@ def train_loop_per_worker(config: dict) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
         gen = torch.Generator().manual_seed(_seed(seed, epoch, rank, 2))  # augmentation
-        batches = data.iter_torch_batches(
+        stats = train_epoch(model, _take(data, steps_per_epoch, dict(
             batch_size=per_worker_batch,
             dtypes={"image": torch.float32, "label": torch.int64},
             device=session.device,
             local_shuffle_buffer_size=max(256, 8 * per_worker_batch),
             local_shuffle_seed=_seed(seed, epoch, rank, 3) % (2**31),
-        )
-        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, session.device, augment=cfg.augment, generator=gen)
+        )), optimizer, scheduler, loss_fn, session.device, augment=cfg.augment, generator=gen)
         loss_sum, images = _all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1.0)}
         if rank != 0:
@@ -355,7 +370,12 @@ def _loop_config(cfg, train, val_dir, seed, class_names, in_chans, reporter) -> 
     if train.num_rows == 0:
         raise ValueError("train set is empty")
     check_model_name(cfg.model)  # fail before any worker starts, with close names
+    # One epoch = epoch_images images, by default the real rows: a 1:3 mix then gets the same
+    # optimiser steps as real-only, so a ratio's effect is not a training-length effect.
+    n_real = sum(1 for s in train.column("source").to_pylist() if s == "real") if "source" in train.column_names else 0
+    epoch_images = cfg.epoch_images or n_real or train.num_rows
     return {
+        "epoch_images": int(epoch_images),
         "classify": cfg, "seed": int(seed), "num_classes": len(class_names), "in_chans": int(in_chans),
         "class_names": list(class_names), "image_size": list(decode_png(train.column("image")[0].as_py()).shape[:2]),
         "val_dir": str(Path(val_dir).resolve()), "n_train": train.num_rows, "_reporter": reporter,
@@ -380,12 +400,14 @@ def fit(
     in_chans: int,
     ray_cfg: RayConfig | None = None,
     save_model: bool = False,
+    callbacks: list | None = None,
 ) -> dict:
     """Train with Ray Train (``cfg.num_workers`` DDP workers); returns the final epoch's flat metrics.
 
     The run lives in ``out_dir/name``; calling again with the same name and storage resumes
     from its latest checkpoint (more ``epochs`` continue training). With ``save_model`` the
-    final model is saved to ``out_dir/model`` for ``load_classifier``.
+    final model is saved to ``out_dir/model`` for ``load_classifier``. ``callbacks`` go to
+    ``RunConfig`` (a Tune trial passes ``TuneReportCallback`` to forward each epoch).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -406,6 +428,7 @@ def fit(
             storage_path=str(out_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": training_dataset(train)},
     )
@@ -429,15 +452,20 @@ def fit_local(
     class_names: list[str],
     in_chans: int,
     reporter: str = "tune",
+    ray_cfg: RayConfig | None = None,
 ) -> dict:
     """Run ``train_loop_per_worker`` in this process (a Tune trial: ``reporter="tune"``).
 
     Ray's advice for Tune: call the training function directly for one worker, and build
-    a ``TorchTrainer`` inside the trial (``fit``) for more. Ray must be running (the
-    decoded train set is a Ray Dataset).
+    a ``TorchTrainer`` inside the trial (``fit``) for more. ``reporter="local"`` runs
+    without a Tune session (no checkpoints). The decoded train set is a Ray Dataset, so
+    Ray is started (``init_ray``) when it is not running.
     """
     if cfg.num_workers != 1:
         raise ValueError(f"fit_local runs one worker; classify.num_workers={cfg.num_workers} needs fit()")
+    from synthaug.raylocal import init_ray
+
     config = _loop_config(cfg, train, val_dir, seed, class_names, in_chans, reporter)
+    init_ray(ray_cfg)  # a no-op inside a Tune trial, where Ray is already up
     config["_dataset"] = training_dataset(train)
     return _result(train_loop_per_worker(config))

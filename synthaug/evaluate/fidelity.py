@@ -15,6 +15,15 @@ Extractors (``EvaluateConfig.extractor``):
   image to 299x299 internally. Its weights are read only from a local file whose sha256
   is checked first (see :data:`INCEPTION_WEIGHTS_URL`); it never downloads.
 
+Precision/recall use the same extractor as the other metrics (torch-fidelity's default
+for PR is VGG16, another download), so PR numbers are not comparable with published
+VGG16-based ones.
+
+Small sets: a KID subset size above a set's size is lowered to it (with a warning, the
+value used is in ``kid_subset_size``); FID from fewer than ``FID_SAMPLES_PER_DIM`` x the
+feature dimension samples is computed but flagged (``fid_small_sample_warning``); sets
+under ``MIN_SAMPLES`` images are refused; per-class FID needs ``PER_CLASS_MIN_COUNT``.
+
 Why not ``torch_fidelity.calculate_metrics``: it has no input for precomputed features,
 and its cache is keyed by a name, not by the images or the extractor weights (two
 different sets with one name would share statistics). So features are extracted here,
@@ -26,6 +35,7 @@ content hash, extractor, weights sha256, sample count), and handed to the same
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import math
@@ -123,7 +133,7 @@ class ContractImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = torch.from_numpy(decode_png(self.images[i])).permute(2, 0, 1)  # (C, H, W)
+        img = torch.tensor(decode_png(self.images[i])).permute(2, 0, 1)  # (C, H, W), a writable copy
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
         return img[:3].contiguous()
@@ -281,12 +291,18 @@ def cache_key(manifest: dict, ex: Extractor, layers) -> str:
 
 
 def dataset_features(
-    path: str | Path, ex: Extractor, batch_size: int = 64, cache_dir: str | Path | None = None, device: str | None = None
+    path: str | Path,
+    ex: Extractor,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    build=None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of every image (all metric layers) and the labels, cached by content.
 
     With ``cache_dir`` the features are kept in ``<cache_dir>/<kind>-<key>.npz``; the key
-    changes with any image, label, the extractor weights or the sample count.
+    changes with any image, label, the extractor weights or the sample count. ``build``
+    (optional, no arguments) returns the extractor object, so callers can share one.
     """
     manifest = read_manifest(path)
     layers = sorted(set(ex.layers.values()))
@@ -303,7 +319,7 @@ def dataset_features(
     # Extract through the registered torch-fidelity extractor.
     dev = _device(device)
     ds = ContractImages(path)
-    fe = build_extractor(ex, layers, dev)
+    fe = build() if build is not None else build_extractor(ex, layers, dev)
     feats = _extract(ds, fe, ex.kind, batch_size, dev)
 
     if cache_file is not None:  # atomic: a reader never sees half a file
@@ -413,8 +429,10 @@ def _check_pair(real_dir, synth_dir, ex: Extractor) -> tuple[dict, dict]:
 def _features_pair(real_dir, synth_dir, extractor_dir, cfg, cache_dir, inception_weights, expected_sha256, device):
     ex = resolve_extractor(cfg.extractor, extractor_dir, inception_weights, expected_sha256)
     mr, ms = _check_pair(real_dir, synth_dir, ex)
-    real = dataset_features(real_dir, ex, cfg.batch_size, cache_dir, device)
-    synth = dataset_features(synth_dir, ex, cfg.batch_size, cache_dir, device)
+    dev = _device(device)
+    build = functools.cache(lambda: build_extractor(ex, ex.layers.values(), dev))  # built once, only on a cache miss
+    real = dataset_features(real_dir, ex, cfg.batch_size, cache_dir, dev, build)
+    synth = dataset_features(synth_dir, ex, cfg.batch_size, cache_dir, dev, build)
     return ex, mr, ms, real, synth
 
 
@@ -494,20 +512,15 @@ def make_feature_fn(extractor_dir: str | Path, batch_size: int = 64, layer: str 
     dev = _device(device)
     fe = build_extractor(ex, [layer], dev)
 
-    class _Arrays(Dataset):
-        def __init__(self, x):
-            self.x = torch.from_numpy(np.ascontiguousarray(x))
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            img = self.x[i]  # (C, H, W)
-            return img.expand(3, -1, -1).contiguous() if img.shape[0] == 1 else img
-
     def feature_fn(images_u8: np.ndarray) -> np.ndarray:
-        if len(images_u8) == 0:
+        x = torch.from_numpy(np.ascontiguousarray(images_u8))  # (B, C, H, W)
+        if len(x) == 0:
             return np.zeros((0, 0), np.float32)
-        return _extract(_Arrays(images_u8), fe, ex.kind, batch_size, dev)[layer]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # as ContractImages hands images to the extractor
+        return _extract(x, fe, ex.kind, batch_size, dev)[layer]
 
     return feature_fn
+
+
+feature_fn = make_feature_fn  # the name synthaug.pipeline calls

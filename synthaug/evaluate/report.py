@@ -89,7 +89,7 @@ def plot_vs_guidance(rows: list[dict], path: str | Path) -> Path:
     for i, r in enumerate(rows):
         if "guidance_scale" not in r:
             raise ValueError(f"plot_vs_guidance: row {i} has no 'guidance_scale'")
-    panels = (("fid", None, "FID (lower is better)"), ("isc_mean", "isc_std", "Inception Score"), ("cas", "cas_std", "CAS (top-1 acc.)"))
+    panels = (("fid", None, "FID (lower is better)"), ("isc_mean", "isc_std", "IS (same extractor as FID)"), ("cas", "cas_std", "CAS (top-1 acc.)"))
     series = sorted({str(r.get("series", "")) for r in rows})
     fig = Figure(figsize=(12, 3.6))
     axes = fig.subplots(1, 3)

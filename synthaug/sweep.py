@@ -1,0 +1,359 @@
+"""Ray Tune sweep over guidance scale x mixing ratio x seed, reusing already-sampled sets.
+
+Sampling happens once per guidance value in an earlier stage; ``synthetic_dirs`` maps each
+guidance value to its contract dataset, and trials only read and mix. One trial is one
+classifier run: read real train + the synthetic set, ``mix(ratio, seed)``, train (the
+training function called in the trial for one worker, a ``TorchTrainer`` inside the trial
+for more), report top-1/top-5 on the real val split each epoch.
+
+Ratio 0 is real-only training, which does not depend on guidance: it runs once per seed
+(a trial with ``guidance=None``) and its result is repeated in every guidance row of the
+table, marked ``shared_real_only=True``; the paired gains below compare against it.
+
+Outputs in ``out_dir``: ``sweep.csv`` / ``sweep.parquet`` (one row per guidance x ratio x
+seed), ``heatmap.png`` (mean top-1 over guidance x ratio), ``accuracy_vs_ratio.png``
+(mean +- std over seeds, one line per guidance), ``summary.md`` / ``summary.json``. The
+Tune experiment lives in ``out_dir/<name>``; running again with the same name restores it
+and runs only the trials that are missing or errored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from synthaug.artifacts import atomic_write_json, atomic_write_text, hash_obj, read_manifest, read_table
+from synthaug.classify.mixing import per_class_counts
+from synthaug.config import Config, dump_config, to_dict
+
+TABLE_COLUMNS = ("guidance", "ratio", "seed", "top1", "top5", "epochs", "seconds", "trial_id", "shared_real_only")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _lookup(synthetic_dirs: dict, guidance: float):
+    """The dir for ``guidance`` (keys compared as floats), or None."""
+    for key, path in synthetic_dirs.items():
+        if math.isclose(float(key), float(guidance), rel_tol=1e-9, abs_tol=1e-12):
+            return path
+    return None
+
+
+def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) -> dict[float, str]:
+    """Check the grid and every input before any trial; returns guidance -> absolute synthetic dir."""
+    w, c = cfg.sweep, cfg.classify
+    if not w.guidance_scales or not w.ratios or not c.seeds:
+        raise ValueError(
+            "empty sweep grid: 'sweep.guidance_scales', 'sweep.ratios' and 'classify.seeds' must each "
+            f"list at least one value (got {list(w.guidance_scales)}, {list(w.ratios)}, {list(c.seeds)})"
+        )
+    for r in w.ratios:
+        if not float(r) >= 0:
+            raise ValueError(f"config key 'sweep.ratios': ratio {r} < 0")
+    real = read_manifest(real_train_dir)
+    val = read_manifest(val_dir)
+    if val["class_names"] != real["class_names"]:
+        raise ValueError(f"val_dir {val_dir}: class names {val['class_names']} != real train's {real['class_names']}")
+    max_ratio = max(float(r) for r in w.ratios)
+    dirs: dict[float, str] = {}
+    for g in w.guidance_scales:
+        if max_ratio == 0:
+            break  # real-only grid: no synthetic set is read
+        path = _lookup(synthetic_dirs, g)
+        if path is None:
+            raise ValueError(
+                f"no synthetic dataset for guidance {g} (config key 'sweep.guidance_scales'); "
+                f"synthetic_dirs has keys {sorted(float(k) for k in synthetic_dirs)}"
+            )
+        m = read_manifest(path)  # raises naming the dir when missing or incomplete
+        if m["class_names"] != real["class_names"]:
+            raise ValueError(
+                f"synthetic dataset {path} (guidance {g}): class names {m['class_names']} do not match "
+                f"the real class names {real['class_names']}"
+            )
+        names = list(real["counts"])
+        labels = np.repeat(np.arange(len(names)), [real["counts"][n] for n in names])
+        for label, need in per_class_counts(labels, max_ratio).items():
+            have = m["counts"].get(names[label], 0)
+            if need > have:
+                raise ValueError(
+                    f"synthetic dataset {path} (guidance {g}): class {names[label]!r} has {have} images, "
+                    f"ratio {max_ratio} needs {need}"
+                )
+        dirs[float(g)] = str(Path(path).resolve())
+    return dirs
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list, in_chans: int, train_dir: str) -> None:
+    """One Tune trial: mix, then train in this process (1 worker) or through a TorchTrainer (N)."""
+    import ray.tune
+
+    from synthaug.classify.mixing import mix
+    from synthaug.classify.train import fit, fit_local
+
+    cell, seed = config["cell"], int(config["seed"])
+    ratio, guidance = float(cell["ratio"]), cell["guidance"]
+    real = read_table(real_dir)
+    synthetic = read_table(synthetic_dirs[float(guidance)]) if ratio > 0 else None
+    train = mix(real, synthetic, ratio, seed)
+    kw = dict(seed=seed, class_names=class_names, in_chans=in_chans)
+    if cfg.classify.num_workers == 1:
+        fit_local(cfg.classify, train, val_dir, reporter="tune", **kw)
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        # The Train run is named by trial, so a restored trial resumes its Train run.
+        name = f"train-{ray.tune.get_context().get_trial_id()}"
+        fit(cfg.classify, train, val_dir, out_dir=train_dir, name=name, callbacks=[TuneReportCallback()], **kw)
+
+
+def _grid(cfg: Config) -> list[dict]:
+    """Tune cells: real-only once (guidance None), then every guidance x positive ratio."""
+    ratios = sorted({float(r) for r in cfg.sweep.ratios})
+    cells = [{"guidance": None, "ratio": 0.0}] if 0.0 in ratios else []
+    cells += [{"guidance": float(g), "ratio": r} for g in cfg.sweep.guidance_scales for r in ratios if r > 0]
+    return cells
+
+
+def _tuner(cfg: Config, trainable, out_dir: Path, name: str, fingerprint: dict, asha: bool):
+    """A new Tuner, or the restored one when this experiment exists (only missing trials run)."""
+    from ray import tune
+
+    exp_dir = out_dir / name
+    stamp = out_dir / f"{name}.fingerprint.json"
+    if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
+        if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
+            raise ValueError(
+                f"sweep {exp_dir} was started with a different grid, classifier config or inputs; "
+                "use another name (or delete the directory) to start a new sweep"
+            )
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    atomic_write_json(stamp, fingerprint)
+    seeds = [int(s) for s in cfg.classify.seeds]
+    if asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        sched = ASHAScheduler(metric="top1", mode="max", max_t=cfg.classify.epochs, grace_period=1)
+        tune_cfg = tune.TuneConfig(scheduler=sched, max_concurrent_trials=cfg.sweep.max_concurrent)
+    else:
+        tune_cfg = tune.TuneConfig(metric="top1", mode="max", max_concurrent_trials=cfg.sweep.max_concurrent)
+    tune_cfg.trial_dirname_creator = lambda trial: f"trial-{trial.trial_id}"
+    return tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search(_grid(cfg)), "seed": tune.grid_search(seeds)},
+        tune_config=tune_cfg,
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(out_dir),
+            failure_config=tune.FailureConfig(max_failures=cfg.classify.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def run_sweep(
+    cfg: Config,
+    real_train_dir,
+    val_dir,
+    synthetic_dirs: dict,
+    out_dir,
+    name: str = "sweep",
+    *,
+    asha: bool = False,
+) -> pd.DataFrame:
+    """Run (or resume) the sweep; returns the table, with the summary dict in ``df.attrs["summary"]``.
+
+    ``asha`` stops weak trials early (ASHA on top-1, one rung per epoch). ASHA decides per
+    trial, so seeds of one cell can stop at different epochs; stopped trials keep the
+    epochs they ran in the ``epochs`` column and the summary counts them.
+    """
+    from ray import tune
+
+    from synthaug.raylocal import init_ray
+
+    # Check everything before any trial starts, and write the resolved config first.
+    dirs = validate_inputs(cfg, real_train_dir, val_dir, synthetic_dirs)
+    out_dir = Path(out_dir).resolve()
+    dump_config(cfg, out_dir, "sweep_config.yaml")
+    real = read_manifest(real_train_dir)
+    fingerprint = {
+        "grid": _grid(cfg), "seeds": [int(s) for s in cfg.classify.seeds], "classify": to_dict(cfg.classify),
+        "real": real["content_hash"], "val": read_manifest(val_dir)["content_hash"],
+        "synthetic": {str(g): read_manifest(p)["content_hash"] for g, p in dirs.items()}, "asha": asha,
+    }
+    fingerprint = {"hash": hash_obj(fingerprint), **fingerprint}
+
+    init_ray(cfg.ray)
+    use_gpu = cfg.classify.use_gpu and cfg.classify.num_workers == 1
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial, cfg=cfg, real_dir=str(Path(real_train_dir).resolve()), val_dir=str(Path(val_dir).resolve()),
+            synthetic_dirs=dirs, class_names=real["class_names"], in_chans=int(real["channels"]),
+            train_dir=str(out_dir / f"{name}-train"),
+        ),
+        {"cpu": 1, "gpu": 1 if use_gpu else 0},
+    )
+    results = _tuner(cfg, trainable, out_dir, name, fingerprint, asha).fit()
+
+    # Collect one row per trial; fail, naming the cells, if some errored (a re-run resumes them).
+    errors = [f"{r.config.get('cell')} seed {r.config.get('seed')}: {r.error}" for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} sweep trial(s) failed (run again to resume them):\n" + "\n".join(errors))
+    unfinished = [f"{r.config.get('cell')} seed {r.config.get('seed')}" for r in results if "top1" not in (r.metrics or {})]
+    if unfinished:  # e.g. the sweep was interrupted
+        raise RuntimeError(f"{len(unfinished)} sweep trial(s) did not report (run again to resume them): {unfinished}")
+    df = results_table([(r.config, r.metrics, r.metrics.get("trial_id", "")) for r in results], cfg.sweep.guidance_scales)
+    write_outputs(df, out_dir)
+    return df
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def results_table(trials: list[tuple[dict, dict, str]], guidance_scales) -> pd.DataFrame:
+    """Rows (guidance, ratio, seed, ...); real-only trials are repeated for every guidance."""
+    rows = []
+    for config, metrics, trial_id in trials:
+        cell, seed = config["cell"], int(config["seed"])
+        base = {
+            "ratio": float(cell["ratio"]), "seed": seed, "top1": float(metrics["top1"]), "top5": float(metrics["top5"]),
+            "epochs": int(metrics["epochs"]), "seconds": float(metrics["seconds"]), "trial_id": trial_id,
+        }
+        shared = cell["guidance"] is None
+        for g in ([float(x) for x in guidance_scales] if shared else [float(cell["guidance"])]):
+            rows.append({"guidance": g, **base, "shared_real_only": shared})
+    df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    return df.sort_values(["guidance", "ratio", "seed"], ignore_index=True)
+
+
+def _stopped_early(df: pd.DataFrame) -> int:
+    """Trials that ran fewer epochs than the longest (ASHA stopped them); their top-1 is early."""
+    if "epochs" not in df:
+        return 0
+    short = df[df.epochs < df.epochs.max()]
+    return int(short.trial_id.nunique()) if "trial_id" in df else len(short)
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Best synthetic cell by mean top-1 and its gain over real-only, paired by seed."""
+    cells = df.groupby(["guidance", "ratio"])["top1"].agg(["mean", "std", "count"]).reset_index()
+    real = df[df.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
+    syn = cells[cells.ratio > 0]
+    out = {
+        "best_guidance": None, "best_ratio": None, "best_top1_mean": None, "real_only_top1_mean": None,
+        "gain_mean": None, "gain_std": None, "n_seeds": int(df.seed.nunique()), "verdict": "",
+        "real_only_is_best": None, "stopped_early": _stopped_early(df),
+    }
+    if len(real):
+        out["real_only_top1_mean"] = float(real.mean())
+    if syn.empty:
+        out["verdict"] = "no synthetic cells in the grid (only ratio 0); nothing to compare"
+        return out
+    best = syn.loc[syn["mean"].idxmax()]
+    out.update(best_guidance=float(best.guidance), best_ratio=float(best.ratio), best_top1_mean=float(best["mean"]))
+    if real.empty:
+        out["verdict"] = "no real-only baseline (ratio 0 is not in the grid); the gain cannot be computed"
+        return out
+    best_rows = df[(df.guidance == best.guidance) & (df.ratio == best.ratio)].set_index("seed")["top1"]
+    diffs = (best_rows - real.reindex(best_rows.index)).dropna()
+    out["gain_mean"] = float(diffs.mean())
+    out["real_only_is_best"] = bool(out["real_only_top1_mean"] > out["best_top1_mean"])
+    cell = f"guidance {best.guidance:g}, ratio {best.ratio:g}"
+    if len(diffs) < 2:
+        out["verdict"] = f"best cell {cell}: gain {out['gain_mean']:+.2f} points from one seed; noise cannot be judged"
+        return out
+    out["gain_std"] = float(diffs.std(ddof=1))
+    gain = f"gain {out['gain_mean']:+.2f} +- {out['gain_std']:.2f} points over {len(diffs)} paired seeds"
+    if abs(out["gain_mean"]) <= out["gain_std"]:
+        out["verdict"] = f"best cell {cell}: {gain}, within noise"
+    else:
+        word = "better" if out["gain_mean"] > 0 else "worse"
+        out["verdict"] = f"best cell {cell}: {gain}, {word} than real-only beyond the seed noise"
+    return out
+
+
+def summary_markdown(df: pd.DataFrame, summary: dict) -> str:
+    cells = df.groupby(["guidance", "ratio"])["top1"].agg(["mean", "std"]).reset_index()
+    lines = [
+        "# Sweep: guidance x mixing ratio", "",
+        f"**{summary['verdict']}**", "",
+        "Gain = top-1 of the best synthetic cell minus real-only, paired by seed (mean and std "
+        "of the per-seed differences); 'within noise' when |mean| <= std. The best cell is the "
+        "maximum over the grid, so its gain is optimistic (winner's curse). Real-only (ratio 0) "
+        "runs once per seed and is repeated in every guidance row.", "",
+    ]
+    if summary.get("stopped_early"):
+        lines += [f"{summary['stopped_early']} trial(s) were stopped early (ASHA); their top-1 is from fewer "
+                  "epochs and is averaged in as is, so cell means mix training lengths.", ""]
+    lines += ["| guidance | ratio | top-1 mean | top-1 std |", "| --- | --- | --- | --- |"]
+    for _, r in cells.iterrows():
+        std = "" if pd.isna(r["std"]) else f"{r['std']:.2f}"
+        lines.append(f"| {r.guidance:g} | {r.ratio:g} | {r['mean']:.2f} | {std} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = df.pivot_table(index="guidance", columns="ratio", values="top1", aggfunc="mean")  # (G, R)
+    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.8 * grid.shape[0] + 2))
+    im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [f"{r:g}" for r in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{g:g}" for g in grid.index])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid.values[i, j]:.1f}", ha="center", va="center", color="w")
+    ax.set_xlabel("synthetic:real ratio")
+    ax.set_ylabel("guidance scale")
+    ax.set_title("mean top-1 (%) on real val")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_ratio(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for g, part in df.groupby("guidance"):
+        s = part.groupby("ratio")["top1"].agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=f"w = {g:g}")
+    ax.set_xlabel("synthetic:real ratio")
+    ax.set_ylabel("top-1 (%) on real val")
+    ax.set_title("accuracy vs ratio (mean +- std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(df: pd.DataFrame, out_dir: Path) -> dict:
+    """Table, plots and summary into ``out_dir``; sets ``df.attrs["summary"]``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(df)
+    df.attrs["summary"] = summary
+    atomic_write_text(out_dir / "sweep.csv", df.to_csv(index=False))
+    tmp = out_dir / ".sweep.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out_dir / "sweep.parquet")
+    plot_heatmap(df, out_dir / "heatmap.png")
+    plot_accuracy_vs_ratio(df, out_dir / "accuracy_vs_ratio.png")
+    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(df, summary))
+    return summary

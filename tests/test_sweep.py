@@ -1,0 +1,112 @@
+"""The sweep on a tiny grid end to end (real Ray Tune), its resume, its summary, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from synthaug.artifacts import DatasetError, read_manifest, read_table, write_dataset
+from synthaug.config import ConfigError, load_config
+from synthaug.data.images import decode_png, encode_png
+from synthaug.sweep import run_sweep, summarize
+
+GRID = ["classify.epochs=2", "classify.batch_size=32", "classify.seeds=[0]",
+        "sweep.guidance_scales=[1.0, 3.0]", "sweep.ratios=[0, 1]", "sweep.max_concurrent=2"]
+
+
+def _noisy_copy(real_dir, path, guidance: float, copies: int = 1, class_names=None) -> None:
+    """A stand-in synthetic set: noisy copies of the real images, with sampler provenance."""
+    real = read_table(real_dir)
+    names = class_names or read_manifest(real_dir)["class_names"]
+    rng = np.random.default_rng(int(guidance * 10))
+    rows = {k: [] for k in ("id", "image", "label", "class_name", "source", "generator", "seed", "guidance_scale", "sampler", "steps")}
+    for c in range(copies):
+        for i, (png, label) in enumerate(zip(real.column("image").to_pylist(), real.column("label").to_pylist())):
+            img = decode_png(png).astype(np.int16) + rng.integers(-20, 21, size=(8, 8, 1))
+            rows["id"].append(f"syn-w{guidance:g}-{c}-{i}")
+            rows["image"].append(encode_png(np.clip(img, 0, 255).astype(np.uint8)))
+            rows["label"].append(label)
+            rows["class_name"].append(names[label])
+            rows["source"].append("synthetic")
+            rows["generator"].append("test-noise")
+            rows["seed"].append(c * 1000 + i)
+            rows["guidance_scale"].append(float(guidance))
+            rows["sampler"].append("none")
+            rows["steps"].append(0)
+    table = pa.table({**rows, "image": pa.array(rows["image"], pa.binary())})
+    write_dataset(table, path, class_names=names, image_size=(8, 8), channels=1, config={"test": True})
+
+
+@pytest.fixture(scope="module")
+def synthetic_dirs(digits_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    for g in (1.0, 3.0):
+        _noisy_copy(digits_dirs["train"], root / f"w{g:g}", g)
+    return {1.0: root / "w1", 3.0: root / "w3"}
+
+
+def test_sweep_tiny_grid_and_resume(ray_session, digits_dirs, synthetic_dirs, tmp_path):
+    cfg = load_config(None, GRID)
+    df = run_sweep(cfg, digits_dirs["train"], digits_dirs["val"], synthetic_dirs, tmp_path)
+
+    # One row per guidance x ratio x seed; real-only ran once and is shared by both guidance rows.
+    assert len(df) == 4
+    assert sorted(zip(df.guidance, df.ratio)) == [(1.0, 0.0), (1.0, 1.0), (3.0, 0.0), (3.0, 1.0)]
+    real = df[df.ratio == 0]
+    assert real.shared_real_only.all() and real.trial_id.nunique() == 1 and real.top1.nunique() == 1
+    assert df.trial_id.nunique() == 3 and (df.epochs == 2).all() and df.top1.between(0, 100).all()
+    for f in ("sweep.csv", "sweep.parquet", "heatmap.png", "accuracy_vs_ratio.png", "summary.md", "sweep_config.yaml"):
+        assert (tmp_path / f).is_file(), f
+    assert len(pd.read_parquet(tmp_path / "sweep.parquet")) == 4
+    summary = df.attrs["summary"]
+    assert summary["best_ratio"] == 1.0 and "cannot be judged" in summary["verdict"]
+    assert "cannot be judged" in (tmp_path / "summary.md").read_text()
+
+    # Running again restores the finished experiment: no trial re-runs, same table.
+    again = run_sweep(cfg, digits_dirs["train"], digits_dirs["val"], synthetic_dirs, tmp_path)
+    pd.testing.assert_frame_equal(again, df)
+
+    # A changed grid under the same name is refused rather than silently mixed in.
+    with pytest.raises(ValueError, match="different grid"):
+        run_sweep(load_config(None, GRID + ["classify.epochs=3"]), digits_dirs["train"], digits_dirs["val"], synthetic_dirs, tmp_path)
+
+
+def test_summary_paired_gain():
+    def table(real, best):
+        rows = [(1.0, 0.0, s, t) for s, t in enumerate(real)] + [(1.0, 1.0, s, t) for s, t in enumerate(best)]
+        return pd.DataFrame(rows, columns=["guidance", "ratio", "seed", "top1"])
+
+    clear = summarize(table([50, 60, 70], [55, 65, 76]))  # diffs 5, 5, 6: far beyond their std
+    assert clear["gain_mean"] == pytest.approx(16 / 3) and "beyond the seed noise" in clear["verdict"]
+    noisy = summarize(table([50, 60, 70], [58, 57, 72]))  # diffs 8, -3, 2: mean 2.33 <= std 5.5
+    assert "within noise" in noisy["verdict"]
+
+
+def _bypass(cfg, section: str, **changes):
+    """Set fields on a frozen, already-validated config (run_sweep must check on its own)."""
+    for key, value in changes.items():
+        object.__setattr__(getattr(cfg, section), key, value)
+    return cfg
+
+
+def test_sweep_bad_input(digits_dirs, synthetic_dirs, tmp_path):
+    train, val = digits_dirs["train"], digits_dirs["val"]
+    with pytest.raises(ConfigError, match="ratio -1"):
+        load_config(None, GRID + ["sweep.ratios=[-1, 1]"])
+    with pytest.raises(ValueError, match="ratio -1.0 < 0"):
+        run_sweep(_bypass(load_config(None, GRID), "sweep", ratios=(-1.0, 1.0)), train, val, synthetic_dirs, tmp_path)
+    with pytest.raises(ValueError, match="empty sweep grid"):
+        run_sweep(_bypass(load_config(None, GRID), "sweep", guidance_scales=()), train, val, synthetic_dirs, tmp_path)
+    with pytest.raises(ValueError, match="no synthetic dataset for guidance 3.0"):
+        run_sweep(load_config(None, GRID), train, val, {1.0: synthetic_dirs[1.0]}, tmp_path)
+    with pytest.raises(DatasetError, match="nowhere"):
+        run_sweep(load_config(None, GRID), train, val, {1.0: synthetic_dirs[1.0], 3.0: tmp_path / "nowhere"}, tmp_path)
+    odd = tmp_path / "odd"
+    _noisy_copy(train, odd, 3.0, class_names=[f"digit{i}" for i in range(10)])
+    with pytest.raises(ValueError, match=f"{odd}.*class names"):
+        run_sweep(load_config(None, GRID), train, val, {1.0: synthetic_dirs[1.0], 3.0: odd}, tmp_path)
+    with pytest.raises(ValueError, match="class '0' has 10 images, ratio 3.0 needs 30"):
+        run_sweep(load_config(None, GRID[:-2] + ["sweep.ratios=[3]"]), train, val, synthetic_dirs, tmp_path)
+    assert not (tmp_path / "sweep").exists()  # nothing started
