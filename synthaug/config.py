@@ -119,6 +119,7 @@ class ClassifyConfig:
     label_smoothing: float = _f(0.1, "Label smoothing.")
     augment: bool = _f(True, "Random 1-pixel shifts (for 8x8 digits) as augmentation.")
     seeds: tuple = _f((0, 1, 2), "Seeds for the repeated classifier runs (mean +- std).")
+    checkpoint_every: int = _f(10, "Checkpoint every N epochs (and at the last); metrics are reported every epoch.")
     num_workers: int = _f(1, "Ray Train workers (DDP).")
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(1, "Ray Train FailureConfig.max_failures.")
@@ -331,6 +332,7 @@ def validate(cfg: Config) -> None:
     _check(1 <= s.min_actors <= s.max_actors, "config keys 'sample.min_actors' <= 'sample.max_actors', both >= 1")
     c = cfg.classify
     _check(c.epochs >= 1, "config key 'classify.epochs' must be >= 1")
+    _check(c.checkpoint_every >= 1, "config key 'classify.checkpoint_every' must be >= 1")
     _check(c.epoch_images >= 0, "config key 'classify.epoch_images' must be >= 0")
     _check(len(c.seeds) >= 1, "config key 'classify.seeds' must list at least one seed")
     w = cfg.sweep

@@ -46,6 +46,11 @@ class RunPaths:
     def ray(self) -> Path:
         return (self.work / "ray").absolute()
 
+    def train_full(self) -> Path:
+        """The whole labelled train split (low-data runs) or the train split itself."""
+        full = self.data("train_full")
+        return full if (full / "manifest.json").is_file() else self.data("train")
+
     @property
     def extractor(self) -> Path:
         return self.work / "extractor" / "model"
@@ -61,12 +66,12 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, name: str, fn, *args, **kwargs):
+    def __call__(self, stage: str, fn, *args, **kwargs):
         t0 = time.time()
-        print(f"\n=== {name} ===", flush=True)
+        print(f"\n=== {stage} ===", flush=True)
         out = fn(*args, **kwargs)
-        self.seconds[name] = round(time.time() - t0, 1)
-        print(f"=== {name} done in {self.seconds[name]}s ===", flush=True)
+        self.seconds[stage] = round(time.time() - t0, 1)
+        print(f"=== {stage} done in {self.seconds[stage]}s ===", flush=True)
         return out
 
 
@@ -110,7 +115,7 @@ def stage_extractor(cfg: Config) -> Path:
     from synthaug.classify.train import fit
 
     p = RunPaths(cfg)
-    train_dir = p.data("train_full") if (p.data("train_full") / "manifest.json").is_file() else p.data("train")
+    train_dir = p.train_full()
     if (p.extractor / "classifier.json").is_file():
         return p.extractor
     m = read_manifest(train_dir)
@@ -121,18 +126,87 @@ def stage_extractor(cfg: Config) -> Path:
 
 
 def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extractor: str | Path,
-                   train: str | Path | None = None) -> dict:
-    """Fidelity metrics (torch-fidelity, in-domain extractor) and the near-copy audit of one set."""
-    from synthaug.evaluate import fidelity, memorization
+                   train: str | Path | None = None, labelled_train: str | Path | None = None) -> dict:
+    """One synthetic set: fidelity (torch-fidelity, in-domain extractor), per-class FID, the
+    near-copy audit against ``train`` and CAS (trained on ``synthetic``, tested on ``real``).
+
+    Returns flat metrics plus the nested ``_audit``, ``per_class_fid`` and
+    ``cas_per_class_top1`` that the report turns into tables and grids.
+    """
+    from synthaug.evaluate import cas, fidelity, memorization
 
     p = RunPaths(cfg)
     metrics = fidelity.compute_fidelity(real, synthetic, extractor, cfg.evaluate, p.cache)
+    metrics["per_class_fid"] = fidelity.compute_per_class_fid(real, synthetic, extractor, cfg.evaluate, p.cache)
     if train is not None:
-        audit = memorization.near_copy_audit(train, real, synthetic, fidelity.feature_fn(extractor),
+        audit = memorization.near_copy_audit(train, real, synthetic, fidelity.make_feature_fn(extractor),
                                              percentile=cfg.evaluate.near_copy_percentile)
-        metrics.update({k: v for k, v in audit.items() if not isinstance(v, (list, dict))})
+        for k in ("near_copy_share", "near_copy_threshold", "pixel_near_copy_share", "pixel_threshold"):
+            metrics[k] = audit[k]
         metrics["_audit"] = audit
+    if labelled_train is not None:
+        key = read_manifest(synthetic)["content_hash"][:12]
+        metrics.update(cas.cas(cfg.classify, synthetic, real, labelled_train, p.work / "cas", ray_cfg=cfg.ray,
+                               name=f"cas-{key}"))
     return metrics
+
+
+def evaluate_cli(cfg: Config, real, synthetic: list, extractor, train) -> dict:
+    """``synthaug evaluate``: metrics for each synthetic set into <results>/<name>/evaluate/."""
+    from synthaug import report
+
+    p = RunPaths(cfg)
+    real = real or p.data("val")
+    extractor = extractor or stage_extractor(cfg)
+    if not synthetic:
+        raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
+    rows = []
+    for d in synthetic:
+        m = stage_evaluate(cfg, real, d, extractor, train, labelled_train=p.data("train") if (p.data("train") / "manifest.json").is_file() else None)
+        flat = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
+        flat["guidance_scale"] = float(read_manifest(d).get("sample", {}).get("guidance_scale", float("nan")))
+        rows.append(flat)
+    out = p.results / "evaluate"
+    for i, r in enumerate(rows):
+        report.write_metrics(out, r, name=f"metrics_{i}" if len(rows) > 1 else "metrics")
+    if len(rows) > 1:
+        report.plot_vs_guidance([{**r, "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")} for r in rows],
+                                out / "fidelity_vs_guidance.png")
+    return rows[0] if len(rows) == 1 else {"evaluated": len(rows), "out": str(out)}
+
+
+def classify_cli(cfg: Config, data, real, synthetic: list, ratio: float, synthetic_only: bool) -> dict:
+    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1."""
+    import numpy as np
+
+    from synthaug.classify.mixing import mix
+    from synthaug.classify.train import fit
+
+    p = RunPaths(cfg)
+    real_train = read_table(data or p.data("train"))
+    m = read_manifest(data or p.data("train"))
+    syn = read_table(synthetic[0]) if synthetic else None
+    runs = []
+    for seed in cfg.classify.seeds:
+        train = mix(real_train, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
+        runs.append(fit(cfg.classify, train, real or p.data("val"), seed=int(seed), out_dir=p.work / "classify",
+                        name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
+                        in_chans=int(m["channels"]), ray_cfg=cfg.ray))
+    top1 = np.array([r["top1"] for r in runs])
+    return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else None,
+            "seeds": len(runs), "n_train": runs[0]["n_train"]}
+
+
+def sweep_cli(cfg: Config, _overrides) -> dict:
+    """``synthaug sweep``: sample each guidance once (reused by content hash), then Ray Tune."""
+    from synthaug.sweep import run_sweep
+
+    p = RunPaths(cfg)
+    sets = {}
+    for w in cfg.sweep.guidance_scales:
+        sets[float(w)], _ = stage_sample(replace(cfg, sample=replace(cfg.sample, guidance_scale=float(w))))
+    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name="sweep", storage_dir=p.ray)
+    return df.attrs["summary"]
 
 
 # ----------------------------------------------------------------------------- the default run
@@ -160,9 +234,11 @@ def run_all(cfg: Config) -> dict:
     extractor = timer("extractor", stage_extractor, cfg)
     fidelity_rows = []
     for w, d in sets.items():
-        m = timer(f"evaluate w={w:g}", stage_evaluate, cfg, p.data("val"), d, extractor, p.data("train_full"))
+        m = timer(f"evaluate w={w:g}", stage_evaluate, cfg, p.data("val"), d, extractor, p.train_full(),
+                  labelled_train=p.data("train"))
         fidelity_rows.append({"guidance_scale": w, **m})
 
     sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(sorted(sets))))
-    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name="sweep")
+    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name="sweep",
+                  storage_dir=p.ray)
     return timer("report", report.write_run_report, cfg, p, fidelity_rows, sweep, sets, timer.seconds)

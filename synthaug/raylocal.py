@@ -22,8 +22,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Workers inherit these; keep torch to one thread each so 2 cores are not oversubscribed.
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], "RAY_TRAIN_V2_ENABLED": "1"}}
+    # Train V2's controller polls workers every 2 s by default and ray.train.report waits for
+    # the poll: ~1.3 s per report measured here, which dominated small runs. 0.2 s: 0.08 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

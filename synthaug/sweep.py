@@ -169,12 +169,16 @@ def run_sweep(
     name: str = "sweep",
     *,
     asha: bool = False,
+    storage_dir=None,
 ) -> pd.DataFrame:
     """Run (or resume) the sweep; returns the table, with the summary dict in ``df.attrs["summary"]``.
 
     ``asha`` stops weak trials early (ASHA on top-1, one rung per epoch). ASHA decides per
     trial, so seeds of one cell can stop at different epochs; stopped trials keep the
     epochs they ran in the ``epochs`` column and the summary counts them.
+
+    ``storage_dir`` holds the Tune experiment (trial checkpoints; default ``out_dir``); keep
+    it out of a committed results directory.
     """
     from ray import tune
 
@@ -183,6 +187,7 @@ def run_sweep(
     # Check everything before any trial starts, and write the resolved config first.
     dirs = validate_inputs(cfg, real_train_dir, val_dir, synthetic_dirs)
     out_dir = Path(out_dir).resolve()
+    storage = Path(storage_dir).resolve() if storage_dir else out_dir
     dump_config(cfg, out_dir, "sweep_config.yaml")
     real = read_manifest(real_train_dir)
     fingerprint = {
@@ -198,11 +203,11 @@ def run_sweep(
         tune.with_parameters(
             _trial, cfg=cfg, real_dir=str(Path(real_train_dir).resolve()), val_dir=str(Path(val_dir).resolve()),
             synthetic_dirs=dirs, class_names=real["class_names"], in_chans=int(real["channels"]),
-            train_dir=str(out_dir / f"{name}-train"),
+            train_dir=str(storage / f"{name}-train"),
         ),
         {"cpu": 1, "gpu": 1 if use_gpu else 0},
     )
-    results = _tuner(cfg, trainable, out_dir, name, fingerprint, asha).fit()
+    results = _tuner(cfg, trainable, storage, name, fingerprint, asha).fit()
 
     # Collect one row per trial; fail, naming the cells, if some errored (a re-run resumes them).
     errors = [f"{r.config.get('cell')} seed {r.config.get('seed')}: {r.error}" for r in results if r.error]

@@ -345,7 +345,8 @@ def train_loop_per_worker(config: dict) -> dict:
             "epochs": epoch + 1, "images_per_s": images / max(stats["seconds"], 1e-9), "seconds": elapsed,
             "n_train": int(config["n_train"]), "start_epoch": start_epoch,
         })
-        if session.saves_checkpoints:
+        due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+        if session.saves_checkpoints and due:  # a checkpoint costs ~1 s through Ray; not every epoch
             with tempfile.TemporaryDirectory() as d:
                 _write_checkpoint(Path(d), bare, optimizer, scheduler, epoch + 1, elapsed, meta)
                 session.report(metrics, d)

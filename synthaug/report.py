@@ -1,0 +1,174 @@
+"""The end-to-end run's report: ``metrics.json``, ``summary.md``, plots and sample grids.
+
+Everything here is computed from what the stages measured; nothing is typed in. The
+headline comparison (real-only vs real + synthetic) comes from the sweep's trials,
+paired by seed, so a gain within the seed spread is reported as such.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from synthaug.artifacts import atomic_write_text, read_table
+from synthaug.config import Config, to_dict
+from synthaug.data.images import decode_batch
+from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
+
+
+def sample_grid(real_dir: str | Path, synthetic: dict[float, Path], path: str | Path, per_class: int = 8) -> Path:
+    """Per class (rows): ``per_class`` real train images, then ``per_class`` synthetic per guidance."""
+    from matplotlib.figure import Figure
+
+    real = read_table(real_dir)
+    names = list(dict.fromkeys(real.column("class_name").to_pylist()))
+    names.sort(key=lambda n: real.column("label").to_pylist()[real.column("class_name").to_pylist().index(n)])
+
+    def strip(table, name):
+        rows = [i for i, c in enumerate(table.column("class_name").to_pylist()) if c == name][:per_class]
+        imgs = decode_batch([table.column("image")[i].as_py() for i in rows])  # (k, C, H, W)
+        imgs = imgs.transpose(0, 2, 3, 1)
+        if imgs.shape[-1] == 1:
+            imgs = np.repeat(imgs, 3, axis=-1)
+        pad = np.full((per_class - len(imgs), *imgs.shape[1:]), 255, np.uint8)
+        return np.concatenate([imgs, pad])  # (per_class, H, W, 3)
+
+    tables = {w: read_table(d) for w, d in synthetic.items()}
+    rows = []
+    for name in names:
+        parts = [strip(real, name)] + [strip(t, name) for t in tables.values()]
+        sep = np.full((parts[0].shape[1], 1, 3), 128, np.uint8)
+        row = []
+        for p in parts:
+            row += [np.concatenate(list(p), axis=1), sep, sep]  # images side by side, then a gap
+        rows.append(np.concatenate(row[:-2], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    fig = Figure(figsize=(min(24, 0.4 * grid.shape[1] / grid.shape[0] * len(names) + 2), 0.45 * len(names) + 1))
+    ax = fig.subplots()
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
+    ax.set_xticks([])
+    labels = ["real"] + [f"synthetic w={w:g}" for w in tables]
+    ax.set_title("   |   ".join(labels) + f"   ({per_class} per block)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray(list(values), dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets: dict, seconds: dict) -> dict:
+    """Write ``<results>/<name>/{metrics.json, summary.md, *.png}``; returns the flat metrics."""
+    out = paths.results
+    out.mkdir(parents=True, exist_ok=True)
+    summary = sweep.attrs["summary"]
+    w0 = float(cfg.sample.guidance_scale)
+    head = next(r for r in fidelity_rows if r["guidance_scale"] == w0)
+
+    # Headline: real-only vs real + synthetic (ratio 1 at the headline guidance), paired by seed.
+    real = sweep[sweep.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
+    ratio = 1.0 if 1.0 in set(sweep.ratio) else float(sorted(set(sweep.ratio) - {0.0})[0])
+    mixed = sweep[(sweep.guidance == w0) & (sweep.ratio == ratio)].set_index("seed")["top1"]
+    diffs = (mixed - real.reindex(mixed.index)).dropna()
+    real_m, real_s = _mean_std(real)
+    mix_m, mix_s = _mean_std(mixed)
+    gain_m, gain_s = _mean_std(diffs)
+    within = not (len(diffs) > 1 and abs(gain_m) > gain_s)
+
+    metrics = {
+        "run": cfg.name, "seeds": len(real), "headline_guidance": w0, "headline_ratio": ratio,
+        "real_only_top1_mean": real_m, "real_only_top1_std": real_s,
+        "real_plus_synthetic_top1_mean": mix_m, "real_plus_synthetic_top1_std": mix_s,
+        "paired_gain_mean": gain_m, "paired_gain_std": gain_s, "gain_within_noise": within,
+        "best_guidance": summary.get("best_guidance"), "best_ratio": summary.get("best_ratio"),
+        "best_top1_mean": summary.get("best_top1_mean"), "best_gain_mean": summary.get("gain_mean"),
+        "best_gain_std": summary.get("gain_std"), "sweep_verdict": summary.get("verdict"),
+    }
+    for r in sorted(fidelity_rows, key=lambda r: r["guidance_scale"]):
+        tag = f"w{r['guidance_scale']:g}"
+        for k in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
+                  "near_copy_share", "pixel_near_copy_share", "cas_top1_mean", "cas_top1_std", "cas_top5_mean"):
+            metrics[f"{k}_{tag}"] = r.get(k)
+    metrics.update({k: head.get(k) for k in ("n_real", "n_synthetic", "extractor", "extractor_hash",
+                                             "kid_subset_size", "fid_small_sample_warning", "near_copy_threshold")})
+    metrics.update({f"seconds_{k.split()[0]}_{k.split('=')[-1]}" if "=" in k else f"seconds_{k}": v
+                    for k, v in seconds.items()})
+    metrics["seconds_total"] = round(sum(seconds.values()), 1)
+    write_metrics(out, metrics)
+
+    # Plots and grids.
+    plot_vs_guidance([{"guidance_scale": r["guidance_scale"], "fid": r.get("fid"), "isc_mean": r.get("isc_mean"),
+                       "isc_std": r.get("isc_std"), "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")}
+                      for r in fidelity_rows], out / "fidelity_vs_guidance.png")
+    sample_grid(paths.data("train"), dict(sorted(sets.items())), out / "samples_per_class.png")
+    from synthaug.evaluate.memorization import save_pairs_grid
+
+    if head.get("_audit", {}).get("pairs"):
+        save_pairs_grid(head["_audit"]["pairs"], out / "closest_pairs.png")
+
+    # Per-class table at the headline guidance.
+    per_class = {}
+    audit_pc = head.get("_audit", {}).get("per_class", {})
+    for c, cas_top1 in head.get("cas_per_class_top1", {}).items():
+        per_class[c] = {"fid": head.get("per_class_fid", {}).get(c, {}).get("fid"), "cas_top1": cas_top1,
+                        "near_copy_share": audit_pc.get(c, {}).get("near_copy_share")}
+
+    # summary.md
+    lines = [
+        f"# synthaug run `{cfg.name}`", "",
+        f"Data: `{cfg.ingest.source}`, {cfg.ingest.k_per_class or 'all'} labelled images per class"
+        + (" + unlabelled pool for generator pretraining" if cfg.ingest.k_per_class and cfg.ingest.unlabelled_pool else "")
+        + f". Classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of |real| images each, seeds {list(cfg.classify.seeds)}.",
+        "",
+        "## Headline: does synthetic data help?", "",
+        "| training set | top-1 on real val (mean ± std over seeds) |", "| --- | --- |",
+        f"| real only | {_fmt(real_m)} ± {_fmt(real_s)} |",
+        f"| real + synthetic (1:{ratio:g}, w={w0:g}) | {_fmt(mix_m)} ± {_fmt(mix_s)} |",
+        f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
+        "",
+        f"Paired gain of real + synthetic over real only: **{_fmt(gain_m)} ± {_fmt(gain_s)} points** over {len(diffs)} seeds"
+        + (" — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
+        "",
+        f"Sweep (guidance x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
+        "## Generator quality per guidance scale", "",
+        f"Extractor: `{head.get('extractor')}` (a classifier trained on the real train split), reference set: real val "
+        f"({head.get('n_real')} images), {head.get('n_synthetic')} synthetic images per guidance. "
+        "FID/IS/KID from this extractor are comparable only with the same extractor, reference set and sample count.",
+        "",
+        "| w | FID | IS | KID (x1e3) | precision | recall | CAS top-1 | near-copy share (features) | near-copy share (pixels) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(fidelity_rows, key=lambda r: r["guidance_scale"]):
+        lines.append(
+            f"| {r['guidance_scale']:g} | {_fmt(r.get('fid'))} | {_fmt(r.get('isc_mean'))} ± {_fmt(r.get('isc_std'))} "
+            f"| {_fmt(1e3 * r['kid_mean'] if r.get('kid_mean') is not None else None)} | {_fmt(r.get('precision'), 3)} "
+            f"| {_fmt(r.get('recall'), 3)} | {_fmt(r.get('cas_top1_mean'))} ± {_fmt(r.get('cas_top1_std'))} "
+            f"| {_fmt(r.get('near_copy_share'), 3)} | {_fmt(r.get('pixel_near_copy_share'), 3)} |")
+    lines += [
+        "", f"Near-copy: a synthetic image closer to its nearest real train image than the {cfg.evaluate.near_copy_percentile:g}th "
+        "percentile of real-val-to-train distances. A set that copied its training data would score near 1; "
+        f"real val itself scores {cfg.evaluate.near_copy_percentile / 100:.2f} by construction.", "",
+        f"## Per class (w={w0:g})", "", per_class_markdown(per_class) if per_class else "(no per-class data)", "",
+        "## Files", "",
+        "- `metrics.json` / `metrics.md`: every number above, flat keys",
+        "- `sweep/`: the Ray Tune table (`sweep.csv`, `sweep.parquet`), `heatmap.png`, `accuracy_vs_ratio.png`, `summary.md`",
+        "- `fidelity_vs_guidance.png`: FID, IS and CAS vs guidance (paper Fig. 3 style)",
+        "- `samples_per_class.png`: real train images next to synthetic ones, per class; `closest_pairs.png`: the closest synthetic/train pairs",
+        "- `config.yaml`: the resolved config", "",
+        "## Stage times (s)", "", "| stage | seconds |", "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in seconds.items()],
+        f"| **total** | {metrics['seconds_total']} |", "",
+    ]
+    atomic_write_text(out / "summary.md", "\n".join(lines))
+    return metrics
