@@ -1,0 +1,34 @@
+# Two commands on a fresh machine (Python 3.10+):
+#   make demo   # virtualenv + install + the default end-to-end run -> results/default/
+#   make test   # virtualenv + install + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/synthaug run --config jobs/configs/default.yaml
+
+# The ray-job-submit test starts its own Ray head, so it runs after the in-process suite.
+test: setup
+	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py
+	$(BIN)/python -m pytest tests/test_jobs.py
+
+bench: setup
+	$(BIN)/python benchmarks/finetune_throughput.py
+	$(BIN)/python benchmarks/sample_throughput.py
+	$(BIN)/python benchmarks/classifier_throughput.py
+
+clean:
+	rm -rf runs $(VENV)
