@@ -180,6 +180,7 @@ def _resolve_base(t: TrainGenConfig, base_dir: str | Path | None) -> str:
     base = str(base_dir or t.base or "")
     if base:
         models.check_base_dir(base, t.family)
+        base = str(Path(base).absolute())  # workers run in their own directories
     return base
 
 
