@@ -29,7 +29,12 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ValueError as e:  # the submitted job's runtime env sets the same variables
+            if "merge" not in str(e):
+                raise
+            ray.init(address=address, log_to_driver=True)
         return
     ray.init(
         num_cpus=cfg.num_cpus,

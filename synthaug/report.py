@@ -18,44 +18,50 @@ from synthaug.data.images import decode_batch
 from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
 
 
-def sample_grid(real_dir: str | Path, synthetic: dict[float, Path], path: str | Path, per_class: int = 8) -> Path:
-    """Per class (rows): ``per_class`` real train images, then ``per_class`` synthetic per guidance."""
-    from matplotlib.figure import Figure
+def sample_grid(real_dir: str | Path, synthetic: dict[float, Path], path: str | Path, per_class: int = 8,
+                scale: int = 4) -> Path:
+    """Per class (rows): ``per_class`` real train images, then ``per_class`` synthetic per guidance.
+
+    Drawn with PIL at an integer ``scale`` (nearest neighbour), so pixels stay square.
+    """
+    from PIL import Image, ImageDraw
 
     real = read_table(real_dir)
-    names = list(dict.fromkeys(real.column("class_name").to_pylist()))
-    names.sort(key=lambda n: real.column("label").to_pylist()[real.column("class_name").to_pylist().index(n)])
+    tables = [("real", real)] + [(f"w={w:g}", read_table(d)) for w, d in synthetic.items()]
+    labels = real.column("label").to_pylist()
+    names = [n for _, n in sorted(set(zip(labels, real.column("class_name").to_pylist())))]
 
-    def strip(table, name):
-        rows = [i for i, c in enumerate(table.column("class_name").to_pylist()) if c == name][:per_class]
-        imgs = decode_batch([table.column("image")[i].as_py() for i in rows])  # (k, C, H, W)
-        imgs = imgs.transpose(0, 2, 3, 1)
+    def block(table, name) -> np.ndarray:
+        cls = table.column("class_name").to_pylist()
+        rows = [i for i, c in enumerate(cls) if c == name][:per_class]
+        imgs = decode_batch([table.column("image")[i].as_py() for i in rows]).transpose(0, 2, 3, 1)  # (k, H, W, C)
         if imgs.shape[-1] == 1:
             imgs = np.repeat(imgs, 3, axis=-1)
         pad = np.full((per_class - len(imgs), *imgs.shape[1:]), 255, np.uint8)
-        return np.concatenate([imgs, pad])  # (per_class, H, W, 3)
+        return np.concatenate(list(np.concatenate([imgs, pad])), axis=1)  # (H, k*W, 3)
 
-    tables = {w: read_table(d) for w, d in synthetic.items()}
+    gap = 2
     rows = []
     for name in names:
-        parts = [strip(real, name)] + [strip(t, name) for t in tables.values()]
-        sep = np.full((parts[0].shape[1], 1, 3), 128, np.uint8)
-        row = []
-        for p in parts:
-            row += [np.concatenate(list(p), axis=1), sep, sep]  # images side by side, then a gap
-        rows.append(np.concatenate(row[:-2], axis=1))
+        parts = [block(t, name) for _, t in tables]
+        sep = np.full((parts[0].shape[0], gap, 3), 128, np.uint8)
+        rows.append(np.concatenate([x for p in parts for x in (p, sep)][:-1], axis=1))
     grid = np.concatenate(rows, axis=0)
-    fig = Figure(figsize=(min(24, 0.4 * grid.shape[1] / grid.shape[0] * len(names) + 2), 0.45 * len(names) + 1))
-    ax = fig.subplots()
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_yticks([(i + 0.5) * grid.shape[0] / len(names) for i in range(len(names))], names)
-    ax.set_xticks([])
-    labels = ["real"] + [f"synthetic w={w:g}" for w in tables]
-    ax.set_title("   |   ".join(labels) + f"   ({per_class} per block)")
-    fig.tight_layout()
+    h, w = grid.shape[:2]
+    img = Image.fromarray(grid).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    left, top = 24, 16
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    block_w = (parts[0].shape[1] + gap) * scale
+    for j, (label, _) in enumerate(tables):
+        draw.text((left + j * block_w + 2, 2), label, fill="black")
+    row_h = h * scale // len(names)
+    for i, name in enumerate(names):
+        draw.text((2, top + i * row_h + row_h // 3), name[:3], fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    canvas.save(path)
     return path
 
 
