@@ -49,7 +49,15 @@ def _decode(batch: dict) -> dict:
 
 
 def latest_step(storage: Path) -> int:
-    """The step of the newest checkpoint under a run's storage (0 when none)."""
+    """The step of the checkpoint Ray Train will resume from (0 when none).
+
+    Read from Train V2's checkpoint-manager snapshot, not from the newest directory: a
+    checkpoint written but not yet registered when a run died is not resumed from.
+    """
+    snap = storage / "checkpoint_manager_snapshot.json"
+    if snap.is_file():
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("step", 0))
     steps = [json.loads(p.read_text())["step"] for p in storage.rglob(STATE_FILE)] if storage.exists() else []
     return max(steps, default=0)
 
