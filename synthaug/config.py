@@ -56,8 +56,8 @@ class IngestConfig:
 class TrainGenConfig:
     """Diffusion generator training (pretraining on the pool, or class-conditional fine-tuning)."""
 
-    family: str = _f("unet", "Generator family from the registry: 'unet'.")
-    base: str = _f("", "Local diffusers directory to start from; '' builds a new model from `arch`.")
+    family: str = _f("unet", "Generator family from the registry: 'unet', 'dit' or 'text2image' (the last two fine-tune a `base`).")
+    base: str = _f("", "Local diffusers directory to start from; '' builds a new model from `arch` (unet only).")
     arch: str = _f("tiny", "Architecture preset for a new model: 'tiny' or 'small'.")
     steps: int = _f(1500, "Optimiser steps.")
     batch_size: int = _f(64, "Global batch size (split across workers).")
@@ -76,6 +76,8 @@ class TrainGenConfig:
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(2, "Ray Train FailureConfig.max_failures.")
     seed: int = _f(0, "Training seed.")
+    prompt_template: str = _f("a photo of a {class_name}", "text2image: the prompt of each class; the null class is the empty prompt.")
+    lora_rank: int = _f(0, "text2image: LoRA rank on the UNet's attention projections; 0 fine-tunes the whole UNet.")
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,17 @@ _CHOICES = {
 }
 
 
+def prompt_template_problem(template: str, key: str = "prompt_template") -> str | None:
+    """Why a text2image prompt template is unusable, or None when it is fine."""
+    if "{class_name}" not in template:
+        return f"config key '{key}': prompt template {template!r} has no '{{class_name}}', so every class would get the same prompt"
+    try:
+        template.format(class_name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"config key '{key}': prompt template {template!r} cannot be filled with only {{class_name}} ({e!r})"
+    return None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -322,6 +335,10 @@ def validate(cfg: Config) -> None:
         _check(t.prediction_type in _CHOICES["prediction_type"], f"config key '{name}.prediction_type': {t.prediction_type!r} not in {_CHOICES['prediction_type']}")
         _check(t.mixed_precision in _CHOICES["mixed_precision"], f"config key '{name}.mixed_precision': {t.mixed_precision!r} not in {_CHOICES['mixed_precision']}")
         _check(t.grad_accum >= 1, f"config key '{name}.grad_accum' must be >= 1")
+        problem = prompt_template_problem(t.prompt_template, f"{name}.prompt_template")
+        _check(problem is None, problem or "")
+        _check(t.lora_rank >= 0, f"config key '{name}.lora_rank' must be >= 0")
+        _check(t.lora_rank == 0 or t.family == "text2image", f"config key '{name}.lora_rank': LoRA is implemented for family 'text2image' only, not {t.family!r}")
     _check(s.sampler in _CHOICES["sample.sampler"], f"config key 'sample.sampler': unknown sampler {s.sampler!r}; choose from {_CHOICES['sample.sampler']}")
     _check(s.steps >= 1, "config key 'sample.steps' must be >= 1")
     _check(s.guidance_scale >= 0, "config key 'sample.guidance_scale' must be >= 0")

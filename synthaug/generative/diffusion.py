@@ -6,6 +6,9 @@ image does not depend on which batch or actor it was sampled in.
 
 Guidance convention: ``eps = eps_uncond + w * (eps_cond - eps_uncond)``; w = 1 is purely
 conditional and skips the unconditional pass; w = 0 is purely unconditional.
+
+Both work on pixels and call ``gen.encode`` / ``gen.decode`` at the edges, so a latent
+family diffuses in its VAE's latent space with the same code (identity for ``unet``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 def diffusion_loss(gen, x0: torch.Tensor, labels: torch.Tensor, noise_scheduler, *, prediction_type: str = "epsilon",
                    min_snr_gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard denoising loss on clean ``x0`` (B, C, H, W) in [-1, 1] with class ``labels`` (B,)."""
+    """Standard denoising loss on clean images ``x0`` (B, C, H, W) in [-1, 1] with class ``labels`` (B,)."""
+    x0 = gen.encode(x0)  # (B, *gen.latent_shape); the same tensor for pixel-space families
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
@@ -96,18 +100,22 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     return DDPMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
 
 
-def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, gens: list, v: float) -> torch.Tensor:
+def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, gens: list, v: float,
+               clip: bool = True) -> torch.Tensor:
     """One ancestral DDPM step over a respaced schedule, with per-sample noise.
 
     The variance interpolates in log space between the posterior variance (v = 0) and
     beta_t (v = 1), the coefficient the paper tunes: exp(v log beta + (1 - v) log beta~).
+    ``clip`` bounds the x0 prediction to [-1, 1] (pixels; never latents).
     """
     abar = sched.alphas_cumprod.to(x.device, torch.float64)
     a_t = abar[t]
     a_prev = abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64, device=x.device)
     beta = 1 - a_t / a_prev
     x64, eps64 = x.double(), eps.double()
-    x0 = ((x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()).clamp(-1, 1)
+    x0 = (x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
     mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x64
     if t_prev < 0:
         return mean.to(x.dtype)
@@ -121,7 +129,7 @@ def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, g
 def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: float, sampler: str = "ddim",
                   steps: int = 50, ddpm_log_variance_v: float = 1.0, device: str | torch.device = "cpu",
                   autocast_dtype: torch.dtype | None = None, counter: dict | None = None) -> torch.Tensor:
-    """Sample one image per (label, seed); returns float (B, C, H, W) in [-1, 1]."""
+    """Sample one image per (label, seed); returns float pixels (B, C, H, W) in [-1, 1]."""
     if steps < 1:
         raise ValueError("config key 'sample.steps' must be >= 1")
     if guidance_scale < 0:
@@ -129,10 +137,11 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
     sched = make_scheduler(sampler, gen.scheduler_config)
     sched.set_timesteps(steps, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
-    x, gens = per_sample_noise(seeds, (gen.channels, gen.image_size, gen.image_size), device)
+    x, gens = per_sample_noise(seeds, gen.latent_shape, device)  # (B, *latent_shape)
     x = x * sched.init_noise_sigma
     timesteps = [int(t) for t in sched.timesteps]
     prediction_type = gen.scheduler_config.get("prediction_type", "epsilon")
+    clip = bool(gen.scheduler_config.get("clip_sample", True))
     for i, t in enumerate(timesteps):
         xin = sched.scale_model_input(x, t)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -144,7 +153,7 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
                 a = sched.alphas_cumprod.to(x.device)[t]
                 out = a.sqrt() * out + (1 - a).sqrt() * x
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            x = _ddpm_step(sched, out, t, t_prev, x, gens, ddpm_log_variance_v)
+            x = _ddpm_step(sched, out, t, t_prev, x, gens, ddpm_log_variance_v, clip)
         else:
             x = sched.step(out, t, x).prev_sample
-    return x.clamp(-1, 1)
+    return gen.decode(x).clamp(-1, 1)  # (B, C, H, W) pixels

@@ -1,7 +1,10 @@
 """Generator training with Ray Train (DDP): class-conditional fine-tuning, and pretraining.
 
 Pretraining on an unlabelled pool is the same loop with every label set to the null
-class. One function, :func:`train_loop_per_worker`, runs for 1 and for N workers.
+class. One function, :func:`train_loop_per_worker`, runs for 1 and for N workers, for
+every generator family: the loss encodes images through the family (identity for
+``unet``, a frozen VAE for ``dit`` and ``text2image``), and only parameters that require
+grad (all, or LoRA adapters) are optimised and tracked by the EMA.
 
 Data: the driver turns the contract dataset into a *step plan* -- seeded permutations
 of the rows, concatenated until ``steps x batch x grad_accum`` rows -- and streams it
@@ -91,6 +94,19 @@ def _load_checkpoint(dirpath: str, model, ema, opt, sched) -> tuple[int, torch.T
     return step, state["rng"]
 
 
+def _load(t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int) -> models.Generator:
+    """The generator to train: loaded from ``base`` for the data's image size, or new from ``t.arch``."""
+    if base:
+        return models.load_generator(base, t.family, class_names, image_size=image_size, channels=channels,
+                                     prompt_template=t.prompt_template, lora_rank=t.lora_rank)
+    return models.new_generator(t.family, t.arch, class_names, image_size, channels, t.prediction_type)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that are trained (all, or only LoRA adapters); the EMA follows the same list."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (1 or N workers): diffusion training with EMA and resume."""
     import ray.train
@@ -106,15 +122,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Build or load the generator; seed so that all ranks start identical.
     torch.manual_seed(t.seed)
-    if config["base_dir"]:
-        gen = models.load_generator(config["base_dir"], t.family, config["class_names"])
-    else:
-        gen = models.new_generator(t.family, t.arch, config["class_names"], config["image_size"],
-                                   config["channels"], t.prediction_type)
+    gen = _load(t, config["base_dir"], config["class_names"], config["image_size"], config["channels"])
     noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
-    raw_model = gen.model.to(device)
-    ema = EMAModel(raw_model.parameters(), decay=t.ema_decay)
-    opt = torch.optim.AdamW(raw_model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    raw_model = gen.to(device).model  # frozen parts (VAE, text encoder) go to the device too
+    params = trainable(raw_model)
+    ema = EMAModel(params, decay=t.ema_decay)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
     rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
 
@@ -128,6 +141,9 @@ def train_loop_per_worker(config: dict) -> None:
         rng = torch.Generator().manual_seed(t.seed * 1000 + rank + 7919 * step)
         if rank == 0:
             print(f"[{config['stage']}] resumed at step {step}/{t.steps}")
+    # Per-rank (and per-resume) stream for the loss's noise and timesteps: with one shared
+    # seed every DDP worker would draw the same noise for its different images.
+    torch.manual_seed(t.seed * 1000 + rank + 7919 * step + 1)
     ema.to(device)
     gen.model = ray.train.torch.prepare_model(raw_model) if world > 1 else raw_model
     gen.model.train()
@@ -158,11 +174,11 @@ def train_loop_per_worker(config: dict) -> None:
             micro_count += 1
             if micro_count % t.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            ema.step(raw_model.parameters())
+            ema.step(params)
             step += 1
             last_loss = float(loss.detach())
 
@@ -184,12 +200,11 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _resolve_base(t: TrainGenConfig, base_dir: str | Path | None) -> str:
+def _resolve_base(cfg: Config, t: TrainGenConfig, base_dir: str | Path | None) -> str:
+    """The base as a checked local directory ('' for none); hub ids only with ``allow_downloads``."""
     base = str(base_dir or t.base or "")
-    if base:
-        models.check_base_dir(base, t.family)
-        base = str(Path(base).absolute())  # workers run in their own directories
-    return base
+    # Absolute: workers run in their own directories.
+    return str(models.resolve_base(base, t.family, cfg.allow_downloads).absolute()) if base else ""
 
 
 def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
@@ -210,14 +225,20 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     class_names = list(data_manifest["class_names"])
     if not class_names:
         raise DatasetError(f"{data_dir}: class count of 0; a generator needs at least one class")
-    base = _resolve_base(t, base_dir)
+    base = _resolve_base(cfg, t, base_dir)
     image_size, channels = int(data_manifest["image_size"][0]), int(data_manifest["channels"])
     if base:
-        probe = models.load_generator(base, t.family, class_names)
+        probe = _load(t, base, class_names, image_size, channels)
         if probe.image_size != image_size or probe.channels != channels:
             raise models.GeneratorError(
                 f"{base}: generator takes {probe.channels}x{probe.image_size}px images, data {data_dir} has "
                 f"{channels}x{image_size}px; image size incompatible with the model")
+        base_prediction = probe.scheduler_config.get("prediction_type", "epsilon")
+        if base_prediction != t.prediction_type:
+            raise models.GeneratorError(
+                f"{base}: the base predicts {base_prediction!r} but config key '{stage}.prediction_type' is "
+                f"{t.prediction_type!r}; set it to {base_prediction!r}")
+        del probe
     else:
         models.new_generator(t.family, t.arch, class_names, image_size, channels)  # raises on bad sizes
     if not data_manifest.get("labelled", True) and not unconditional:
@@ -257,13 +278,15 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     # Export the EMA weights in diffusers layout with a manifest.
     with result.checkpoint.as_directory() as d:
         step = json.loads(Path(d, STATE_FILE).read_text())["step"]
-        gen = models.load_generator(base, t.family, class_names) if base else models.new_generator(
-            t.family, t.arch, class_names, image_size, channels, t.prediction_type)
+        gen = _load(t, base, class_names, image_size, channels)
         from safetensors.torch import load_file
 
         shadow = load_file(os.path.join(d, "ema.safetensors"))
+        params = trainable(gen.model)
+        if len(params) != len(shadow):
+            raise RuntimeError(f"{stage}: checkpoint holds {len(shadow)} EMA tensors, the model trains {len(params)}")
         with torch.no_grad():
-            for i, p in enumerate(gen.model.parameters()):
+            for i, p in enumerate(params):
                 p.copy_(shadow[str(i)])
     if step != t.steps:
         raise RuntimeError(f"{stage}: finished at step {step}, expected {t.steps}")

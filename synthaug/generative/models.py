@@ -3,9 +3,19 @@
 A *generator directory* is diffusers ``save_pretrained`` layout plus our manifest::
 
     <generator>/
-      unet/                 config.json + diffusion_pytorch_model.safetensors
+      unet/ | transformer/  config.json + diffusion_pytorch_model.safetensors (the denoiser)
+      vae/                  latent families: the frozen AutoencoderKL
+      text_encoder/         text2image: the frozen CLIPTextModel
+      tokenizer/            text2image: its CLIPTokenizer
       scheduler/            scheduler_config.json (the training noise schedule)
       manifest.json         family, class_names, null_class, image size, hashes, config
+
+Families: ``unet`` (pixel-space UNet2DModel with a class embedding), ``dit`` (latent
+DiTTransformer2DModel with a resized label table) and ``text2image`` (latent
+UNet2DConditionModel conditioned on one prompt per class); the last two live in
+:mod:`synthaug.generative.latent`. Every family answers the same calls --
+``denoise(model, x, t, labels)``, ``encode``/``decode`` between pixels and the space
+the diffusion runs in -- so training and sampling never ask which family they hold.
 
 ``load_generator`` also accepts a plain diffusers directory (no manifest) as a *base*
 to fine-tune from; exported generators always carry the manifest, and the sampler
@@ -15,9 +25,10 @@ refuses a directory without one. Nothing is downloaded unless ``allow_downloads`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +40,7 @@ ARCHS = {
     "tiny": ((32, 64), 1, 16),
     "small": ((64, 128), 2, 16),
 }
+DEFAULT_PROMPT_TEMPLATE = "a photo of a {class_name}"
 
 
 class GeneratorError(ValueError):
@@ -37,7 +49,13 @@ class GeneratorError(ValueError):
 
 @dataclass
 class Generator:
-    """A loaded generator: the denoiser, its training noise schedule and its manifest."""
+    """A loaded generator: the denoiser, its frozen parts, its training noise schedule and its manifest.
+
+    ``model`` is the only trained module. ``components`` holds the frozen parts a family
+    needs and exports unchanged (``vae``, ``text_encoder``, ``tokenizer``); ``meta`` holds
+    family settings recorded in the manifest (e.g. the prompt template).
+    ``image_size``/``channels`` describe the pixel images it takes and makes.
+    """
 
     family: str
     model: nn.Module
@@ -46,25 +64,87 @@ class Generator:
     image_size: int
     channels: int
     manifest: dict = field(default_factory=dict)
+    components: dict[str, Any] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
 
     @property
     def null_class(self) -> int:
         return len(self.class_names)
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the space the diffusion runs in (pixels for ``unet``)."""
+        return FAMILIES[self.family].latent_shape(self)
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Model output (eps or v) for noisy ``x`` (B, C, H, W), timesteps (B,), labels (B,)."""
+        """Model output (eps or v) for noisy ``x`` (B, *latent_shape), timesteps (B,), labels (B,)."""
         return FAMILIES[self.family].denoise(self.model, x, t, labels)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, channels, H, W) in [-1, 1] -> the diffusion space (B, *latent_shape)."""
+        return FAMILIES[self.family].encode(self, x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion space (B, *latent_shape) -> pixels (B, channels, H, W), roughly in [-1, 1]."""
+        return FAMILIES[self.family].decode(self, z)
+
+    def to(self, device: torch.device | str) -> "Generator":
+        self.model.to(device)
+        for part in self.components.values():
+            if isinstance(part, nn.Module):
+                part.to(device)
+        return self
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What a caller asks of a loaded generator; zeros and '' mean "the model's own"."""
+
+    class_names: tuple[str, ...]
+    image_size: int = 0
+    channels: int = 0
+    prompt_template: str = ""
+    lora_rank: int = 0
+
+
+class Loaded(NamedTuple):
+    """What a family's loader returns."""
+
+    model: nn.Module
+    components: dict
+    image_size: int
+    channels: int
+    meta: dict
+
+
+def _identity(gen: Generator, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _pixel_shape(gen: Generator) -> tuple[int, int, int]:
+    return (gen.channels, gen.image_size, gen.image_size)
+
+
+def _same(model: nn.Module) -> nn.Module:
+    return model
 
 
 @dataclass(frozen=True)
 class Family:
-    """How to build, load, call and save one kind of generator."""
+    """How to build, load, call, encode for and save one kind of generator."""
 
     name: str
-    build: Callable[..., nn.Module]
-    load_model: Callable[[Path, int], nn.Module]
+    build: Callable[..., nn.Module] | None  # a new model from an `arch` preset; None: fine-tune from a base only
+    load_model: Callable[[Path, LoadSpec], Loaded]  # from a generator root directory
     denoise: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     model_subdir: str
+    model_class: str  # the diffusers class <model_subdir>/config.json must name
+    components: tuple[str, ...] = ()  # other subfolders a base needs, besides scheduler/
+    encode: Callable[[Generator, torch.Tensor], torch.Tensor] = _identity
+    decode: Callable[[Generator, torch.Tensor], torch.Tensor] = _identity
+    latent_shape: Callable[[Generator], tuple[int, int, int]] = _pixel_shape
+    export_model: Callable[[nn.Module], nn.Module] = _same  # the diffusers model to save_pretrained
+    latent: bool = False  # diffusion in a VAE's latent space (no [-1, 1] clipping of x0)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -114,22 +194,20 @@ def _resize_class_embedding(model: nn.Module, num_classes: int) -> None:
     model.register_to_config(num_class_embeds=want)
 
 
-def _unet_load(model_dir: Path, num_classes: int) -> nn.Module:
+def _unet_load(root: Path, spec: LoadSpec) -> Loaded:
     from diffusers import UNet2DModel
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    if cfg.get("_class_name") != "UNet2DModel":
-        raise GeneratorError(f"{model_dir}: holds a {cfg.get('_class_name')!r}, but family 'unet' needs a UNet2DModel")
+    model_dir = subdir(root, FAMILIES["unet"])
     model = UNet2DModel.from_pretrained(str(model_dir), local_files_only=True)
-    _resize_class_embedding(model, num_classes)
-    return model
+    _resize_class_embedding(model, len(spec.class_names))
+    return Loaded(model, {}, int(model.config.sample_size), int(model.config.in_channels), {})
 
 
 def _unet_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return model(x, t, class_labels=labels).sample
 
 
-register_family(Family("unet", _unet_build, _unet_load, _unet_denoise, "unet"))
+register_family(Family("unet", _unet_build, _unet_load, _unet_denoise, "unet", "UNet2DModel"))
 
 
 # ----------------------------------------------------------------------------- build / load / save
@@ -147,6 +225,9 @@ def new_generator(family: str, arch: str, class_names: list[str], image_size: in
                   prediction_type: str = "epsilon") -> Generator:
     """A randomly initialised generator (training from scratch)."""
     fam = _family(family)
+    if fam.build is None:
+        raise GeneratorError(f"family {family!r} is fine-tuned from a pretrained model only: set 'finetune.base' "
+                             f"(or --base) to a local diffusers directory")
     model = fam.build(arch, image_size, channels, len(class_names))
     return Generator(family, model, default_scheduler_config(prediction_type), list(class_names), image_size, channels)
 
@@ -157,28 +238,108 @@ def _family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def subdir(root: Path, fam: Family) -> Path:
+    """Where a family's denoiser lives under a generator root (a flat directory works too)."""
+    return root / fam.model_subdir if (root / fam.model_subdir).is_dir() else root
+
+
+def config_class(model_dir: Path) -> str | None:
+    """The ``_class_name`` in ``model_dir/config.json``, or None when there is no config."""
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise GeneratorError(f"{cfg}: unreadable config ({e})") from None
+
+
+def _has_weights(d: Path) -> bool:
+    return any(d.glob("*.safetensors")) or any(d.glob("*.bin"))
+
+
+def _family_of_class(cls: str | None) -> str | None:
+    return next((f.name for f in FAMILIES.values() if f.model_class == cls), None)
+
+
 def check_base_dir(path: str | Path, family: str) -> Path:
-    """Fail early, naming the path, if a base/generator directory is missing or incomplete."""
+    """Fail early, naming the path, if a base/generator directory is missing, incomplete or of another family."""
     path = Path(path)
     fam = _family(family)
     if not path.is_dir():
         raise GeneratorError(f"generator directory {path} does not exist")
-    model_dir = path / fam.model_subdir if (path / fam.model_subdir).is_dir() else path
-    if not (model_dir / "config.json").is_file():
-        raise GeneratorError(f"{path}: incomplete generator, no {fam.model_subdir}/config.json")
-    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
-        raise GeneratorError(f"{model_dir}: incomplete generator, no weights file (*.safetensors)")
     manifest_file = path / "manifest.json"
     if manifest_file.is_file():
         got = json.loads(manifest_file.read_text()).get("family")
         if got != family:
             raise GeneratorError(f"{path}: family/model mismatch: the directory holds a {got!r} generator, config says {family!r}")
+
+    # The denoiser: present, of the class this family loads, with weights.
+    model_dir = subdir(path, fam)
+    cls = config_class(model_dir)
+    if cls is None:
+        for other in FAMILIES.values():
+            other_cls = config_class(subdir(path, other))
+            if other is not fam and other_cls == other.model_class:
+                raise GeneratorError(f"{path}: family/model mismatch: it holds a {other_cls} ({other.model_subdir}/), "
+                                     f"a {other.name!r} model, but the config says family {family!r}")
+        raise GeneratorError(f"{path}: incomplete generator, no {fam.model_subdir}/config.json")
+    if cls != fam.model_class:
+        owner = _family_of_class(cls)
+        hint = f" (that is family {owner!r})" if owner else ""
+        raise GeneratorError(f"{path}: family/model mismatch: {model_dir.name}/config.json names a {cls!r}{hint}, "
+                             f"but family {family!r} needs a {fam.model_class!r}")
+    if not _has_weights(model_dir):
+        raise GeneratorError(f"{model_dir}: incomplete generator, no weights file (*.safetensors)")
+
+    # The frozen parts, and the noise schedule a pretrained latent model was trained with.
+    for name in fam.components:
+        d = path / name
+        if name == "tokenizer":
+            if not ((d / "tokenizer.json").is_file() or (d / "vocab.json").is_file()):
+                raise GeneratorError(f"{path}: incomplete generator, no tokenizer/tokenizer.json or tokenizer/vocab.json")
+        elif not (d / "config.json").is_file():
+            raise GeneratorError(f"{path}: incomplete generator, no {name}/config.json")
+        elif not _has_weights(d):
+            raise GeneratorError(f"{d}: incomplete generator, no weights file (*.safetensors)")
+    if fam.latent and not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise GeneratorError(f"{path}: incomplete generator, no scheduler/scheduler_config.json "
+                             f"(a pretrained model must be fine-tuned with its own noise schedule)")
     return model_dir
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_base(base: str | Path, family: str, allow_downloads: bool = False) -> Path:
+    """A base as a checked local directory; a hub id is fetched here, and only with ``allow_downloads``."""
+    path = Path(base)
+    if not path.exists() and _HUB_ID.match(str(base)):
+        if not allow_downloads:
+            raise GeneratorError(
+                f"base {str(base)!r} does not exist locally and looks like a Hugging Face hub id, but downloads are "
+                f"off (config key 'allow_downloads' is false). Fetch it first, e.g. `hf download {base} "
+                f"--local-dir /models/NAME`, and pass that directory; or set allow_downloads=true")
+        from huggingface_hub import snapshot_download
+
+        fam = _family(family)
+        wanted = [f"{d}/*" for d in (fam.model_subdir, *fam.components, "scheduler")] + ["model_index.json"]
+        path = Path(snapshot_download(str(base), allow_patterns=wanted,
+                                      ignore_patterns=["*.fp16.*", "*.ckpt", "*.msgpack", "*.onnx*", "*.h5", "*non_ema*"]))
+    check_base_dir(path, family)
+    return path
+
+
 def load_generator(path: str | Path, family: str | None = None, class_names: list[str] | None = None,
-                   require_manifest: bool = False) -> Generator:
-    """Load a generator (or a plain diffusers base) from a local directory."""
+                   require_manifest: bool = False, *, image_size: int = 0, channels: int = 0,
+                   prompt_template: str = "", lora_rank: int = 0) -> Generator:
+    """Load a generator (or a plain diffusers base) from a local directory.
+
+    ``image_size``/``channels`` are those of the data it will train on (latent families
+    run at any size their VAE and denoiser divide; 0 = the manifest's or the model's).
+    ``prompt_template`` (text2image; '' = the manifest's or the default) and
+    ``lora_rank`` (text2image; 0 = full fine-tuning) shape what is trained.
+    """
     path = Path(path)
     manifest = {}
     if (path / "manifest.json").is_file():
@@ -187,16 +348,21 @@ def load_generator(path: str | Path, family: str | None = None, class_names: lis
     elif require_manifest:
         raise GeneratorError(f"{path}: no manifest.json, so this is not a finished synthaug generator export")
     family = family or "unet"
-    model_dir = check_base_dir(path, family)
+    fam = _family(family)
+    check_base_dir(path, family)
     names = list(class_names or manifest.get("class_names") or [])
     if not names:
         raise GeneratorError(f"{path}: class count of 0 (no class names in the manifest or the config)")
-    model = _family(family).load_model(model_dir, len(names))
+    spec = LoadSpec(tuple(names), image_size or int(manifest.get("image_size") or 0),
+                    channels or int(manifest.get("channels") or 0),
+                    prompt_template or manifest.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, lora_rank)
+    loaded = fam.load_model(path, spec)
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else default_scheduler_config()
-    image_size = int(manifest.get("image_size") or model.config.sample_size)
-    channels = int(manifest.get("channels") or model.config.in_channels)
-    return Generator(family, model, sched, names, image_size, channels, manifest)
+    if fam.latent:  # latents are not bounded to [-1, 1]: never clip or threshold x0 there
+        sched = {**sched, "clip_sample": False, "thresholding": False}
+    return Generator(family, loaded.model, sched, names, loaded.image_size, loaded.channels, manifest,
+                     loaded.components, loaded.meta)
 
 
 def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
@@ -205,7 +371,9 @@ def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
 
     tmp = staging_dir(path)
     fam = _family(gen.family)
-    gen.model.save_pretrained(str(tmp / fam.model_subdir), safe_serialization=True)
+    fam.export_model(gen.model).save_pretrained(str(tmp / fam.model_subdir), safe_serialization=True)
+    for name, part in gen.components.items():  # frozen parts, unchanged
+        part.save_pretrained(str(tmp / name))
     DDPMScheduler.from_config(gen.scheduler_config).save_pretrained(str(tmp / "scheduler"))
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -216,9 +384,15 @@ def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
         "image_size": gen.image_size,
         "channels": gen.channels,
         "prediction_type": gen.scheduler_config.get("prediction_type", "epsilon"),
+        **gen.meta,
         "weights_hash": hash_tree(tmp),
         **extra,
     }
     atomic_write_json(tmp / "manifest.json", manifest)
     commit_dir(tmp, path)
     return manifest
+
+
+# The latent families register themselves on import; importing them here keeps the
+# registry complete for anyone who imports this module.
+from synthaug.generative import latent  # noqa: E402,F401

@@ -70,7 +70,7 @@ class Sampler:
         self.s = SampleConfig(**{k: v for k, v in sample.items()})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.gen = models.load_generator(generator_dir, require_manifest=True)
-        self.gen.model.to(self.device).eval()
+        self.gen.to(self.device).model.eval()
         if self.device.type == "cuda":
             self.gen.model.to(memory_format=torch.channels_last)
         self.gen_id = self.gen.manifest["weights_hash"][:16]

@@ -1,0 +1,241 @@
+"""Latent generator families: ``dit`` (class labels) and ``text2image`` (one prompt per class).
+
+Both run the diffusion in the latent space of a frozen ``AutoencoderKL``: images are
+encoded before the loss (``latent_dist.sample() * scaling_factor``) and decoded after
+sampling (``/ scaling_factor``). Grayscale data is repeated to the VAE's channels on
+the way in and averaged back on the way out. Both are fine-tuned from a local diffusers
+directory; neither has a from-scratch preset.
+
+* ``dit``: ``DiTTransformer2DModel`` (``transformer/``). Diffusers keeps one label table
+  per block (``transformer_blocks[i].norm1.emb.class_embedder.embedding_table``, sized by
+  the ``num_embeds_ada_norm`` config); each is resized to the user's classes + 1 null
+  row. DiT predicts eps and (learned sigma) a variance: only the eps half is used.
+  Diffusers' ``DiTPipeline`` hard-codes null class 1000, so sampling goes through our
+  own guidance loop with null = number of classes.
+* ``text2image``: Stable-Diffusion-style ``UNet2DConditionModel`` (``unet/``) with a
+  frozen ``CLIPTextModel`` and ``CLIPTokenizer``. Class k is the prompt
+  ``template.format(class_name=...)``, the null class the empty prompt; the prompts
+  are encoded once into a (K + 1, seq, dim) table looked up by label, so the denoiser
+  takes labels like every other family. The UNet is fully fine-tuned, or LoRA
+  adapters (peft) are trained and folded into the weights on export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from synthaug.config import prompt_template_problem
+from synthaug.generative.models import Family, Generator, GeneratorError, Loaded, LoadSpec, config_class, register_family
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as diffusers' LoRA scripts
+
+
+# ----------------------------------------------------------------------------- the VAE
+
+
+def _load_vae(root: Path) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    cls = config_class(root / "vae")
+    if cls != "AutoencoderKL":
+        raise GeneratorError(f"{root}: vae/config.json names a {cls!r}; latent families need an 'AutoencoderKL'")
+    vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True)
+    return vae.requires_grad_(False).eval()
+
+
+def vae_factor(vae: nn.Module) -> int:
+    """How much the VAE downsamples: 2 per block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _shift(vae: nn.Module) -> float:
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+@torch.no_grad()
+def vae_encode(gen: Generator, x: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+    vae = gen.components["vae"]
+    if x.shape[1] != vae.config.in_channels:  # grayscale: repeat the channel
+        x = x.expand(-1, vae.config.in_channels, -1, -1)
+    z = vae.encode(x.to(vae.dtype)).latent_dist.sample()
+    return ((z - _shift(vae)) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def vae_decode(gen: Generator, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, c, h, w) -> pixels (B, gen.channels, h f, w f), float32."""
+    vae = gen.components["vae"]
+    x = vae.decode((z / vae.config.scaling_factor + _shift(vae)).to(vae.dtype)).sample  # (B, C_vae, H, W)
+    if x.shape[1] != gen.channels:  # back to grayscale
+        x = x.mean(dim=1, keepdim=True)
+    return x.float()
+
+
+def _latent_shape(gen: Generator) -> tuple[int, int, int]:
+    vae = gen.components["vae"]
+    f = vae_factor(vae)
+    return (int(vae.config.latent_channels), gen.image_size // f, gen.image_size // f)
+
+
+def _pixel_channels(root: Path, spec: LoadSpec, vae: nn.Module) -> int:
+    c = spec.channels or int(vae.config.in_channels)
+    if c not in (1, vae.config.in_channels):
+        raise GeneratorError(f"{root}: the data has {c} channels but the VAE takes {vae.config.in_channels}; "
+                             f"only grayscale (repeated) or {vae.config.in_channels}-channel images work")
+    return c
+
+
+def _image_size(root: Path, family: str, spec: LoadSpec, native_latent: int, vae_f: int, model_f: int, what: str) -> int:
+    """The pixel size to run at (the data's, else the model's own), checked against the model."""
+    size = spec.image_size or int(native_latent) * vae_f
+    step = vae_f * model_f
+    if size % step:
+        raise GeneratorError(f"{root}: image size {size} is incompatible with the model: family {family!r} needs a "
+                             f"size divisible by {step} (VAE factor {vae_f} x {what} {model_f})")
+    return size
+
+
+# ----------------------------------------------------------------------------- DiT
+
+
+def _resize_label_tables(model: nn.Module, num_classes: int) -> None:
+    """Give every block's label table ``num_classes + 1`` rows, the last one the null class.
+
+    With a different class count the new classes have nothing to do with the old ones,
+    so every row starts from the old null row (the unconditional model). Diffusers' own
+    label dropout is switched off: it would redraw in every block, and the training
+    loop already drops labels to the null class once per sample.
+    """
+    want = num_classes + 1
+    for block in model.transformer_blocks:
+        emb = block.norm1.emb.class_embedder
+        table = emb.embedding_table
+        if not (emb.num_classes == num_classes and table.num_embeddings == want):
+            old_null = table.weight[emb.num_classes] if table.num_embeddings > emb.num_classes else table.weight.mean(0)
+            new = nn.Embedding(want, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(old_null.expand(want, -1))
+            emb.embedding_table = new
+        emb.num_classes = num_classes
+        emb.dropout_prob = 0.0
+    model.register_to_config(num_embeds_ada_norm=num_classes)
+
+
+def _dit_load(root: Path, spec: LoadSpec) -> Loaded:
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_pretrained(str(root / "transformer"), local_files_only=True)
+    c = model.config
+    if c.norm_type != "ada_norm_zero" or c.num_embeds_ada_norm is None:
+        raise GeneratorError(f"{root}: the DiT is not class-conditional (norm_type {c.norm_type!r}, "
+                             f"num_embeds_ada_norm {c.num_embeds_ada_norm!r})")
+    _resize_label_tables(model, len(spec.class_names))
+    vae = _load_vae(root)
+    if vae.config.latent_channels != c.in_channels:
+        raise GeneratorError(f"{root}: the VAE makes {vae.config.latent_channels}-channel latents, the DiT takes {c.in_channels}")
+    if (c.out_channels or c.in_channels) not in (c.in_channels, 2 * c.in_channels):
+        raise GeneratorError(f"{root}: DiT out_channels {c.out_channels} is neither in_channels nor 2 x in_channels")
+    size = _image_size(root, "dit", spec, c.sample_size, vae_factor(vae), c.patch_size, "patch size")
+    return Loaded(model, {"vae": vae}, size, _pixel_channels(root, spec, vae), {})
+
+
+def _dit_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    out = model(x, timestep=t, class_labels=labels).sample  # (B, C or 2C, h, w)
+    return out[:, : x.shape[1]]  # the eps half; the rest is DiT's learned variance
+
+
+register_family(Family("dit", None, _dit_load, _dit_denoise, "transformer", "DiTTransformer2DModel", ("vae",),
+                       vae_encode, vae_decode, _latent_shape, latent=True))
+
+
+# ----------------------------------------------------------------------------- text-to-image
+
+
+class PromptConditionedUNet(nn.Module):
+    """A ``UNet2DConditionModel`` called with class labels: label k -> the cached embedding of prompt k."""
+
+    def __init__(self, unet: nn.Module, prompt_embeds: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        # (K + 1, seq, dim), from the frozen text encoder; derived, so not saved in checkpoints.
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        context = self.prompt_embeds[labels]  # (B, seq, dim)
+        return self.unet(x, t, encoder_hidden_states=context).sample
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], chunk: int = 64) -> torch.Tensor:
+    """Last hidden states of the text encoder (as Stable Diffusion uses them): (P, seq, dim)."""
+    length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
+    out = []
+    for i in range(0, len(prompts), chunk):
+        ids = tokenizer(prompts[i:i + chunk], padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        out.append(text_encoder(ids.to(text_encoder.device))[0].float())
+    return torch.cat(out)
+
+
+def _add_lora(unet: nn.Module, rank: int) -> None:
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+
+
+def _t2i_load(root: Path, spec: LoadSpec) -> Loaded:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    problem = prompt_template_problem(spec.prompt_template)
+    if problem:
+        raise GeneratorError(problem)
+    unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+    c = unet.config
+    if c.addition_embed_type or c.class_embed_type:
+        raise GeneratorError(f"{root}: the UNet also takes {c.addition_embed_type or c.class_embed_type!r} "
+                             f"conditioning (SDXL-style); family 'text2image' takes text-only UNets (Stable Diffusion 1/2)")
+    vae = _load_vae(root)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
+    text_encoder.requires_grad_(False).eval()
+    if text_encoder.config.hidden_size != c.cross_attention_dim:
+        raise GeneratorError(f"{root}: text encoder width {text_encoder.config.hidden_size} != UNet "
+                             f"cross_attention_dim {c.cross_attention_dim}")
+    if vae.config.latent_channels != c.in_channels:
+        raise GeneratorError(f"{root}: the VAE makes {vae.config.latent_channels}-channel latents, the UNet takes {c.in_channels}")
+    size = _image_size(root, "text2image", spec, c.sample_size or 64, vae_factor(vae),
+                       2 ** (len(c.block_out_channels) - 1), "UNet downsampling")
+    channels = _pixel_channels(root, spec, vae)
+
+    # One prompt per class, the empty prompt last (the null class).
+    prompts = [spec.prompt_template.format(class_name=name) for name in spec.class_names] + [""]
+    embeds = encode_prompts(tokenizer, text_encoder, prompts)
+    if spec.lora_rank:
+        _add_lora(unet, spec.lora_rank)
+    meta = {"prompt_template": spec.prompt_template, "prompts": prompts, "lora_rank": spec.lora_rank}
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    return Loaded(PromptConditionedUNet(unet, embeds), parts, size, channels, meta)
+
+
+def _t2i_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(x, t, labels)
+
+
+def _t2i_export(model: nn.Module) -> nn.Module:
+    """The plain UNet to save; trained LoRA adapters are folded into its weights first."""
+    unet = model.unet
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        unet.fuse_lora()
+        unet.unload_lora()
+    return unet
+
+
+register_family(Family("text2image", None, _t2i_load, _t2i_denoise, "unet", "UNet2DConditionModel",
+                       ("vae", "text_encoder", "tokenizer"), vae_encode, vae_decode, _latent_shape, _t2i_export,
+                       latent=True))
