@@ -33,7 +33,8 @@ def gens(ray_session, digits_dirs, tmp_path_factory):
     pre = finetune.run(cfg, "pretrain", digits_dirs["pool"], root / "pre", root / "ray", unconditional=True)
     short = load_config(None, TINY + ["finetune.steps=6"])
     first = finetune.run(short, "finetune", digits_dirs["train"], root / "ft6", root / "ray", base_dir=root / "pre")
-    ft = finetune.run(cfg, "finetune", digits_dirs["train"], root / "ft", root / "ray", base_dir=root / "pre")
+    resume = load_config(None, TINY + ["finetune.val_grid_every=6", "finetune.gradient_checkpointing=true"])
+    ft = finetune.run(resume, "finetune", digits_dirs["train"], root / "ft", root / "ray", base_dir=root / "pre")
     return {"cfg": cfg, "root": root, "pre": root / "pre", "ft": root / "ft", "pre_m": pre, "ft_m": ft, "ft6_m": first}
 
 
@@ -53,6 +54,19 @@ def test_resume_continues_from_checkpoint(gens):
     assert gens["ft6_m"]["steps"] == 6 and gens["ft6_m"]["resumed_from"] == 0
     assert gens["ft_m"]["steps"] == 12 and gens["ft_m"]["resumed_from"] == 6
     assert finetune.latest_step(gens["root"] / "ray" / "finetune") == 12
+    # EMA and optimiser state were restored from the step-6 checkpoint (compare tensors).
+    from safetensors.torch import load_file
+
+    ckpt = next(p.parent for p in (gens["root"] / "ray" / "finetune").rglob(finetune.STATE_FILE)
+                if json.loads(p.read_text())["step"] == 6)
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    opt = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]["state"]
+    want_ema = sum(float(v.double().sum()) for v in ema.values())
+    want_opt = sum(float(v.double().sum()) for st in opt.values() for k, v in st.items() if k.startswith("exp_avg"))
+    got = gens["ft_m"]["restored_state_sums"]
+    assert got["ema_sum"] == pytest.approx(want_ema, rel=1e-9) and got["opt_sum"] == pytest.approx(want_opt, rel=1e-9)
+    # The validation grid (every 6 steps) was written at step 12 by the resumed run.
+    assert (gens["root"] / "ray" / "finetune" / "val_grids" / "step_000012.png").is_file()
 
 
 def _sample(cfg_over, gen_dir, out):

@@ -17,6 +17,7 @@ count is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -94,6 +95,39 @@ def _load_checkpoint(dirpath: str, model, ema, opt, sched) -> tuple[int, torch.T
     return step, state["rng"]
 
 
+def state_sums(ema, opt) -> dict:
+    """Checksums of EMA weights and optimiser moments (a resume test compares them with the checkpoint)."""
+    ema_sum = sum(float(p.double().sum()) for p in ema.shadow_params)
+    opt_sum = sum(float(v.double().sum()) for st in opt.state.values() for k, v in st.items()
+                  if torch.is_tensor(v) and k.startswith("exp_avg"))
+    return {"ema_sum": ema_sum, "opt_sum": opt_sum}
+
+
+def save_val_grid(gen, ema, params, path: Path, steps: int = 20, guidance_scale: float = 2.0) -> None:
+    """One image per class (seed = class index) from the EMA weights, as a PNG row."""
+    from PIL import Image
+
+    from synthaug.data.images import from_float
+    from synthaug.generative.diffusion import sample_images
+
+    ema.store(params)
+    ema.copy_to(params)
+    was_training = gen.model.training
+    gen.model.eval()
+    try:
+        k = len(gen.class_names)
+        x = sample_images(gen, list(range(k)), list(range(k)), guidance_scale=guidance_scale, steps=steps,
+                          device=next(iter(params)).device)
+    finally:
+        ema.restore(params)
+        gen.model.train(was_training)
+    imgs = from_float(x.float().cpu()).transpose(0, 2, 3, 1)  # (K, H, W, C)
+    row = np.concatenate(list(imgs), axis=1)  # (H, K*W, C)
+    row = row[:, :, 0] if row.shape[2] == 1 else row
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(row).resize((row.shape[1] * 4, row.shape[0] * 4), Image.Resampling.NEAREST).save(path)
+
+
 def _load(t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int) -> models.Generator:
     """The generator to train: loaded from ``base`` for the data's image size, or new from ``t.arch``."""
     if base:
@@ -133,11 +167,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Resume from the latest checkpoint (a re-run, or a restarted worker group).
     step = start_step = 0
+    restored: dict = {}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             step, _ = _load_checkpoint(d, raw_model, ema, opt, sched)
             start_step = step
+            restored = state_sums(ema, opt)
         rng = torch.Generator().manual_seed(t.seed * 1000 + rank + 7919 * step)
         if rank == 0:
             print(f"[{config['stage']}] resumed at step {step}/{t.steps}")
@@ -145,6 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
     # seed every DDP worker would draw the same noise for its different images.
     torch.manual_seed(t.seed * 1000 + rank + 7919 * step + 1)
     ema.to(device)
+    if t.gradient_checkpointing:
+        raw_model.enable_gradient_checkpointing()
     gen.model = ray.train.torch.prepare_model(raw_model) if world > 1 else raw_model
     gen.model.train()
 
@@ -185,8 +223,12 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and (step % 50 == 0 or step == t.steps):
                 ips = seen * world / max(1e-9, time.time() - t0)
                 print(f"[{config['stage']}] step {step}/{t.steps} loss {last_loss:.4f} {ips:.0f} img/s", flush=True)
+            if rank == 0 and t.val_grid_every and step % t.val_grid_every == 0:
+                unwrapped = dataclasses.replace(gen, model=raw_model)  # no DDP collectives on one rank
+                save_val_grid(unwrapped, ema, params, Path(config["grid_dir"]) / f"step_{step:06d}.png")
             if step % t.checkpoint_every == 0 or step == t.steps:
-                metrics = {"step": step, "start_step": start_step, "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
+                metrics = {"step": step, "start_step": start_step, **{f"restored_{k}": v for k, v in restored.items()},
+                           "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as d:
                         _save_checkpoint(d, raw_model, ema, opt, sched, step, rng.get_state())
@@ -260,7 +302,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         train_loop_config={
             "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
             "image_size": image_size, "channels": channels, "unconditional": unconditional,
-            "plan_offset": offset_steps,
+            "plan_offset": offset_steps, "grid_dir": str(storage / stage / "val_grids"),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
@@ -295,5 +337,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         "base": base, "base_hash": hash_tree(base) if base else "",
         "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
         "config": to_dict(cfg), "train_seconds": round(seconds, 1),
-        "resumed_from": offset_steps, "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
+        "resumed_from": offset_steps,
+        "restored_state_sums": {k[len("restored_"):]: v for k, v in result.metrics.items() if k.startswith("restored_")},
+        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
     })
