@@ -1,0 +1,335 @@
+"""Generator training throughput: the Ray Train loop vs a plain PyTorch loop of the same step.
+
+CPU mode (default): ``synthaug.generative.finetune.run`` (Ray Train, 1 worker, tiny UNet,
+8x8 digits, class-conditional fine-tuning on the 10-per-class split) against a plain
+single-process loop that runs the worker's step -- ``diffusion_loss`` + clip + AdamW +
+LambdaLR + EMA, label dropout, the same model, seed, batch size and step plan, with the
+data decoded in memory beforehand. Both use one torch thread (the Ray worker sets
+``torch.set_num_threads(1)``; the plain loop does the same).
+
+Numbers per side:
+
+* ``images_per_s``: the whole loop, first step included. For Ray this is the figure the
+  worker itself reports into the export manifest (its clock starts when the worker enters
+  the loop, so the Ray Data pipeline's first-batch latency is inside, Ray/worker start-up
+  and the final checkpoint are not).
+* ``steady_images_per_s``: from the end of step 50 to the last step (warm-up and the
+  pipeline start excluded). For Ray it is recovered from the worker's own cumulative
+  "step N ... img/s" log lines (t_N = images_N / rate_N).
+
+The plain loop runs before and after the Ray run and the ratio uses their mean, so a
+change in background load during the run shows up as a spread between the two.
+
+GPU mode (``--gpu``, CUDA only, no Ray): one training step (bf16 autocast, fp32 master
+weights, fused AdamW) of a randomly initialised DiT-B/2 or SD-size UNet at 256 px; reports
+images/s, MFU against a measured bf16 matmul ceiling, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+
+# ----------------------------------------------------------------------------- plain loop
+
+
+def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
+    """The Ray worker's training step, in this process, over the same step plan."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from synthaug.artifacts import read_manifest, read_table
+    from synthaug.generative import models
+    from synthaug.generative.diffusion import diffusion_loss, lr_lambda
+    from synthaug.generative.finetune import _decode, step_plan
+
+    t = cfg.finetune
+    torch.set_num_threads(1)  # as the Ray worker
+    manifest = read_manifest(data_dir)
+    class_names = list(manifest["class_names"])
+
+    # Decode the same plan rows the Ray Dataset streams, into memory (not timed).
+    table = read_table(data_dir, columns=["image", "label"])
+    rows = t.steps * t.batch_size * t.grad_accum + t.batch_size
+    plan = table.take(pa.array(step_plan(table.num_rows, rows, t.seed, 0)))
+    dec = _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
+    xs, ys = torch.from_numpy(dec["x"]), torch.from_numpy(dec["y"])  # (N, C, H, W), (N,)
+
+    # Same construction as train_loop_per_worker.
+    torch.manual_seed(t.seed)
+    gen = models.new_generator(t.family, t.arch, class_names, int(manifest["image_size"][0]),
+                               int(manifest["channels"]), t.prediction_type)
+    noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
+    model = gen.model
+    ema = EMAModel(model.parameters(), decay=t.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
+    rng = torch.Generator().manual_seed(t.seed * 1000)
+    model.train()
+    null, b = gen.null_class, t.batch_size
+
+    step, seen, t_warm, seen_warm = 0, 0, None, 0
+    t0 = time.perf_counter()
+    while step < t.steps:
+        x, y = xs[step * b : (step + 1) * b], ys[step * b : (step + 1) * b]
+        drop = torch.rand(y.shape, generator=rng) < t.label_dropout
+        y = torch.where(drop, torch.full_like(y, null), y)
+        loss = diffusion_loss(gen, x, y, noise_sched, prediction_type=t.prediction_type, min_snr_gamma=t.min_snr_gamma)
+        loss.backward()
+        seen += x.shape[0]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema.step(model.parameters())
+        step += 1
+        last_loss = float(loss.detach())
+        if step == warm_step:
+            t_warm, seen_warm = time.perf_counter(), seen
+    t_end = time.perf_counter()
+    seconds = t_end - t0
+    steady = (seen - seen_warm) / (t_end - t_warm) if t_warm else None
+    return {"steps": step, "images": seen, "seconds": round(seconds, 3), "images_per_s": seen / seconds,
+            "steady_images_per_s": steady, "final_loss": last_loss, "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- Ray loop
+
+
+_STEP_LINE = re.compile(r"\[finetune\] step (\d+)/(\d+) loss \S+ (\d+) img/s")
+
+
+def worker_step_lines(since: float) -> list[tuple[int, int]]:
+    """(step, cumulative img/s) lines the Train worker printed, from this Ray session's logs."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    found: list[tuple[int, int]] = []
+    for f in sorted(logs.glob("worker-*.out")):
+        if f.stat().st_mtime < since:
+            continue
+        found += [(int(m[1]), int(m[3])) for m in _STEP_LINE.finditer(f.read_text(errors="replace"))]
+    return sorted(set(found))
+
+
+def ray_loop(cfg, data_dir: Path, work: Path, warm_step: int = 50) -> dict:
+    """``finetune.run`` on a fresh storage directory (no resume); images/s from its manifest."""
+    from synthaug.generative import finetune
+
+    run_dir = work / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.time()
+    manifest = finetune.run(cfg, "finetune", data_dir, run_dir / "export", run_dir / "storage")
+    wall = time.time() - t0
+    b = cfg.finetune.batch_size
+    lines = dict(worker_step_lines(t0))
+    steady = first_batch = None
+    last = cfg.finetune.steps
+    if warm_step in lines and last in lines:  # t_N = images_N / (cumulative rate at N)
+        t_warm, t_last = warm_step * b / lines[warm_step], last * b / lines[last]
+        steady = (last - warm_step) * b / (t_last - t_warm)
+        # Time in the loop beyond what the first steps take at the steady rate: the wait for
+        # the Ray Data pipeline's first batch (plus first-step warm-up).
+        first_batch = t_warm - warm_step * b / steady
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"steps": manifest["steps"], "images": manifest["steps"] * b, "images_per_s": manifest["images_per_s"],
+            "steady_images_per_s": steady, "final_loss": manifest["final_loss"],
+            "fit_seconds": manifest["train_seconds"], "run_wall_seconds": round(wall, 2),
+            "loop_start_overhead_seconds": first_batch, "worker_log_lines": len(lines)}
+
+
+def data_path(cfg, data_dir: Path) -> dict:
+    """Iteration only (no model): the first-batch wait of the pipeline ``finetune.run`` builds.
+
+    A replica of the stage's two data lines (the step plan as one Arrow table ->
+    ``from_arrow`` -> ``map_batches(_decode)``), read through a ``streaming_split(1)``
+    shard as a Train worker reads it, against decoding the same plan in this process.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+
+    from synthaug.artifacts import read_table
+    from synthaug.generative.finetune import _decode, step_plan
+
+    t = cfg.finetune
+    table = read_table(data_dir, columns=["image", "label"])
+    plan = table.take(pa.array(step_plan(table.num_rows, t.steps * t.batch_size + t.batch_size, t.seed, 0)))
+    t0 = time.perf_counter()
+    _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
+    in_process = time.perf_counter() - t0
+
+    ds = ray.data.from_arrow(plan).map_batches(_decode, batch_format="numpy")
+    shard = ds.streaming_split(1, equal=True)[0]
+    t0, first, n = time.perf_counter(), None, 0
+    for _ in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+        n += 1
+        first = first or time.perf_counter() - t0
+    return {"plan_rows": plan.num_rows, "input_blocks": 1,  # from_arrow of one table
+            "in_process_decode_seconds": in_process, "ray_first_batch_seconds": first,
+            "ray_all_batches_seconds": time.perf_counter() - t0, "batches": n}
+
+
+def cpu_benchmark(args) -> None:
+    from synthaug.config import load_config
+    from synthaug.raylocal import init_ray
+
+    t_start = time.time()
+    dirs = C.digits()
+    cfg = load_config(None, [f"finetune.steps={args.steps}", f"finetune.batch_size={args.batch_size}",
+                             f"finetune.arch={args.arch}", "finetune.num_workers=1"])
+    C.WORK.mkdir(parents=True, exist_ok=True)
+
+    # Ray start-up, timed on its own (it is not part of any throughput).
+    t0 = time.time()
+    init_ray(cfg.ray)
+    ray_init_s = time.time() - t0
+    threads = C.ray_worker_threads()
+
+    runs = {}
+    for name, fn in (("plain_before", lambda: plain_loop(cfg, dirs["train"])),
+                     ("ray", lambda: ray_loop(cfg, dirs["train"], C.WORK)),
+                     ("plain_after", lambda: plain_loop(cfg, dirs["train"]))):
+        before = C.wait_for_quiet(args.max_load, args.max_wait)
+        with C.nice_as(threads["niceness"]) if name.startswith("plain") else C.contextlib.nullcontext():
+            r = fn()
+        runs[name] = {**r, "load_before": before, "load_after": C.load()}
+        print(f"{name}: {json.dumps(runs[name])}", flush=True)
+
+    load_dp = C.load()
+    dp = {**data_path(cfg, dirs["train"]), "load_before": load_dp, "load_after": C.load()}
+    print(f"data path: {json.dumps(dp)}", flush=True)
+
+    plain_ips = (runs["plain_before"]["images_per_s"] + runs["plain_after"]["images_per_s"]) / 2
+    plain_steady = (runs["plain_before"]["steady_images_per_s"] + runs["plain_after"]["steady_images_per_s"]) / 2
+    ray = runs["ray"]
+    ratio = ray["images_per_s"] / plain_ips
+    ratio_steady = ray["steady_images_per_s"] / plain_steady if ray["steady_images_per_s"] else None
+    rows = [
+        {"loop": "plain (before)", "img/s": runs["plain_before"]["images_per_s"], "steady img/s": runs["plain_before"]["steady_images_per_s"], "load1 before/after": f"{runs['plain_before']['load_before'][0]}/{runs['plain_before']['load_after'][0]}"},
+        {"loop": "plain (after)", "img/s": runs["plain_after"]["images_per_s"], "steady img/s": runs["plain_after"]["steady_images_per_s"], "load1 before/after": f"{runs['plain_after']['load_before'][0]}/{runs['plain_after']['load_after'][0]}"},
+        {"loop": "Ray Train (1 worker)", "img/s": ray["images_per_s"], "steady img/s": ray["steady_images_per_s"], "load1 before/after": f"{ray['load_before'][0]}/{ray['load_after'][0]}"},
+        {"loop": "ratio ray/plain", "img/s": ratio, "steady img/s": ratio_steady, "load1 before/after": "target >= 0.9"},
+    ]
+    print()
+    print(C.table(rows, ["loop", "img/s", "steady img/s", "load1 before/after"],
+                  f"finetune: {args.arch} UNet, 8x8 digits, {args.steps} steps x batch {args.batch_size}, 1 torch thread each"))
+    print(f"Ray worker loop: {ray['loop_start_overhead_seconds'] or float('nan'):.1f}s before steps ran at the steady rate (waiting for the first batch)")
+    print(f"Ray start-up {ray_init_s:.1f}s; Ray finetune.run wall {ray['run_wall_seconds']}s (fit {ray['fit_seconds']}s) "
+          f"for {ray['images']} images; total benchmark {time.time() - t_start:.0f}s")
+    C.write_result("finetune", {
+        "mode": "cpu",
+        "settings": {"arch": args.arch, "steps": args.steps, "batch_size": args.batch_size, "data": "digits 8x8, k=10/class 'train' split (100 rows)",
+                     "conditioning": "class-conditional, label_dropout 0.1", "plain_torch_threads": 1, "plain_niceness": "set to the Ray workers' (ray_worker_threads.niceness) for the plain runs",
+                     "ray_worker_threads": threads, "ray_num_workers": 1, "warm_step": 50},
+        "what_is_timed": {
+            "images_per_s": "whole loop incl. first step; Ray: the worker's own figure from the export manifest (clock starts on loop entry, so Ray Data first-batch latency is inside; Ray/worker start-up and the final checkpoint are not)",
+            "steady_images_per_s": "end of step 50 to last step; Ray: from the worker's cumulative 'step N img/s' log lines",
+            "plain": "single process, data decoded in memory beforehand (not timed), torch.set_num_threads(1)",
+        },
+        "ray_init_seconds": round(ray_init_s, 2),
+        "runs": runs,
+        "plain_images_per_s_mean": plain_ips,
+        "plain_steady_images_per_s_mean": plain_steady,
+        "ratio_ray_over_plain": ratio,
+        "ratio_ray_over_plain_steady": ratio_steady,
+        "data_path_only": dp,
+        "target_ratio": 0.9,
+        "total_wall_seconds": round(time.time() - t_start, 1),
+    })
+
+
+# ----------------------------------------------------------------------------- GPU mode
+
+
+def gpu_train_step(name: str, batch: int, iters: int, device: str = "cuda", image_px: int = 256,
+                   warmup: int = 3, dtype=None, **overrides) -> dict:
+    """Time one bf16-autocast training step of a large random-weight denoiser; FLOPs by torch's counter."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = dtype or torch.bfloat16
+    model, make_inputs = C.build_gpu_model(name, image_px, **overrides)
+    model = model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    fused = str(device).startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    inputs = make_inputs(batch, device)
+    target = None
+
+    def step():
+        nonlocal target
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            out = C.gpu_output(model(**inputs))
+        if target is None:
+            target = torch.randn_like(out, dtype=torch.float32)
+        loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    flops = C.count_flops(step)  # forward + backward (the optimiser's elementwise work is not counted)
+    if fused:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = C.time_cuda(step, iters, device)
+    peak = torch.cuda.max_memory_allocated() if fused else None
+    return {"model": name, "params": params, "batch": batch, "image_px": image_px, "latent": image_px // 8,
+            "step_seconds": seconds, "images_per_s": batch / seconds, "flops_per_step": flops,
+            "achieved_flops": flops / seconds, "peak_memory_bytes": peak}
+
+
+def gpu_benchmark(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("--gpu needs CUDA (torch.cuda.is_available() is False); nothing measured")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    t_start = time.time()
+    ceiling = C.bf16_matmul_ceiling()
+    rows = []
+    for name, batch in (("dit-b-2", args.gpu_batch_dit), ("sd-unet", args.gpu_batch_unet)):
+        r = gpu_train_step(name, batch, args.gpu_iters)
+        r["mfu"] = r["achieved_flops"] / ceiling
+        rows.append(r)
+    print(C.table([{**r, "TFLOP/s": r["achieved_flops"] / 1e12, "peak GiB": r["peak_memory_bytes"] / 2**30} for r in rows],
+                  ["model", "params", "batch", "images_per_s", "TFLOP/s", "mfu", "peak GiB"],
+                  f"train step, bf16 autocast, 256 px (latent 32x32x4), {torch.cuda.get_device_name(0)}; "
+                  f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s"))
+    C.write_result("finetune_gpu", {
+        "mode": "gpu", "device_name": torch.cuda.get_device_name(0), "bf16_matmul_ceiling_flops": ceiling,
+        "settings": {"precision": "bf16 autocast, fp32 master weights, fused AdamW", "weights": "random",
+                     "iters": args.gpu_iters, "flops": "torch.utils.flop_counter (forward + backward)"},
+        "results": rows, "total_wall_seconds": round(time.time() - t_start, 1),
+    })
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load to drop below this before each run")
+    p.add_argument("--max-wait", type=float, default=90.0, help="seconds to wait for --max-load at most")
+    p.add_argument("--gpu", action="store_true", help="time DiT-B/2 and SD-UNet bf16 training steps on CUDA (no Ray)")
+    p.add_argument("--gpu-batch-dit", type=int, default=64)
+    p.add_argument("--gpu-batch-unet", type=int, default=16)
+    p.add_argument("--gpu-iters", type=int, default=20)
+    args = p.parse_args()
+    gpu_benchmark(args) if args.gpu else cpu_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
