@@ -21,11 +21,11 @@ def test_tiny_pipeline_end_to_end(ray_session, tmp_path):
     for k in ("real_only_top1_mean", "real_plus_synthetic_top1_mean", "paired_gain_mean", "fid_w2", "isc_mean_w2",
               "kid_mean_w2", "precision_w2", "recall_w2", "cas_top1_mean_w2", "near_copy_share_w2", "seconds_total"):
         assert k in m, k
-    assert m["seeds"] == 2 and 0 <= m["near_copy_share_w2"] <= 1
+    assert m["seeds"] == 1 and 0 <= m["near_copy_share_w2"] <= 1
     # Stages talked through contract datasets; sampled sets are keyed by content, outside results/.
     gen = read_manifest(work / "tiny" / "generators" / "finetune")
     assert gen["base_hash"] == read_manifest(work / "tiny" / "generators" / "pretrain")["weights_hash"]
     samples = sorted((work / "samples").iterdir())
     assert len(samples) == 2 and all((s / "manifest.json").is_file() for s in samples)
     assert not list(out.rglob("*.safetensors")) and not list(out.rglob("checkpoint_*"))
-    assert "within seed noise" in (out / "summary.md").read_text() or "beyond seed noise" in (out / "summary.md").read_text()
+    assert "one seed: noise cannot be judged" in (out / "summary.md").read_text()
