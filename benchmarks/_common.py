@@ -101,12 +101,25 @@ def table(rows: list[dict], cols: list[str], title: str = "") -> str:
     return "\n".join(out)
 
 
+def code_version() -> dict:
+    """The commit the library was at, and whether synthaug/ had uncommitted changes."""
+    import subprocess
+
+    def git(*a) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD"), "synthaug_uncommitted": git("status", "--porcelain", "--", "synthaug").splitlines()}
+
+
 def write_result(name: str, payload: dict, path: str | Path | None = None) -> Path:
     """Write ``results/bench/<name>.json`` with the command and machine first."""
     out = Path(path) if path else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "command": command(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": machine(), **payload}
+           "code": code_version(), "machine": machine(), **payload}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     os.replace(tmp, out)

@@ -50,9 +50,8 @@ def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
     from diffusers.training_utils import EMAModel
 
     from synthaug.artifacts import read_manifest, read_table
-    from synthaug.generative import models
     from synthaug.generative.diffusion import diffusion_loss, lr_lambda
-    from synthaug.generative.finetune import _decode, step_plan
+    from synthaug.generative.finetune import _decode, _load, step_plan, trainable
 
     t = cfg.finetune
     torch.set_num_threads(1)  # as the Ray worker
@@ -66,16 +65,17 @@ def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
     dec = _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
     xs, ys = torch.from_numpy(dec["x"]), torch.from_numpy(dec["y"])  # (N, C, H, W), (N,)
 
-    # Same construction as train_loop_per_worker.
+    # Same construction and seeding as train_loop_per_worker (rank 0, no resume).
     torch.manual_seed(t.seed)
-    gen = models.new_generator(t.family, t.arch, class_names, int(manifest["image_size"][0]),
-                               int(manifest["channels"]), t.prediction_type)
+    gen = _load(t, "", class_names, int(manifest["image_size"][0]), int(manifest["channels"]))
     noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
     model = gen.model
-    ema = EMAModel(model.parameters(), decay=t.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    params = trainable(model)
+    ema = EMAModel(params, decay=t.ema_decay)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
     rng = torch.Generator().manual_seed(t.seed * 1000)
+    torch.manual_seed(t.seed * 1000 + 1)  # the worker's per-rank stream for the loss's noise and timesteps
     model.train()
     null, b = gen.null_class, t.batch_size
 
@@ -88,11 +88,11 @@ def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
         loss = diffusion_loss(gen, x, y, noise_sched, prediction_type=t.prediction_type, min_snr_gamma=t.min_snr_gamma)
         loss.backward()
         seen += x.shape[0]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        ema.step(model.parameters())
+        ema.step(params)
         step += 1
         last_loss = float(loss.detach())
         if step == warm_step:
@@ -213,6 +213,9 @@ def cpu_benchmark(args) -> None:
     plain_ips = (runs["plain_before"]["images_per_s"] + runs["plain_after"]["images_per_s"]) / 2
     plain_steady = (runs["plain_before"]["steady_images_per_s"] + runs["plain_after"]["steady_images_per_s"]) / 2
     ray = runs["ray"]
+    # The same steps on the same data with the same seeds: equal final losses show the plain
+    # loop ran the worker's computation, not an easier one.
+    same_loss = ray["final_loss"] == runs["plain_before"]["final_loss"] == runs["plain_after"]["final_loss"]
     ratio = ray["images_per_s"] / plain_ips
     ratio_steady = ray["steady_images_per_s"] / plain_steady if ray["steady_images_per_s"] else None
     rows = [
@@ -224,6 +227,7 @@ def cpu_benchmark(args) -> None:
     print()
     print(C.table(rows, ["loop", "img/s", "steady img/s", "load1 before/after"],
                   f"finetune: {args.arch} UNet, 8x8 digits, {args.steps} steps x batch {args.batch_size}, 1 torch thread each"))
+    print(f"final loss identical in the Ray and plain loops: {same_loss}")
     print(f"Ray worker loop: {ray['loop_start_overhead_seconds'] or float('nan'):.1f}s before steps ran at the steady rate (waiting for the first batch)")
     print(f"Ray start-up {ray_init_s:.1f}s; Ray finetune.run wall {ray['run_wall_seconds']}s (fit {ray['fit_seconds']}s) "
           f"for {ray['images']} images; total benchmark {time.time() - t_start:.0f}s")
@@ -243,6 +247,7 @@ def cpu_benchmark(args) -> None:
         "plain_steady_images_per_s_mean": plain_steady,
         "ratio_ray_over_plain": ratio,
         "ratio_ray_over_plain_steady": ratio_steady,
+        "same_final_loss_ray_and_plain": same_loss,
         "data_path_only": dp,
         "target_ratio": 0.9,
         "total_wall_seconds": round(time.time() - t_start, 1),
