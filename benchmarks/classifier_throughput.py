@@ -15,6 +15,10 @@ inside; validation, checkpointing and Ray start-up are not. The ratio uses the m
 over epochs after the first. ``fit`` wall time (Ray start-up excluded, Ray Train
 start-up, decoding, checkpoints included) is reported beside it.
 
+To split the gap, a third run feeds the plain loop from a ``streaming_split(1)`` shard
+of the same Ray Dataset, iterated exactly as the worker does (Ray Data without Ray
+Train), and an iteration-only pass (no model) times each data path per epoch.
+
 GPU mode (``--gpu``, CUDA only, no Ray): timm ``resnet50`` at 224 px, bf16 autocast,
 channels_last, random data: training images/s, device name, peak memory.
 """
@@ -42,8 +46,14 @@ def make_cfg(args):
 # ----------------------------------------------------------------------------- plain loop
 
 
-def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0) -> dict:
-    """``train_epoch`` fed by a DataLoader over the decoded train set; same optimiser and schedule."""
+def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0, source: str = "dataloader") -> dict:
+    """``train_epoch`` in this process; same model, optimiser and schedule as the worker.
+
+    ``source="dataloader"`` feeds it from a DataLoader over the decoded train set (the
+    plain baseline); ``"ray_shard"`` from a ``streaming_split(1)`` shard of the Ray Dataset
+    ``fit`` builds, read through the worker's ``_take`` with its batch and shuffle settings
+    -- Ray Data without Ray Train, to split the gap between the two.
+    """
     import math
 
     import numpy as np
@@ -53,8 +63,8 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0) -> dict:
 
     from synthaug.artifacts import read_manifest, read_table
     from synthaug.classify.models import create_classifier
-    from synthaug.classify.train import (WARMUP_FRACTION, _seed, build_optimizer, cosine_with_warmup, decode_to_float,
-                                         evaluate, load_val, train_epoch)
+    from synthaug.classify.train import (WARMUP_FRACTION, _seed, _take, build_optimizer, cosine_with_warmup,
+                                         decode_to_float, evaluate, load_val, train_epoch, training_dataset)
 
     torch.set_num_threads(1)  # as the Ray worker
     m = read_manifest(train_dir)
@@ -62,6 +72,7 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0) -> dict:
     dec = decode_to_float({"image": table.column("image").to_pylist(), "label": np.asarray(table.column("label"))})
     data = TensorDataset(torch.from_numpy(dec["image"]), torch.from_numpy(dec["label"]))  # (N, C, H, W), (N,)
     val_x, val_y = load_val(val_dir)
+    shard = training_dataset(table).streaming_split(1, equal=True)[0] if source == "ray_shard" else None
 
     torch.manual_seed(seed)
     model = create_classifier(cfg.model, len(m["class_names"]), m["channels"])
@@ -76,10 +87,15 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, 0, 1))
         gen = torch.Generator().manual_seed(_seed(seed, epoch, 0, 2))
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
-                            generator=torch.Generator().manual_seed(_seed(seed, epoch, 0, 3)))
-        stats = train_epoch(model, ({"image": x, "label": y} for x, y in loader), optimizer, scheduler, loss_fn,
-                            "cpu", augment=cfg.augment, generator=gen)
+        if shard is None:
+            loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+                                generator=torch.Generator().manual_seed(_seed(seed, epoch, 0, 3)))
+            batches = ({"image": x, "label": y} for x, y in loader)
+        else:  # the worker's iteration, verbatim
+            batches = _take(shard, steps_per_epoch, dict(
+                batch_size=cfg.batch_size, dtypes={"image": torch.float32, "label": torch.int64}, device=torch.device("cpu"),
+                local_shuffle_buffer_size=max(256, 8 * cfg.batch_size), local_shuffle_seed=_seed(seed, epoch, 0, 3) % (2**31)))
+        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, "cpu", augment=cfg.augment, generator=gen)
         top1 = evaluate(model, val_x, val_y, num_classes=len(m["class_names"]))["top1"]
         epochs.append({"epoch": epoch + 1, "images": stats["images"], "train_seconds": stats["seconds"],
                        "images_per_s": stats["images"] / stats["seconds"], "epoch_seconds": time.perf_counter() - t0,
@@ -185,6 +201,7 @@ def cpu_benchmark(args) -> None:
     runs = {}
     for name, fn in (("plain_before", lambda: plain_loop(cfg, dirs["train_full"], dirs["val"])),
                      ("ray", lambda: ray_loop(cfg, dirs["train_full"], dirs["val"], C.WORK)),
+                     ("plain_ray_shard", lambda: plain_loop(cfg, dirs["train_full"], dirs["val"], source="ray_shard")),
                      ("plain_after", lambda: plain_loop(cfg, dirs["train_full"], dirs["val"]))):
         before = C.wait_for_quiet(args.max_load, args.max_wait)
         with C.nice_as(threads["niceness"]) if name.startswith("plain") else C.contextlib.nullcontext():
@@ -203,19 +220,24 @@ def cpu_benchmark(args) -> None:
     ray = runs["ray"]["median_images_per_s"]
     # Per-epoch seconds implied by the medians (images per epoch are the same on both sides).
     n_epoch = runs["plain_before"]["epochs"][0]["images"]
-    epoch_ms = {"plain": 1000 * n_epoch / plain, "ray": 1000 * n_epoch / ray}
+    epoch_ms = {"plain": 1000 * n_epoch / plain, "plain_ray_shard": 1000 * n_epoch / runs["plain_ray_shard"]["median_images_per_s"],
+                "ray": 1000 * n_epoch / ray}
     ratio = ray / plain
+    ratio_shard = runs["plain_ray_shard"]["median_images_per_s"] / plain
     rows = [{"loop": label, "median img/s": runs[k]["median_images_per_s"],
              "epoch-1 img/s": runs[k]["first_epoch_images_per_s"],
              "load1 before/after": f"{runs[k]['load_before'][0]}/{runs[k]['load_after'][0]}"}
             for k, label in (("plain_before", "plain DataLoader (before)"), ("plain_after", "plain DataLoader (after)"),
+                             ("plain_ray_shard", "plain loop on a Ray Data shard"),
                              ("ray", "Ray Train + Ray Data (1 worker)"))]
+    rows.append({"loop": "ratio Ray Data shard/plain", "median img/s": ratio_shard, "epoch-1 img/s": None, "load1 before/after": ""})
     rows.append({"loop": "ratio ray/plain", "median img/s": ratio, "epoch-1 img/s": None, "load1 before/after": "target >= 0.9"})
     print()
     print(C.table(rows, ["loop", "median img/s", "epoch-1 img/s", "load1 before/after"],
                   f"classifier: {cfg.model}, digits train_full ({runs['plain_before']['epochs'][0]['images']} images/epoch), "
                   f"batch {cfg.batch_size}, {cfg.epochs} epochs, 1 torch thread each"))
-    print(f"per epoch: plain {epoch_ms['plain']:.0f} ms, Ray {epoch_ms['ray']:.0f} ms (+{epoch_ms['ray'] - epoch_ms['plain']:.0f} ms)")
+    print(f"per epoch: plain {epoch_ms['plain']:.0f} ms, plain on a Ray Data shard {epoch_ms['plain_ray_shard']:.0f} ms, "
+          f"Ray Train {epoch_ms['ray']:.0f} ms (+{epoch_ms['ray'] - epoch_ms['plain']:.0f} ms)")
     print(C.table([{"path": k, "median ms/epoch": v["median_ms"], "first ms": v["first_ms"]} for k, v in dp.items() if isinstance(v, dict) and "median_ms" in v],
                   ["path", "median ms/epoch", "first ms"], f"data path only (no model), {dp['batches_per_epoch']} batches/epoch"))
     print(f"Ray start-up {ray_init_s:.1f}s; fit wall {runs['ray']['fit_wall_seconds']}s; plain run "
@@ -231,6 +253,7 @@ def cpu_benchmark(args) -> None:
         "plain_median_images_per_s_mean": plain,
         "ray_median_images_per_s": ray,
         "ratio_ray_over_plain": ratio,
+        "ratio_ray_data_shard_over_plain": ratio_shard,
         "epoch_ms_from_medians": epoch_ms,
         "data_path_only": dp,
         "target_ratio": 0.9,

@@ -183,7 +183,7 @@ def throughput(args) -> dict:
                   f"{plan.num_rows} images in batches of {args.batch_size}; ratio = Ray / mean plain (target >= 0.95 at 1 actor)"))
     print(f"images identical to the plain loop: {identical}; Ray start-up {ray_init_s:.1f}s; part wall {time.time() - t_start:.0f}s")
     return {
-        "command": C.command(),
+        "command": C.command(), "code": C.code_version(), "machine": C.machine(),
         "settings": {"generator": "tiny UNet, random init (compute does not depend on weights)", "sampler": args.tp_sampler,
                      "steps": args.tp_steps, "guidance_scale": args.guidance, "cfg_passes": 2, "batch_size": args.batch_size,
                      "images": plan.num_rows, "plain_torch_threads": 1, "plain_niceness": "set to the Ray workers' (ray_worker_threads.niceness) for the plain runs", "ray_worker_threads": threads},
@@ -352,7 +352,7 @@ def quality(args) -> dict:
              + (" -- the fewest tried, so fewer may match too" if fewest_evals == min(args.steps_list) * passes else "")
              if fewest else "none"))
     return {
-        "command": C.command(),
+        "command": C.command(), "code": C.code_version(), "machine": C.machine(),
         "settings": {"per_class": args.per_class, "images_per_set": n_images, "guidance_scale": args.guidance,
                      "cfg_passes": passes, "batch_size": args.batch_size, "actors": args.actors,
                      "steps_list": args.steps_list, "ddpm": "DDPM-1000 ancestral, log-variance coefficient v = 1.0 (beta_t)",
