@@ -11,7 +11,10 @@ import torch
 
 from synthaug.artifacts import BASE_COLUMNS, read_manifest, read_table
 from synthaug.classify.mixing import mix
-from synthaug.classify.train import evaluate, fit, fit_local, shift_augment
+from synthaug.classify.augment import TrainCollate
+from synthaug.classify.domain import DomainBatchNorm2d, convert_domain_bn, set_domain
+from synthaug.classify.models import create_classifier, load_pretrained_local
+from synthaug.classify.train import evaluate, fit, fit_local
 from synthaug.config import ClassifyConfig
 
 REAL_COUNTS = {"a": 4, "b": 2, "c": 3}
@@ -88,13 +91,70 @@ def test_mix_bad_input(real_syn):
 # ----------------------------------------------------------------------------- PyTorch core
 
 
-def test_shift_augment_matches_explicit_shifts():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
-    out = shift_augment(x, torch.Generator().manual_seed(0))
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    for b in range(2):
-        shifted = [padded[b, :, dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
-        assert any(torch.equal(out[b], s) for s in shifted)
+def _u8_batch(rows, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (len(rows), 1, 8, 8), dtype=np.uint8)
+    return {"image": images, "label": np.arange(len(rows)) % 10, "domain": np.zeros(len(rows), bool), "row": np.asarray(rows)}
+
+
+def test_augmentation_is_per_sample_seeded():
+    """timm's transform, seeded by (seed, epoch, row): batch split and thread do not matter."""
+    cfg = ClassifyConfig(auto_augment="rand-m9-n2-mstd0.5", re_prob=0.5, hflip=0.5)
+    batch = _u8_batch(range(10))
+    whole = TrainCollate(cfg, 1, (8, 8), seed=0, epoch=3)(batch)["image"]  # (10, 1, 8, 8)
+    part = {k: v[4:] for k, v in batch.items()}
+    again = TrainCollate(cfg, 1, (8, 8), seed=0, epoch=3)(part)["image"]
+    assert whole.shape == (10, 1, 8, 8) and whole.dtype == torch.float32
+    assert torch.equal(whole[4:], again)
+    assert not torch.equal(whole, TrainCollate(cfg, 1, (8, 8), seed=0, epoch=4)(batch)["image"])  # fresh per epoch
+    assert not torch.equal(whole, TrainCollate(cfg, 1, (8, 8), seed=0, epoch=3).for_pass(1)(batch)["image"])
+    # Normalised to the [-1, 1] range; with augmentation off, exactly the plain conversion.
+    assert whole.min() >= -1.0 and whole.max() <= 1.0
+    plain = TrainCollate(ClassifyConfig(augment=False), 1, (8, 8), seed=0, epoch=0)(batch)["image"]
+    assert torch.equal(plain, torch.from_numpy(batch["image"].astype(np.float32) / 127.5 - 1.0))
+
+
+def test_domain_batchnorm_splits_statistics():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    dbn = DomainBatchNorm2d(bn)
+    x = torch.randn(6, 3, 4, 4)
+    x[3:] += 5.0  # the synthetic half has another mean
+    dbn.domain = torch.tensor([False] * 3 + [True] * 3)
+    out = dbn.train()(x)
+    ref_real = torch.nn.functional.batch_norm(x[:3], None, None, training=True)
+    ref_syn = torch.nn.functional.batch_norm(x[3:], None, None, training=True)
+    assert torch.allclose(out[:3], ref_real, atol=1e-5) and torch.allclose(out[3:], ref_syn, atol=1e-5)
+    assert dbn.synthetic.running_mean.mean() > dbn.real.running_mean.mean() + 0.3  # separate running stats
+    # Evaluation always takes the real branch.
+    dbn.eval()
+    assert torch.allclose(dbn(x), dbn.real(x))
+    model = convert_domain_bn(create_classifier("synthaug_cnn_tiny", 10, 1))
+    assert sum(isinstance(m, DomainBatchNorm2d) for m in model.modules()) == 3
+    set_domain(model, None)
+    with pytest.raises(ValueError, match="classify.domain_bn.*no BatchNorm2d"):
+        convert_domain_bn(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_local_pretrained_weights(tmp_path):
+    """A saved 5-class model starts a 10-class one: body copied, head fresh; wrong files are named errors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    src = create_classifier("synthaug_cnn_tiny", 5, 1)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        torch.manual_seed(2)
+        dst = create_classifier("synthaug_cnn_tiny", 10, 1, pretrained_path=str(tmp_path / f))
+        assert torch.equal(dst.features[0][0].weight, src.features[0][0].weight)
+        assert dst.head.weight.shape == (10, 128)
+    rgb = create_classifier("synthaug_cnn_tiny", 5, 3, pretrained_path=str(tmp_path / "w.safetensors"))  # 1 -> 3 channels
+    assert rgb.features[0][0].weight.shape[1] == 3
+    with pytest.raises(ValueError, match="key 'features.0.0.weight' has shape"):
+        load_pretrained_local(create_classifier("synthaug_cnn_small", 5, 1), tmp_path / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match="classify.pretrained_path"):
+        load_pretrained_local(create_classifier("synthaug_cnn_tiny", 5, 1), tmp_path / "missing.safetensors")
 
 
 def test_evaluate_against_numpy():
@@ -124,13 +184,26 @@ def _digits(digits_dirs):
     return read_table(digits_dirs["train"]), read_manifest(digits_dirs["train"])["class_names"]
 
 
-def test_fit_local_is_reproducible(ray_session, digits_dirs):
-    train, names = _digits(digits_dirs)
-    cfg = ClassifyConfig(epochs=2, batch_size=32)
-    kw = dict(seed=5, class_names=names, in_chans=1, reporter="local")
-    a, b = fit_local(cfg, train, digits_dirs["val"], **kw), fit_local(cfg, train, digits_dirs["val"], **kw)
-    assert a["top1"] == b["top1"] and a["train_loss"] == b["train_loss"]
-    assert a["epochs"] == 2 and a["n_train"] == 100
+def _as_mixture(digits_dirs) -> pa.Table:
+    """Real train rows plus 100 train_full rows relabelled as 'synthetic' (a stand-in mix)."""
+    real = read_table(digits_dirs["train"]).select(list(BASE_COLUMNS))
+    other = read_table(digits_dirs["train_full"]).select(list(BASE_COLUMNS)).slice(0, 100)
+    other = other.set_column(other.schema.get_field_index("source"), "source", pa.array(["synthetic"] * other.num_rows))
+    return pa.concat_tables([real, other])
+
+
+def test_fit_local_full_recipe_is_reproducible(ray_session, digits_dirs):
+    """RandAugment + erasing + Mixup/CutMix + EMA + domain BN on a mix: same seed, same numbers."""
+    _, names = _digits(digits_dirs)
+    train = _as_mixture(digits_dirs)
+    cfg = ClassifyConfig(epochs=2, batch_size=32, auto_augment="rand-m9-n2-mstd0.5", re_prob=0.25, mixup_alpha=0.2,
+                         cutmix_alpha=1.0, model_ema=True, domain_bn=True)
+    kw = dict(class_names=names, in_chans=1, reporter="local")
+    a, b = (fit_local(cfg, train, digits_dirs["val"], seed=5, **kw) for _ in range(2))
+    assert a["top1"] == b["top1"] and a["train_loss"] == b["train_loss"] and a["top1_no_ema"] == b["top1_no_ema"]
+    assert a["epochs"] == 2 and a["n_train"] == 200
+    c = fit_local(cfg, train, digits_dirs["val"], seed=6, **kw)
+    assert c["train_loss"] != a["train_loss"]
 
 
 def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
@@ -161,6 +234,12 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
 
 def test_unknown_model_name_suggests_close_names(digits_dirs, tmp_path):
     train, names = _digits(digits_dirs)
+    with pytest.raises(ValueError, match="classify.domain_bn.*no BatchNorm2d"):
+        fit(ClassifyConfig(model="vit_tiny_patch16_224", domain_bn=True), train, digits_dirs["val"], seed=0,
+            out_dir=tmp_path, name="bad", class_names=names, in_chans=1)
+    with pytest.raises(FileNotFoundError, match="classify.pretrained_path"):
+        fit(ClassifyConfig(pretrained_path=str(tmp_path / "nope.safetensors")), train, digits_dirs["val"], seed=0,
+            out_dir=tmp_path, name="bad", class_names=names, in_chans=1)
     with pytest.raises(ValueError, match="unknown timm model 'synthaug_cnn_tinny'.*synthaug_cnn_tiny"):
         fit(ClassifyConfig(model="synthaug_cnn_tinny"), train, digits_dirs["val"], seed=0, out_dir=tmp_path,
             name="bad", class_names=names, in_chans=1)

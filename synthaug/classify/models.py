@@ -79,11 +79,85 @@ def check_model_name(name: str) -> None:
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained_path: str = "") -> nn.Module:
     """A timm model by name; ``pretrained_path`` is a local weights file (never a download)."""
     check_model_name(name)
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
     if pretrained_path:
-        kwargs["pretrained"] = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
-    return timm.create_model(name, **kwargs)
+        load_pretrained_local(model, pretrained_path)
+    return model
+
+
+def _read_weights(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unrestricted pickle
+    for key in ("state_dict", "model", "state_dict_ema"):  # timm / torchvision checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """First-conv weights for another input channel count: timm's rule, plus 1 -> C by even split."""
+    from timm.models import adapt_input_conv
+
+    if weight.shape[1] == 1:  # grayscale -> C channels: each gets 1/C, so a gray image gives the same response
+        return weight.repeat(1, in_chans, 1, 1) / in_chans
+    return adapt_input_conv(in_chans, weight)
+
+
+def load_pretrained_local(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a local state dict into ``model``, adapting what a new task changes.
+
+    The classifier head is left at its fresh init when its shape differs (another class
+    count); the first conv is adapted with timm's ``adapt_input_conv`` when only the input
+    channels differ. Any other missing, unexpected or mis-shaped key is an error naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'classify.pretrained_path': {path} is not a file")
+    state = _read_weights(path)
+    own = model.state_dict()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if head is not None and m is head)
+    head_keys = {k for k in own if prefixes and k.startswith(prefixes)}
+    out, skipped = {}, []
+    for key, value in state.items():
+        if key not in own:
+            raise ValueError(f"{path}: key {key!r} is not in {type(model).__name__} (another architecture?)")
+        want = own[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif key in head_keys:
+            skipped.append(key)
+        elif value.ndim == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+            out[key] = _adapt_input_conv(int(want[1]), value)
+        else:
+            raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, the model wants {tuple(want)}")
+    missing = [k for k in own if k not in out and k not in skipped and k not in head_keys]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(out, strict=False)
+    return model
+
+
+def build_classifier(cfg, num_classes: int, in_chans: int, seed: int) -> nn.Module:
+    """The training model of a ClassifyConfig: seeded init, local weights, optional domain BatchNorm."""
+    from synthaug.classify.domain import convert_domain_bn
+
+    torch.manual_seed(seed)
+    model = create_classifier(cfg.model, num_classes, in_chans, cfg.pretrained_path)
+    return convert_domain_bn(model) if cfg.domain_bn else model
+
+
+def check_classifier_config(cfg, num_classes: int, in_chans: int) -> None:
+    """Errors a worker would hit, raised in the driver first: model name, weights file, domain BN."""
+    from synthaug.classify.domain import convert_domain_bn
+
+    check_model_name(cfg.model)
+    if cfg.pretrained_path and not Path(cfg.pretrained_path).is_file():
+        raise FileNotFoundError(f"config key 'classify.pretrained_path': {cfg.pretrained_path} is not a file")
+    if cfg.domain_bn:
+        with torch.device("meta"):  # shapes only, no memory
+            convert_domain_bn(timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans))
 
 
 def save_classifier(model: nn.Module, path: str | Path, meta: dict) -> Path:
@@ -103,5 +177,9 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"{path}: not a saved classifier (no classifier.json)")
     meta = json.loads(meta_file.read_text())
     model = create_classifier(meta["model"], meta["num_classes"], meta["in_chans"])
+    if meta.get("domain_bn"):
+        from synthaug.classify.domain import convert_domain_bn
+
+        convert_domain_bn(model)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval(), meta

@@ -9,19 +9,27 @@
   session: reports are only returned).
 * ``fit`` builds a ``TorchTrainer``; ``fit_local`` calls the loop in this process.
 
-The train set arrives as a Ray Dataset whose PNG decoding and float conversion already
-happened in ``map_batches``; the loop only iterates ``iter_torch_batches``. The real val
-split is small and is held in memory by rank 0, which evaluates after every epoch.
+timm supplies the recipe's pieces: the model (``create_model``), ``create_transform``
+augmentation (RandAugment, random erasing; see ``augment.py``), Mixup / CutMix with label
+smoothing, ``ModelEmaV3``, ``create_optimizer_v2`` and ``create_scheduler_v2`` (cosine
+with warm-up, stepped per update). bf16 autocast and channels_last apply on GPU.
+
+Data: the train set is a Ray Dataset decoded once to uint8 and materialised; each epoch
+the loop iterates its shard with ``iter_torch_batches(collate_fn=TrainCollate)``, so the
+augmentation runs in Ray Data's prefetch thread, off the loop's critical path. The real
+val split is small and is held in memory by rank 0, which evaluates after every epoch.
 
 Checkpoints (rank 0 only) are a directory with ``model.safetensors`` (the unwrapped
-model's state), ``state.pt`` (optimizer, scheduler, epoch, elapsed seconds: tensors and
-plain containers, loadable with ``torch.load(weights_only=True)``) and ``classifier.json``.
-A run resumes from the latest one: ``fit`` with the same name and storage (Train V2
-restores the run from its storage), or a restored Tune trial.
+model's state), ``ema.safetensors`` (with ``model_ema``), ``state.pt`` (optimizer state,
+epoch, update count, elapsed seconds: tensors and plain containers, loadable with
+``torch.load(weights_only=True)``) and ``classifier.json``. A run resumes from the latest
+one: ``fit`` with the same name and storage (Train V2 restores the run from its storage),
+or a restored Tune trial. The learning rate is a pure function of the update count, so a
+run resumed with more epochs continues on the new, longer schedule.
 
-Randomness is derived from (seed, epoch, rank): weight init from the seed, dropout,
-augmentation and shuffling from (seed, epoch, rank), so a resumed run replays the same
-epochs as an uninterrupted one.
+Randomness: weight init from the seed; dropout and Mixup from (seed, epoch, rank / step);
+augmentation per sample from (seed, epoch, row id); shuffling from (seed, epoch, rank). A
+resumed run replays the same epochs as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,41 +38,30 @@ import json
 import math
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from synthaug.config import ClassifyConfig, RayConfig
-from synthaug.classify.models import check_model_name, create_classifier, save_classifier
+from synthaug.config import ClassifyConfig, RayConfig, replace
+from synthaug.classify.augment import MixupCutmix, TrainCollate, _seed, enabled as mixup_enabled
+from synthaug.classify.domain import has_domain_bn, set_domain
+from synthaug.classify.models import build_classifier, check_classifier_config, save_classifier
 from synthaug.data.images import decode_batch, decode_png, to_float
 
-WARMUP_FRACTION = 0.05  # of all optimiser steps; linear warm-up before the cosine decay
-MIN_LR_FACTOR = 0.01  # cosine floor, as a fraction of the peak lr
 RESULT_KEYS = (
-    "top1", "top5", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch", "per_class_top1",
+    "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
+    "per_class_top1",
 )
 
 
 # ----------------------------------------------------------------------------- compute core
-
-
-def shift_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Shift each image by a random -1, 0 or +1 pixel in x and y (edges replicated)."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")  # (B, C, H+2, W+2)
-    dy = torch.randint(0, 3, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 3, (b,), generator=generator).to(x.device)
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # (B, W)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
 
 
 def train_epoch(
@@ -75,29 +72,55 @@ def train_epoch(
     loss_fn: nn.Module,
     device: torch.device | str,
     *,
-    augment: bool = False,
-    generator: torch.Generator | None = None,
+    step: int = 0,
+    seed: int = 0,
+    mixup: MixupCutmix | None = None,
+    ema: Any = None,
+    amp: bool = False,
+    channels_last: bool = False,
 ) -> dict:
-    """One pass over ``batches`` ({"image": (B, C, H, W) float, "label": (B,)}); scheduler steps per batch.
+    """One pass over ``batches`` ({"image": (B, C, H, W) float, "label": (B,), "domain": (B,) bool}).
 
-    Returns ``{"train_loss", "images", "seconds"}`` for the batches this process saw.
+    ``step`` is the global update count so far: the timm scheduler is stepped per update
+    (``step_update``), Mixup is seeded from (seed, step), and the EMA is updated after each
+    optimiser step. Returns ``{"train_loss", "images", "seconds", "step"}`` for this process.
     """
     model.train()
+    bare = model.module if hasattr(model, "module") else model
+    split_bn = has_domain_bn(bare)
+    device = torch.device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
     for batch in batches:
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        if augment:
-            x = shift_augment(x, generator)
-        loss = loss_fn(model(x), y)
+        x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)  # (B, C, H, W)
+        y = batch["label"].to(device, non_blocking=True)  # (B,)
+        domain = batch.get("domain")
+        target = y
+        if mixup is not None:
+            keep = len(y) - len(y) % 2  # timm's Mixup pairs a batch with its reverse: even sizes only
+            x, y = x[:keep], y[:keep]
+            domain = domain[:keep] if domain is not None else None
+            if keep == 0:
+                continue
+            x, target = mixup(x, y, seed=_seed(seed, step))
+        if split_bn:
+            set_domain(bare, domain.to(device) if domain is not None else None)
+        with autocast:
+            loss = loss_fn(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        step += 1
         if scheduler is not None:
-            scheduler.step()
+            scheduler.step_update(num_updates=step)
+        if ema is not None:
+            ema.update(bare, step=step)
         loss_sum += float(loss.detach()) * len(y)
         n += len(y)
-    return {"train_loss": loss_sum / max(n, 1), "images": n, "seconds": time.perf_counter() - t0}
+    if split_bn:
+        set_domain(bare, None)
+    return {"train_loss": loss_sum / max(n, 1), "images": n, "seconds": time.perf_counter() - t0, "step": step}
 
 
 @torch.no_grad()
@@ -121,48 +144,65 @@ def evaluate(model: nn.Module, images_float, labels, batch_size: int = 512, num_
     return {"top1": float(hit1.float().mean() * 100), "top5": float(hit5.float().mean() * 100), "per_class_top1": per_class}
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """LambdaLR: linear warm-up, then cosine to MIN_LR_FACTOR x peak.
-
-    A torch LambdaLR rather than timm's scheduler: its state is only the step count, so a
-    run resumed with more epochs continues on the new, longer schedule (timm's scheduler
-    state carries its horizon and would restore the old one).
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def build_optimizer(model: nn.Module, cfg: ClassifyConfig) -> torch.optim.Optimizer:
-    """AdamW through timm (no weight decay on biases and norm parameters)."""
+    """timm ``create_optimizer_v2`` (no weight decay on biases and norm parameters)."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _seed(seed: int, *salt: int) -> int:
-    return int(np.random.SeedSequence([int(seed), *salt]).generate_state(1)[0])
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ClassifyConfig, steps_per_epoch: int):
+    """timm ``create_scheduler_v2``: linear warm-up then cosine to ``min_lr_factor x lr``, stepped per update.
+
+    Its lr is a function of the update count alone (``step_update``), which is what makes
+    resuming -- also with more epochs -- exact without restoring scheduler state.
+    """
+    from timm.scheduler import create_scheduler_v2
+
+    floor = cfg.lr * cfg.min_lr_factor
+    warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=floor, warmup_lr=floor, warmup_epochs=warmup,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
+def build_loss(cfg: ClassifyConfig) -> nn.Module:
+    """Soft-target cross-entropy under Mixup/CutMix (its targets carry the smoothing), else smoothed CE."""
+    if mixup_enabled(cfg):
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def decode_to_float(batch: dict) -> dict:
-    """Ray Data ``map_batches`` fn: PNG bytes -> float32 (B, C, H, W) in [-1, 1]; labels int64."""
-    return {"image": to_float(decode_batch(batch["image"])), "label": np.asarray(batch["label"], dtype=np.int64)}
+def decode_to_uint8(batch: dict) -> dict:
+    """Ray Data ``map_batches`` fn: PNG bytes -> uint8 (B, C, H, W); labels, domain (True = synthetic), row."""
+    return {
+        "image": decode_batch(batch["image"]),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "domain": np.asarray(batch["source"]) == "synthetic",
+        "row": np.asarray(batch["row"], dtype=np.int64),
+    }
+
+
+def _with_row_and_source(table: pa.Table) -> pa.Table:
+    """image, label, source ('real' when absent) and a stable row number (the per-sample seed's key)."""
+    source = table.column("source") if "source" in table.column_names else pa.array(["real"] * table.num_rows)
+    return pa.table({"image": table.column("image"), "label": table.column("label"), "source": source,
+                     "row": pa.array(np.arange(table.num_rows, dtype=np.int64))})
 
 
 def training_dataset(table: pa.Table):
-    """The train table as a decoded, materialised Ray Dataset (decoding once, not per epoch)."""
+    """The train table as a Ray Dataset decoded once to uint8 and materialised (augmented per epoch)."""
     import ray.data
 
-    ds = ray.data.from_arrow(table.select(["image", "label"]))
-    return ds.map_batches(decode_to_float, batch_format="numpy", batch_size=256).materialize()
+    ds = ray.data.from_arrow(_with_row_and_source(table))
+    return ds.map_batches(decode_to_uint8, batch_format="numpy", batch_size=256).materialize()
 
 
 def load_val(val_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +210,17 @@ def load_val(val_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     val = read_table(val_dir, columns=["image", "label"])
     return to_float(decode_batch(val.column("image").to_pylist())), np.asarray(val.column("label").to_pylist())
+
+
+def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int, epoch: int, rank: int,
+            in_chans: int, image_size) -> Iterable[dict]:
+    """``steps`` batches of one epoch from a Ray Data shard or dataset, augmented by ``TrainCollate``."""
+    return _take(data, steps, dict(
+        batch_size=batch_size,
+        collate_fn=TrainCollate(cfg, in_chans, image_size, seed, epoch),
+        local_shuffle_buffer_size=max(256, 8 * batch_size),
+        local_shuffle_seed=_seed(seed, epoch, rank, 3) % (2**31),
+    ))
 
 
 # ----------------------------------------------------------------------------- session
@@ -242,6 +293,8 @@ def _take(data, steps: int, kwargs: dict):
     done, passes = 0, 0
     while done < steps:
         kw = dict(kwargs, local_shuffle_seed=(kwargs["local_shuffle_seed"] + passes) % (2**31))
+        if hasattr(kw.get("collate_fn"), "for_pass"):
+            kw["collate_fn"] = kw["collate_fn"].for_pass(passes)
         got = 0
         for batch in data.iter_torch_batches(**kw):
             yield batch
@@ -264,12 +317,14 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _write_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, seconds: float, meta: dict) -> None:
+def _write_checkpoint(path: Path, model: nn.Module, ema, optimizer, epoch: int, step: int, seconds: float, meta: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(path / "ema.safetensors"))
     state = {
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "epoch": torch.tensor(epoch),
+        "step": torch.tensor(step),
         "seconds": torch.tensor(seconds, dtype=torch.float64),
     }
     torch.save(state, path / "state.pt")
@@ -283,42 +338,48 @@ def train_loop_per_worker(config: dict) -> dict:
     """Train ``config["classify"].model``; report per epoch; return rank 0's last metrics.
 
     Config keys: ``classify`` (ClassifyConfig), ``seed``, ``num_classes``, ``in_chans``,
-    ``class_names``, ``image_size``, ``val_dir``, ``n_train``, ``_reporter`` and, outside
-    Ray Train, ``_dataset`` (the decoded Ray Dataset).
+    ``class_names``, ``image_size``, ``val_dir``, ``n_train``, ``epoch_images``,
+    ``_reporter`` and, outside Ray Train, ``_dataset`` (the decoded Ray Dataset).
     """
+    from timm.utils import ModelEmaV3
+
     cfg: ClassifyConfig = config["classify"]
-    seed, num_classes = int(config["seed"]), int(config["num_classes"])
+    seed, num_classes, in_chans = int(config["seed"]), int(config["num_classes"]), int(config["in_chans"])
     session = _Session(config)
     if session.kind != "local":
         torch.set_num_threads(1)  # one core per worker; Ray packs workers onto few cores
     rank, world = session.rank, session.world_size
-    meta = classifier_meta(cfg, config["class_names"], config["in_chans"], config["image_size"])
+    meta = classifier_meta(cfg, config["class_names"], in_chans, config["image_size"])
 
     # Build the model (same init on every rank), restore, then wrap.
-    torch.manual_seed(seed)
-    model = create_classifier(cfg.model, num_classes, config["in_chans"])
-    start_epoch, elapsed, state = 0, 0.0, None
+    model = build_classifier(cfg, num_classes, in_chans, seed)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+    start_epoch, step, elapsed, state = 0, 0, 0.0, None
     ckpt = session.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+            if ema is not None:
+                ema.module.load_state_dict(load_file(str(Path(d) / "ema.safetensors")))
             state = torch.load(Path(d) / "state.pt", weights_only=True)
-        start_epoch, elapsed = int(state["epoch"]), float(state["seconds"])
+        start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
+    if cfg.channels_last and session.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     model = session.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
+    if ema is not None:
+        ema.module.to(session.device)
 
     # Optimiser and schedule over the whole run (also when resuming with more epochs).
     per_worker_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, math.ceil((int(config["epoch_images"]) // world) / per_worker_batch))
-    total = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(bare, cfg)
-    scheduler = cosine_with_warmup(optimizer, total, max(1, round(WARMUP_FRACTION * total)))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * f(scheduler.last_epoch)  # the new schedule's lr at the restored step
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler.step_update(num_updates=step)  # the (new) schedule's lr at the restored step
+    loss_fn = build_loss(cfg)
+    mixup = MixupCutmix(cfg, num_classes) if mixup_enabled(cfg) else None
     val_x, val_y = load_val(config["val_dir"]) if rank == 0 else (None, None)
 
     data = session.train_data()
@@ -326,29 +387,27 @@ def train_loop_per_worker(config: dict) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
-        gen = torch.Generator().manual_seed(_seed(seed, epoch, rank, 2))  # augmentation
-        stats = train_epoch(model, _take(data, steps_per_epoch, dict(
-            batch_size=per_worker_batch,
-            dtypes={"image": torch.float32, "label": torch.int64},
-            device=session.device,
-            local_shuffle_buffer_size=max(256, 8 * per_worker_batch),
-            local_shuffle_seed=_seed(seed, epoch, rank, 3) % (2**31),
-        )), optimizer, scheduler, loss_fn, session.device, augment=cfg.augment, generator=gen)
+        batches = iterate(data, steps_per_epoch, cfg, batch_size=per_worker_batch, seed=seed, epoch=epoch, rank=rank,
+                          in_chans=in_chans, image_size=config["image_size"])
+        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, session.device, step=step,
+                            seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last)
+        step = stats["step"]
         loss_sum, images = _all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1.0)}
         if rank != 0:
             session.report(metrics, None)
             continue
-        metrics.update(evaluate(bare, val_x, val_y, num_classes=num_classes))
+        raw = evaluate(bare, val_x, val_y, num_classes=num_classes)
+        metrics.update(evaluate(ema.module, val_x, val_y, num_classes=num_classes) if ema is not None else raw)
         elapsed += time.perf_counter() - t0
         metrics.update({
-            "epochs": epoch + 1, "images_per_s": images / max(stats["seconds"], 1e-9), "seconds": elapsed,
-            "n_train": int(config["n_train"]), "start_epoch": start_epoch,
+            "top1_no_ema": raw["top1"], "epochs": epoch + 1, "images_per_s": images / max(stats["seconds"], 1e-9),
+            "seconds": elapsed, "n_train": int(config["n_train"]), "start_epoch": start_epoch,
         })
         due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         if session.saves_checkpoints and due:  # a checkpoint costs ~1 s through Ray; not every epoch
             with tempfile.TemporaryDirectory() as d:
-                _write_checkpoint(Path(d), bare, optimizer, scheduler, epoch + 1, elapsed, meta)
+                _write_checkpoint(Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta)
                 session.report(metrics, d)
         else:
             session.report(metrics, None)
@@ -363,14 +422,15 @@ def classifier_meta(cfg: ClassifyConfig, class_names: list[str], in_chans: int, 
     """What ``load_classifier`` needs to rebuild the model."""
     return {
         "model": cfg.model, "num_classes": len(class_names), "in_chans": int(in_chans),
-        "class_names": list(class_names), "image_size": list(image_size),
+        "class_names": list(class_names), "image_size": list(image_size), "domain_bn": bool(cfg.domain_bn),
+        "weights": "ema" if cfg.model_ema else "model",
     }
 
 
 def _loop_config(cfg, train, val_dir, seed, class_names, in_chans, reporter) -> dict:
     if train.num_rows == 0:
         raise ValueError("train set is empty")
-    check_model_name(cfg.model)  # fail before any worker starts, with close names
+    check_classifier_config(cfg, len(class_names), in_chans)  # fail before any worker starts
     # One epoch = epoch_images images, by default the real rows: a 1:3 mix then gets the same
     # optimiser steps as real-only, so a ratio's effect is not a training-length effect.
     n_real = sum(1 for s in train.column("source").to_pylist() if s == "real") if "source" in train.column_names else 0
@@ -437,9 +497,9 @@ def fit(
     metrics = _result(result.metrics)
     if save_model:
         meta = classifier_meta(cfg, class_names, in_chans, config["image_size"])
-        model = create_classifier(cfg.model, len(class_names), in_chans)
-        with result.checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+        model = build_classifier(replace(cfg, pretrained_path=""), len(class_names), in_chans, seed)
+        with result.checkpoint.as_directory() as d:  # the weights that top1 was measured on
+            model.load_state_dict(load_file(str(Path(d) / ("ema.safetensors" if cfg.model_ema else "model.safetensors"))))
         save_classifier(model, out_dir / "model", meta)
     return metrics
 
