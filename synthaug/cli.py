@@ -23,7 +23,9 @@ STAGES = {
     "classify": "train classifiers on a real / synthetic mix (Ray Train)",
     "sweep": "Ray Tune over guidance x mixing ratio",
     "config-reference": "print the config reference (markdown)",
+    "tiny-base": "save a tiny random-weight base of a generator family (diffusers layout), to try `finetune --base`",
 }
+NO_CONFIG = ("config-reference", "tiny-base")  # commands that read no run config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help in STAGES.items():
         sp = sub.add_parser(name, help=help, description=help)
-        if name == "config-reference":
+        if name == "tiny-base":
+            sp.add_argument("--family", required=True, choices=("unet", "dit", "text2image"), help="generator family")
+            sp.add_argument("--out", required=True, help="directory to create (must not hold anything yet)")
+            sp.add_argument("--image-size", type=int, default=8, help="unet only: pixel size (latent families: 8 px native)")
+            sp.add_argument("--channels", type=int, default=1, help="unet only: image channels")
+        if name in NO_CONFIG:
             continue
         sp.add_argument("--config", help="YAML config (defaults: synthaug/config.py)")
         sp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -79,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         from synthaug.config import reference_markdown
 
         print(reference_markdown())
+        return 0
+    if args.stage == "tiny-base":
+        from synthaug.generative.tiny import save_tiny_base
+
+        try:
+            out = save_tiny_base(args.family, args.out, args.image_size, args.channels)
+        except (FileExistsError, ImportError) as e:
+            print(f"synthaug: error: {e}", file=sys.stderr)
+            return 2
+        print(f"synthaug tiny-base: {args.family} base (random weights) in {out}; fine-tune it with "
+              f"`synthaug finetune --config c.yaml finetune.family={args.family} finetune.base={out}`")
         return 0
 
     from synthaug.config import ConfigError, dump_config, load_config

@@ -1,23 +1,30 @@
-"""The latent generator families (dit, text2image): fine-tune from a local diffusers directory
-through the same Ray Train entrypoint (2 workers), reload the export, sample; and bad input.
+"""The generator families (unet, dit, text2image): fine-tune from a local diffusers directory
+as a user does (`synthaug tiny-base`, then `synthaug finetune --config
+jobs/configs/finetune_tiny_<family>.yaml`, 2 Ray Train workers), reload the export, sample;
+and bad input.
 
-The bases are tiny random-weight models built from configs here and saved with
-``save_pretrained``, in the layout a downloaded checkpoint has; nothing is downloaded.
+The bases are tiny random-weight models built from configs (:mod:`synthaug.generative.tiny`)
+and saved with ``save_pretrained``, in the layout a downloaded checkpoint has; nothing is
+downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from synthaug import cli
 from synthaug.artifacts import DatasetError, read_manifest
 from synthaug.config import ConfigError, load_config
 from synthaug.generative import finetune, models
 from synthaug.generative.diffusion import diffusion_loss, sample_images
+from synthaug.generative.tiny import TINY_FAMILIES as FAMILIES, save_tiny_dit
 
+CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 TINY = ["finetune.steps=4", "finetune.batch_size=8", "finetune.checkpoint_every=4", "finetune.num_workers=2",
         "finetune.warmup_steps=1"]
 
@@ -25,70 +32,14 @@ TINY = ["finetune.steps=4", "finetune.batch_size=8", "finetune.checkpoint_every=
 # ----------------------------------------------------------------------------- tiny bases
 
 
-def _byte_vocab() -> dict[str, int]:
-    """CLIP's byte-level alphabet (as in GPT-2's bytes_to_unicode), each also as a word end."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    return {t: i for i, t in enumerate(tokens)}
-
-
-def _save_vae(root, blocks=(8, 16)) -> None:
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-                  up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks, layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(root / "vae")
-
-
-def _save_scheduler(root) -> None:
-    from diffusers import DDPMScheduler
-
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).save_pretrained(root / "scheduler")
-
-
-def save_tiny_dit(root, patch_size=2, vae_blocks=(8, 16)):
-    """A DiT in DiT-XL-2-256's layout: transformer/ (1000 ImageNet classes, learned sigma), vae/, scheduler/."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                          sample_size=4, patch_size=patch_size, num_embeds_ada_norm=1000).save_pretrained(root / "transformer")
-    _save_vae(root, vae_blocks)
-    _save_scheduler(root)
-    return root
-
-
-def save_tiny_sd(root):
-    """A Stable-Diffusion-style directory: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=8, norm_num_groups=32).save_pretrained(root / "unet")
-    vocab = _byte_vocab()
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(root / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(root / "text_encoder")
-    _save_vae(root)
-    _save_scheduler(root)
-    return root
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
+    """Each family's tiny base, made as a user makes one: `synthaug tiny-base --family F --out DIR`."""
     root = tmp_path_factory.mktemp("bases")
-    return {"dit": save_tiny_dit(root / "dit"), "text2image": save_tiny_sd(root / "sd")}
+    for family in FAMILIES:
+        assert cli.main(["tiny-base", "--family", family, "--out", str(root / family)]) == 0
+    assert cli.main(["tiny-base", "--family", "dit", "--out", str(root / "dit")]) == 2  # never overwritten
+    return {family: root / family for family in FAMILIES}
 
 
 # ----------------------------------------------------------------------------- the cores, without Ray
@@ -146,18 +97,23 @@ def test_lora_trains_adapters_only_and_folds_them_on_export(bases, tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned(ray_session, digits_dirs, bases, tmp_path_factory):
-    """Each latent family fine-tuned from its base with 2 DDP workers, as `synthaug finetune --base` does."""
+    """Each family fine-tuned from its tiny base with 2 DDP workers through the console entry:
+    ``synthaug finetune --config jobs/configs/finetune_tiny_<family>.yaml --data DIR``
+    with the base, work dir (and LoRA) given as dotted overrides."""
     root = tmp_path_factory.mktemp("ft")
     out = {}
-    for name, family, over in [("dit", "dit", []), ("text2image", "text2image", []),
+    for name, family, over in [("unet", "unet", []), ("dit", "dit", []), ("text2image", "text2image", []),
                                ("lora", "text2image", ["finetune.lora_rank=2"])]:
-        cfg = load_config(None, TINY + [f"finetune.family={family}"] + over)
-        m = finetune.run(cfg, "finetune", digits_dirs["train"], root / name, root / "ray" / name, base_dir=bases[family])
-        out[name] = (root / name, m)
+        config = CONFIGS / f"finetune_tiny_{family}.yaml"
+        argv = ["finetune", "--config", str(config), "--data", str(digits_dirs["train"]),
+                f"work_dir={root / name}", f"finetune.base={bases[family]}", *over]
+        assert cli.main(argv) == 0
+        export = root / name / load_config(config).name / "generators" / "finetune"  # the run layout's place
+        out[name] = (export, read_manifest(export))
     return out
 
 
-@pytest.mark.parametrize("family,parts", [("dit", ["transformer", "vae", "scheduler"]),
+@pytest.mark.parametrize("family,parts", [("unet", ["unet", "scheduler"]), ("dit", ["transformer", "vae", "scheduler"]),
                                           ("text2image", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])])
 def test_finetuned_export_reloads_and_samples(finetuned, bases, family, parts):
     from synthaug.generative.sample import Sampler
@@ -169,10 +125,13 @@ def test_finetuned_export_reloads_and_samples(finetuned, bases, family, parts):
     for part in parts:
         assert (out / part).is_dir() and not list((out / part).glob("*.bin")), part
     assert list((out / parts[0]).glob("*.safetensors")) and (out / "manifest.json").is_file()
-    if family == "text2image":
-        assert m["prompts"][3] == "a photo of a 3" and m["prompts"][-1] == ""
-    else:
+    assert m["config"]["finetune"]["num_workers"] == 2 and m["config"]["finetune"]["family"] == family
+    if family == "text2image":  # the template from the YAML
+        assert m["prompts"][3] == "a photo of the handwritten digit 3" and m["prompts"][-1] == ""
+    elif family == "dit":
         assert json.loads((out / "transformer" / "config.json").read_text())["num_embeds_ada_norm"] == 10
+    else:
+        assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 11
 
     gen = models.load_generator(out, require_manifest=True)
     x = sample_images(gen, [0, 9, 10], [1, 2, 3], guidance_scale=2.0, sampler="ddpm", steps=3)
