@@ -1,10 +1,12 @@
 """Classifier training throughput: Ray Train + Ray Data vs a plain PyTorch DataLoader loop.
 
 CPU mode (default): ``synthaug.classify.train.fit`` (Ray Train, 1 worker; the train set is
-a decoded, materialised Ray Dataset read with ``iter_torch_batches``) against a plain loop
-that feeds the same ``train_epoch`` core from a ``torch.utils.data.DataLoader`` over the
-same decoded images (shuffled, ``num_workers=0``). Same model, optimiser (timm AdamW),
-schedule, augmentation, batch size, steps per epoch and epochs; one torch thread each
+a decoded, materialised Ray Dataset read with ``iter_torch_batches``, augmented by
+``TrainCollate`` in Ray Data's prefetch thread) against a plain loop that feeds the same
+``train_epoch`` core from a ``torch.utils.data.DataLoader`` over the same decoded images
+with the same collate (shuffled, ``num_workers=0``: augmentation in the loop's thread).
+Same model, optimiser, schedule, augmentation, batch size, steps per epoch and epochs;
+one torch thread each
 (the Ray worker sets ``torch.set_num_threads(1)``; the plain loop does the same).
 
 Numbers per side, per epoch: ``images_per_s`` = images / seconds inside ``train_epoch``
@@ -51,52 +53,56 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0, source: str =
 
     ``source="dataloader"`` feeds it from a DataLoader over the decoded train set (the
     plain baseline); ``"ray_shard"`` from a ``streaming_split(1)`` shard of the Ray Dataset
-    ``fit`` builds, read through the worker's ``_take`` with its batch and shuffle settings
+    ``fit`` builds, read through the worker's ``iterate`` with its batch, shuffle and collate settings
     -- Ray Data without Ray Train, to split the gap between the two.
     """
     import math
 
     import numpy as np
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from synthaug.artifacts import read_manifest, read_table
-    from synthaug.classify.models import create_classifier
-    from synthaug.classify.train import (WARMUP_FRACTION, _seed, _take, build_optimizer, cosine_with_warmup,
-                                         decode_to_float, evaluate, load_val, train_epoch, training_dataset)
+    from synthaug.classify.augment import MixupCutmix, TrainCollate, _seed, enabled
+    from synthaug.classify.train import (_with_row_and_source, build_classifier, build_loss, build_optimizer,
+                                         build_scheduler, decode_to_uint8, evaluate, iterate, load_val, train_epoch,
+                                         training_dataset)
 
     torch.set_num_threads(1)  # as the Ray worker
     m = read_manifest(train_dir)
-    table = read_table(train_dir, columns=["image", "label"])
-    dec = decode_to_float({"image": table.column("image").to_pylist(), "label": np.asarray(table.column("label"))})
-    data = TensorDataset(torch.from_numpy(dec["image"]), torch.from_numpy(dec["label"]))  # (N, C, H, W), (N,)
+    table = _with_row_and_source(read_table(train_dir, columns=["image", "label", "source"]))
+    dec = decode_to_uint8(table.to_pydict())  # the same uint8 arrays the Ray Dataset holds
+    rows = [{k: dec[k][i] for k in dec} for i in range(table.num_rows)]
     val_x, val_y = load_val(val_dir)
     shard = training_dataset(table).streaming_split(1, equal=True)[0] if source == "ray_shard" else None
+    image_size = dec["image"].shape[2:]
 
-    torch.manual_seed(seed)
-    model = create_classifier(cfg.model, len(m["class_names"]), m["channels"])
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    num_classes = len(m["class_names"])
+    model = build_classifier(cfg, num_classes, m["channels"], seed)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     optimizer = build_optimizer(model, cfg)
-    scheduler = cosine_with_warmup(optimizer, total, max(1, round(WARMUP_FRACTION * total)))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler.step_update(num_updates=0)
+    loss_fn = build_loss(cfg)
+    mixup = MixupCutmix(cfg, num_classes) if enabled(cfg) else None
 
-    epochs, t_run = [], time.perf_counter()
+    epochs, t_run, step = [], time.perf_counter(), 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, 0, 1))
-        gen = torch.Generator().manual_seed(_seed(seed, epoch, 0, 2))
-        if shard is None:
-            loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+        if shard is None:  # decoding and augmentation in the loop's own thread, as a plain DataLoader(num_workers=0)
+            collate = TrainCollate(cfg, m["channels"], image_size, seed, epoch)
+            loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+                                collate_fn=lambda b, c=collate: c({k: np.stack([r[k] for r in b]) for k in b[0]}),
                                 generator=torch.Generator().manual_seed(_seed(seed, epoch, 0, 3)))
-            batches = ({"image": x, "label": y} for x, y in loader)
+            batches = iter(loader)
         else:  # the worker's iteration, verbatim
-            batches = _take(shard, steps_per_epoch, dict(
-                batch_size=cfg.batch_size, dtypes={"image": torch.float32, "label": torch.int64}, device=torch.device("cpu"),
-                local_shuffle_buffer_size=max(256, 8 * cfg.batch_size), local_shuffle_seed=_seed(seed, epoch, 0, 3) % (2**31)))
-        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, "cpu", augment=cfg.augment, generator=gen)
-        top1 = evaluate(model, val_x, val_y, num_classes=len(m["class_names"]))["top1"]
+            batches = iterate(shard, steps_per_epoch, cfg, batch_size=cfg.batch_size, seed=seed, epoch=epoch, rank=0,
+                              in_chans=m["channels"], image_size=image_size)
+        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, "cpu", step=step, seed=_seed(seed, 0),
+                            mixup=mixup)
+        step = stats["step"]
+        top1 = evaluate(model, val_x, val_y, num_classes=num_classes)["top1"]
         epochs.append({"epoch": epoch + 1, "images": stats["images"], "train_seconds": stats["seconds"],
                        "images_per_s": stats["images"] / stats["seconds"], "epoch_seconds": time.perf_counter() - t0,
                        "top1": top1})
@@ -141,27 +147,34 @@ def ray_loop(cfg, train_dir: Path, val_dir: Path, work: Path) -> dict:
 def data_path(cfg, train_dir: Path, epochs: int = 10) -> dict:
     """Iteration only (no model), ms per epoch: where the Ray side's extra time per epoch goes.
 
-    The same decoded rows through (a) a DataLoader, (b) the materialised Ray Dataset that
-    ``fit`` builds (``training_dataset``), iterated directly, and (c) a
+    The same decoded uint8 rows and the same ``TrainCollate`` (decoding-side work plus the
+    configured augmentation) through (a) a DataLoader in this thread, (b) the materialised
+    Ray Dataset that ``fit`` builds (``training_dataset``), iterated directly, and (c) a
     ``streaming_split(1)`` shard of it -- what a Ray Train worker's ``get_dataset_shard``
-    returns -- read through the loop's ``_take`` with the loop's batch and shuffle settings.
+    returns -- read through the loop's ``iterate``.
     """
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
-    from synthaug.artifacts import read_table
-    from synthaug.classify.train import _take, decode_to_float, training_dataset
+    from synthaug.artifacts import read_manifest, read_table
+    from synthaug.classify.augment import TrainCollate
+    from synthaug.classify.train import _with_row_and_source, decode_to_uint8, iterate, training_dataset
 
     torch.set_num_threads(1)
-    table = read_table(train_dir)
+    c = read_manifest(train_dir)["channels"]
+    table = _with_row_and_source(read_table(train_dir, columns=["image", "label", "source"]))
     steps = math.ceil(table.num_rows / cfg.batch_size)
-    dec = decode_to_float({"image": table.column("image").to_pylist(), "label": np.asarray(table.column("label"))})
-    data = TensorDataset(torch.from_numpy(dec["image"]), torch.from_numpy(dec["label"]))
+    dec = decode_to_uint8(table.to_pydict())
+    rows = [{k: dec[k][i] for k in dec} for i in range(table.num_rows)]
+    size = dec["image"].shape[2:]
     ds = training_dataset(table)
     shard = ds.streaming_split(1, equal=True)[0]
-    kw = dict(batch_size=cfg.batch_size, dtypes={"image": torch.float32, "label": torch.int64}, device="cpu")
-    shuffle = dict(local_shuffle_buffer_size=max(256, 8 * cfg.batch_size))
+
+    def loader(e):
+        collate = TrainCollate(cfg, c, size, 0, e)
+        return DataLoader(rows, batch_size=cfg.batch_size, shuffle=True,
+                          collate_fn=lambda b: collate({k: np.stack([r[k] for r in b]) for k in b[0]}))
 
     def per_epoch(make) -> dict:
         times = []
@@ -172,15 +185,14 @@ def data_path(cfg, train_dir: Path, epochs: int = 10) -> dict:
             times.append(1000 * (time.perf_counter() - t0))
         return {"median_ms": statistics.median(times[1:]), "first_ms": times[0]}
 
-    out = {
+    it = dict(batch_size=cfg.batch_size, seed=0, rank=0, in_chans=c, image_size=size)
+    return {
         "batches_per_epoch": steps,
-        "dataloader": per_epoch(lambda e: DataLoader(data, batch_size=cfg.batch_size, shuffle=True)),
-        "ray_dataset_iter_torch_batches_no_shuffle": per_epoch(lambda e: ds.iter_torch_batches(**kw)),
-        "ray_dataset_iter_torch_batches_local_shuffle": per_epoch(lambda e: ds.iter_torch_batches(**kw, **shuffle, local_shuffle_seed=e)),
-        "streaming_split_shard_no_shuffle": per_epoch(lambda e: shard.iter_torch_batches(**kw)),
-        "streaming_split_shard_via_take_as_worker": per_epoch(lambda e: _take(shard, steps, dict(kw, **shuffle, local_shuffle_seed=e))),
+        "augment": cfg.augment,
+        "dataloader": per_epoch(loader),
+        "ray_dataset_iterate": per_epoch(lambda e: iterate(ds, steps, cfg, epoch=e, **it)),
+        "streaming_split_shard_iterate_as_worker": per_epoch(lambda e: iterate(shard, steps, cfg, epoch=e, **it)),
     }
-    return out
 
 
 def _median_after_first(epochs: list[dict]) -> float:
