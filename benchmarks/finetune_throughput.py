@@ -2,10 +2,11 @@
 
 CPU mode (default): ``synthaug.generative.finetune.run`` (Ray Train, 1 worker, tiny UNet,
 8x8 digits, class-conditional fine-tuning on the 10-per-class split) against a plain
-single-process loop that runs the worker's step -- ``diffusion_loss`` + clip + AdamW +
-LambdaLR + EMA, label dropout, the same model, seed, batch size and step plan, with the
-data decoded in memory beforehand. Both use one torch thread (the Ray worker sets
-``torch.set_num_threads(1)``; the plain loop does the same).
+single-process loop (``finetune.plain_loop``) that drives the worker's own step object,
+``finetune.TrainCore`` -- the same construction and seeding, label dropout, loss, clip,
+AdamW, LambdaLR and EMA -- over the same step plan, with the data decoded in memory
+beforehand. Both use one torch thread (the Ray worker sets ``torch.set_num_threads(1)``;
+the plain loop does the same).
 
 Numbers per side:
 
@@ -42,66 +43,35 @@ import _common as C
 
 
 def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
-    """The Ray worker's training step, in this process, over the same step plan."""
-    import numpy as np
-    import pyarrow as pa
+    """The Ray worker's step (``finetune.TrainCore``, rank 0, no resume) in this process, over the same step plan."""
     import torch
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
-    from synthaug.artifacts import read_manifest, read_table
-    from synthaug.generative.diffusion import diffusion_loss, lr_lambda
-    from synthaug.generative.finetune import _decode, _load, step_plan, trainable
+    from synthaug.artifacts import read_manifest
+    from synthaug.generative import finetune
 
     t = cfg.finetune
     torch.set_num_threads(1)  # as the Ray worker
     manifest = read_manifest(data_dir)
-    class_names = list(manifest["class_names"])
 
     # Decode the same plan rows the Ray Dataset streams, into memory (not timed).
-    table = read_table(data_dir, columns=["image", "label"])
-    rows = t.steps * t.batch_size * t.grad_accum + t.batch_size
-    plan = table.take(pa.array(step_plan(table.num_rows, rows, t.seed, 0)))
-    dec = _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
-    xs, ys = torch.from_numpy(dec["x"]), torch.from_numpy(dec["y"])  # (N, C, H, W), (N,)
+    xs, ys = finetune.plan_tensors(data_dir, t)  # (N, C, H, W), (N,)
+    core = finetune.TrainCore(t, "", list(manifest["class_names"]), int(manifest["image_size"][0]),
+                              int(manifest["channels"]))
+    core.begin()
 
-    # Same construction and seeding as train_loop_per_worker (rank 0, no resume).
-    torch.manual_seed(t.seed)
-    gen = _load(t, "", class_names, int(manifest["image_size"][0]), int(manifest["channels"]))
-    noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
-    model = gen.model
-    params = trainable(model)
-    ema = EMAModel(params, decay=t.ema_decay)
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
-    rng = torch.Generator().manual_seed(t.seed * 1000)
-    torch.manual_seed(t.seed * 1000 + 1)  # the worker's per-rank stream for the loss's noise and timesteps
-    model.train()
-    null, b = gen.null_class, t.batch_size
+    warm: dict = {}
 
-    step, seen, t_warm, seen_warm = 0, 0, None, 0
+    def on_step(c) -> None:
+        if c.step == warm_step:
+            warm.update(t=time.perf_counter(), images=c.images)
+
     t0 = time.perf_counter()
-    while step < t.steps:
-        x, y = xs[step * b : (step + 1) * b], ys[step * b : (step + 1) * b]
-        drop = torch.rand(y.shape, generator=rng) < t.label_dropout
-        y = torch.where(drop, torch.full_like(y, null), y)
-        loss = diffusion_loss(gen, x, y, noise_sched, prediction_type=t.prediction_type, min_snr_gamma=t.min_snr_gamma)
-        loss.backward()
-        seen += x.shape[0]
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema.step(params)
-        step += 1
-        last_loss = float(loss.detach())
-        if step == warm_step:
-            t_warm, seen_warm = time.perf_counter(), seen
+    finetune.plain_loop(core, xs, ys, on_step)
     t_end = time.perf_counter()
     seconds = t_end - t0
-    steady = (seen - seen_warm) / (t_end - t_warm) if t_warm else None
-    return {"steps": step, "images": seen, "seconds": round(seconds, 3), "images_per_s": seen / seconds,
-            "steady_images_per_s": steady, "final_loss": last_loss, "torch_threads": torch.get_num_threads()}
+    steady = (core.images - warm["images"]) / (t_end - warm["t"]) if warm else None
+    return {"steps": core.step, "images": core.images, "seconds": round(seconds, 3), "images_per_s": core.images / seconds,
+            "steady_images_per_s": steady, "final_loss": core.last_loss, "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------- Ray loop
@@ -156,15 +126,13 @@ def data_path(cfg, data_dir: Path) -> dict:
     shard as a Train worker reads it, against decoding the same plan in this process.
     """
     import numpy as np
-    import pyarrow as pa
     import ray.data
 
     from synthaug.artifacts import read_table
-    from synthaug.generative.finetune import _decode, step_plan
+    from synthaug.generative.finetune import _decode, plan_rows
 
     t = cfg.finetune
-    table = read_table(data_dir, columns=["image", "label"])
-    plan = table.take(pa.array(step_plan(table.num_rows, t.steps * t.batch_size + t.batch_size, t.seed, 0)))
+    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t)
     t0 = time.perf_counter()
     _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
     in_process = time.perf_counter() - t0

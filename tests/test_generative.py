@@ -69,6 +69,30 @@ def test_resume_continues_from_checkpoint(gens):
     assert (gens["root"] / "ray" / "finetune" / "val_grids" / "step_000012.png").is_file()
 
 
+def test_plain_core_computes_what_one_ray_worker_computes(ray_session, digits_dirs, tmp_path):
+    """One code path: ``TrainCore`` driven by a plain loop over the step plan ends where a
+    1-worker Ray Train run ends (the throughput benchmark's plain side relies on it)."""
+    cfg = load_config(None, ["finetune.steps=3", "finetune.batch_size=8", "finetune.grad_accum=2", "finetune.hflip=true",
+                             "finetune.warmup_steps=1", "finetune.checkpoint_every=3", "finetune.num_workers=1"])
+    t = cfg.finetune
+    m = finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "ray_export", tmp_path / "ray")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker
+    try:
+        data = read_manifest(digits_dirs["train"])
+        core = finetune.TrainCore(t, "", data["class_names"], 8, 1)
+        core.begin()
+        finetune.plain_loop(core, *finetune.plan_tensors(digits_dirs["train"], t))
+    finally:
+        torch.set_num_threads(threads)
+    assert core.step == m["steps"] == 3 and core.images == 3 * 2 * 8
+    assert core.last_loss == pytest.approx(m["final_loss"], rel=1e-5)
+    exported = finetune.trainable(models.load_generator(tmp_path / "ray_export").model)
+    assert len(exported) == len(core.ema.shadow_params)
+    for got, want in zip(exported, core.ema.shadow_params):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 def _sample(cfg_over, gen_dir, out):
     cfg = load_config(None, TINY + cfg_over)
     return sample.run(cfg, gen_dir, out)

@@ -4,7 +4,9 @@ Pretraining on an unlabelled pool is the same loop with every label set to the n
 class. One function, :func:`train_loop_per_worker`, runs for 1 and for N workers, for
 every generator family: the loss encodes images through the family (identity for
 ``unet``, a frozen VAE for ``dit`` and ``text2image``), and only parameters that require
-grad (all, or LoRA adapters) are optimised and tracked by the EMA.
+grad (all, or LoRA adapters) are optimised and tracked by the EMA. Its step is
+:class:`TrainCore`, plain PyTorch without Ray, which the throughput benchmark's plain
+loop and the tests drive directly.
 
 Data: the driver turns the contract dataset into a *step plan* -- seeded permutations
 of the rows, concatenated until ``steps x batch x grad_accum`` rows -- and streams it
@@ -45,6 +47,13 @@ def step_plan(num_rows: int, rows_needed: int, seed: int, offset: int = 0) -> np
     epochs = (offset + rows_needed) // num_rows + 1
     idx = np.concatenate([np.random.default_rng([seed, e]).permutation(num_rows) for e in range(epochs)])
     return idx[offset : offset + rows_needed]
+
+
+def plan_rows(table: pa.Table, t: TrainGenConfig, offset_steps: int = 0) -> pa.Table:
+    """The rows a run from optimiser step ``offset_steps`` reads, in order (plus one spare batch)."""
+    per_step = t.batch_size * t.grad_accum
+    rows_needed = max(0, t.steps - offset_steps) * per_step + t.batch_size
+    return table.take(pa.array(step_plan(table.num_rows, rows_needed, t.seed, offset_steps * per_step)))
 
 
 def _decode(batch: dict) -> dict:
@@ -141,97 +150,153 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class TrainCore:
+    """One worker's training state and step, without Ray (the core :func:`train_loop_per_worker` wraps).
+
+    Construction seeds so that all ranks start identical, loads or builds the generator,
+    and sets up what is trained (``trainable``), the EMA over it, AdamW and the LR
+    schedule; :meth:`begin` starts the per-rank noise stream and wraps the model (DDP);
+    :meth:`micro_step` runs one micro-batch. A plain loop that feeds it the step plan's
+    batches (``plan_rows``) computes what a 1-worker Ray Train run computes.
+    """
+
+    def __init__(self, t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int, *,
+                 device: torch.device | str = "cpu", rank: int = 0, unconditional: bool = False):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        self.t, self.rank, self.unconditional = t, rank, unconditional
+        self.device = torch.device(device)
+        torch.manual_seed(t.seed)
+        self.gen = _load(t, base, class_names, image_size, channels)
+        self.noise_sched = DDPMScheduler.from_config(self.gen.scheduler_config)
+        self.raw_model = self.gen.to(self.device).model  # frozen parts (VAE, text encoder) go to the device too
+        self.params = trainable(self.raw_model)
+        self.ema = EMAModel(self.params, decay=t.ema_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.steps))
+        self.rng = torch.Generator().manual_seed(t.seed * 1000 + rank)  # label dropout and flips
+        self.autocast = self.device.type == "cuda" and t.mixed_precision in ("auto", "bf16")
+        self.step, self.images, self.last_loss, self._micro = 0, 0, float("nan"), 0
+
+    def restore(self, dirpath: str) -> dict:
+        """Load a checkpoint; returns checksums of the restored EMA and optimiser state."""
+        self.step, _ = _load_checkpoint(dirpath, self.raw_model, self.ema, self.opt, self.sched)
+        self.rng = torch.Generator().manual_seed(self.t.seed * 1000 + self.rank + 7919 * self.step)
+        return state_sums(self.ema, self.opt)
+
+    def save(self, dirpath: str) -> None:
+        _save_checkpoint(dirpath, self.raw_model, self.ema, self.opt, self.sched, self.step, self.rng.get_state())
+
+    def begin(self, wrap=None) -> None:
+        """Start training at ``self.step``; ``wrap`` turns the model into its DDP form (N workers)."""
+        # Per-rank (and per-resume) stream for the loss's noise and timesteps: with one shared
+        # seed every DDP worker would draw the same noise for its different images.
+        torch.manual_seed(self.t.seed * 1000 + self.rank + 7919 * self.step + 1)
+        self.ema.to(self.device)
+        if self.t.gradient_checkpointing:
+            self.raw_model.enable_gradient_checkpointing()
+        self.gen.model = wrap(self.raw_model) if wrap else self.raw_model
+        self.gen.model.train()
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One micro-batch: pixels (B, C, H, W) in [-1, 1], labels (B,). True when it completed an optimiser step."""
+        t, null = self.t, self.gen.null_class
+        if self.unconditional:
+            y = torch.full_like(y, null)
+        elif t.label_dropout > 0:  # label dropout to the null class, for CFG
+            drop = torch.rand(y.shape, generator=self.rng).to(y.device) < t.label_dropout
+            y = torch.where(drop, torch.full_like(y, null), y)
+        if t.hflip:
+            flip = (torch.rand(x.shape[0], generator=self.rng) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = diffusion_loss(self.gen, x, y, self.noise_sched, prediction_type=t.prediction_type,
+                                  min_snr_gamma=t.min_snr_gamma, generator=None)
+        (loss / t.grad_accum).backward()
+        self.images += x.shape[0]
+        self._micro += 1
+        if self._micro % t.grad_accum:
+            return False
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.ema.step(self.params)
+        self.step += 1
+        self.last_loss = float(loss.detach())
+        return True
+
+
+def plan_tensors(data_dir: str | Path, t: TrainGenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's whole step plan decoded in memory: pixels (N, C, H, W) in [-1, 1] and labels (N,), in plan order."""
+    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t)
+    dec = _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
+    return torch.from_numpy(dec["x"]), torch.from_numpy(dec["y"])
+
+
+def plain_loop(core: TrainCore, x: torch.Tensor, y: torch.Tensor, on_step=None) -> TrainCore:
+    """Drive ``core`` (begun) over in-memory plan tensors in one process, as one Ray worker drives it over its shard.
+
+    ``on_step(core)`` runs after every optimiser step (the benchmark's clock).
+    """
+    b, i = core.t.batch_size, 0
+    while core.step < core.t.steps:
+        if core.micro_step(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) and on_step:
+            on_step(core)
+        i += 1
+    return core
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function (1 or N workers): diffusion training with EMA and resume."""
+    """The Ray Train worker function (1 or N workers): :class:`TrainCore` over this rank's shard, with checkpoints."""
     import ray.train
     import ray.train.torch
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
     t: TrainGenConfig = TrainGenConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("SYNTHAUG_TORCH_THREADS", "1"))))
     device = ray.train.torch.get_device()
-
-    # Build or load the generator; seed so that all ranks start identical.
-    torch.manual_seed(t.seed)
-    gen = _load(t, config["base_dir"], config["class_names"], config["image_size"], config["channels"])
-    noise_sched = DDPMScheduler.from_config(gen.scheduler_config)
-    raw_model = gen.to(device).model  # frozen parts (VAE, text encoder) go to the device too
-    params = trainable(raw_model)
-    ema = EMAModel(params, decay=t.ema_decay)
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
-    rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
+    core = TrainCore(t, config["base_dir"], config["class_names"], config["image_size"], config["channels"],
+                     device=device, rank=rank, unconditional=config["unconditional"])
 
     # Resume from the latest checkpoint (a re-run, or a restarted worker group).
-    step = start_step = 0
     restored: dict = {}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            step, _ = _load_checkpoint(d, raw_model, ema, opt, sched)
-            start_step = step
-            restored = state_sums(ema, opt)
-        rng = torch.Generator().manual_seed(t.seed * 1000 + rank + 7919 * step)
+            restored = core.restore(d)
         if rank == 0:
-            print(f"[{config['stage']}] resumed at step {step}/{t.steps}")
-    # Per-rank (and per-resume) stream for the loss's noise and timesteps: with one shared
-    # seed every DDP worker would draw the same noise for its different images.
-    torch.manual_seed(t.seed * 1000 + rank + 7919 * step + 1)
-    ema.to(device)
-    if t.gradient_checkpointing:
-        raw_model.enable_gradient_checkpointing()
-    gen.model = ray.train.torch.prepare_model(raw_model) if world > 1 else raw_model
-    gen.model.train()
+            print(f"[{config['stage']}] resumed at step {core.step}/{t.steps}")
+    start_step = core.step
+    core.begin(ray.train.torch.prepare_model if world > 1 else None)
 
     micro = t.batch_size // world
-    null = gen.null_class
-    autocast = device.type == "cuda" and t.mixed_precision in ("auto", "bf16")
     shard = ray.train.get_dataset_shard("train")
-    skip = (step - config["plan_offset"]) * t.grad_accum  # plan batches already consumed
-    t0, seen, last_loss, micro_count = time.time(), 0, float("nan"), 0
+    skip = (core.step - config["plan_offset"]) * t.grad_accum  # plan batches already consumed
+    t0 = time.time()
 
-    while step < t.steps:
+    while core.step < t.steps:
         for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device):
             if skip > 0:
                 skip -= 1
                 continue
-            x, y = batch["x"], batch["y"]
-            if config["unconditional"]:
-                y = torch.full_like(y, null)
-            elif t.label_dropout > 0:  # label dropout to the null class, for CFG
-                drop = torch.rand(y.shape, generator=rng).to(device) < t.label_dropout
-                y = torch.where(drop, torch.full_like(y, null), y)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = diffusion_loss(gen, x, y, noise_sched, prediction_type=t.prediction_type,
-                                      min_snr_gamma=t.min_snr_gamma, generator=None)
-            (loss / t.grad_accum).backward()
-            seen += x.shape[0]
-            micro_count += 1
-            if micro_count % t.grad_accum:
+            if not core.micro_step(batch["x"], batch["y"]):
                 continue
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            ema.step(params)
-            step += 1
-            last_loss = float(loss.detach())
-
+            step = core.step
             if rank == 0 and (step % 50 == 0 or step == t.steps):
-                ips = seen * world / max(1e-9, time.time() - t0)
-                print(f"[{config['stage']}] step {step}/{t.steps} loss {last_loss:.4f} {ips:.0f} img/s", flush=True)
+                ips = core.images * world / max(1e-9, time.time() - t0)
+                print(f"[{config['stage']}] step {step}/{t.steps} loss {core.last_loss:.4f} {ips:.0f} img/s", flush=True)
             if rank == 0 and t.val_grid_every and step % t.val_grid_every == 0:
-                unwrapped = dataclasses.replace(gen, model=raw_model)  # no DDP collectives on one rank
-                save_val_grid(unwrapped, ema, params, Path(config["grid_dir"]) / f"step_{step:06d}.png")
+                unwrapped = dataclasses.replace(core.gen, model=core.raw_model)  # no DDP collectives on one rank
+                save_val_grid(unwrapped, core.ema, core.params, Path(config["grid_dir"]) / f"step_{step:06d}.png")
             if step % t.checkpoint_every == 0 or step == t.steps:
                 metrics = {"step": step, "start_step": start_step, **{f"restored_{k}": v for k, v in restored.items()},
-                           "loss": last_loss, "images_per_s": seen * world / max(1e-9, time.time() - t0)}
+                           "loss": core.last_loss, "images_per_s": core.images * world / max(1e-9, time.time() - t0)}
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as d:
-                        _save_checkpoint(d, raw_model, ema, opt, sched, step, rng.get_state())
+                        core.save(d)
                         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
@@ -290,9 +355,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     init_ray(cfg.ray)
     storage = Path(storage_dir).absolute()
     offset_steps = latest_step(storage / stage)
-    table = read_table(data_dir, columns=["image", "label"])
-    rows_needed = max(0, t.steps - offset_steps) * t.batch_size * t.grad_accum + t.batch_size
-    plan = table.take(pa.array(step_plan(table.num_rows, rows_needed, t.seed, offset_steps * t.batch_size * t.grad_accum)))
+    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t, offset_steps)
     import ray.data
 
     ds = ray.data.from_arrow(plan).map_batches(_decode, batch_format="numpy")
