@@ -128,13 +128,19 @@ def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, g
 @torch.inference_mode()
 def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: float, sampler: str = "ddim",
                   steps: int = 50, ddpm_log_variance_v: float = 1.0, device: str | torch.device = "cpu",
-                  autocast_dtype: torch.dtype | None = None, counter: dict | None = None) -> torch.Tensor:
-    """Sample one image per (label, seed); returns float pixels (B, C, H, W) in [-1, 1]."""
+                  autocast_dtype: torch.dtype | None = None, counter: dict | None = None, scheduler=None) -> torch.Tensor:
+    """Sample one image per (label, seed); returns float pixels (B, C, H, W) in [-1, 1].
+
+    ``scheduler``: a diffusers scheduler to step with instead of ``make_scheduler(sampler, ...)``
+    (to compare constructions; not with ``sampler='ddpm'``, whose step is synthaug's own).
+    """
     if steps < 1:
         raise ValueError("config key 'sample.steps' must be >= 1")
     if guidance_scale < 0:
         raise ValueError("config key 'sample.guidance_scale' must be >= 0")
-    sched = make_scheduler(sampler, gen.scheduler_config)
+    if scheduler is not None and sampler == "ddpm":
+        raise ValueError("sample_images: a custom scheduler replaces the 'ddim' / 'dpmsolver++' step, not 'ddpm'")
+    sched = scheduler if scheduler is not None else make_scheduler(sampler, gen.scheduler_config)
     sched.set_timesteps(steps, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     x, gens = per_sample_noise(seeds, gen.latent_shape, device)  # (B, *latent_shape)
