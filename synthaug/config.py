@@ -97,6 +97,7 @@ class SampleConfig:
     max_actors: int = _f(1, "Actor pool maximum size.")
     num_gpus_per_actor: float = _f(0.0, "GPUs per sampling actor (1 on a GPU cluster).")
     seed: int = _f(0, "Global seed; each image's seed derives from (seed, class, index).")
+    compile: bool = _f(False, "torch.compile the denoiser in each sampling actor (slow first batches; part of the output's content key).")
 
 
 @dataclass(frozen=True)

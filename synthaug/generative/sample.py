@@ -64,17 +64,28 @@ def plan_table(s: SampleConfig, class_names: list[str]) -> pa.Table:
 
 
 class Sampler:
-    """Ray Data callable class: loads the generator once, maps plan batches to contract rows."""
+    """Ray Data callable class: loads the generator once, maps plan batches to contract rows.
 
-    def __init__(self, generator_dir: str, sample: dict, device: str | None = None):
+    On a GPU the denoiser runs under bf16 autocast (fp16 where the GPU has no bf16) in
+    channels_last, with diffusers' SDPA attention (its default processor) and, through
+    ``sample_images``, in ``torch.inference_mode``; ``sample.compile`` adds ``torch.compile``
+    (``compile_backend``: torch's default, or e.g. 'eager' to test the wiring cheaply).
+    """
+
+    def __init__(self, generator_dir: str, sample: dict, device: str | None = None, compile_backend: str = "inductor"):
         self.s = SampleConfig(**{k: v for k, v in sample.items()})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.gen = models.load_generator(generator_dir, require_manifest=True)
         self.gen.to(self.device).model.eval()
-        if self.device.type == "cuda":
-            self.gen.model.to(memory_format=torch.channels_last)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            for part in (self.gen.model, self.gen.components.get("vae")):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        if self.s.compile:  # compiled lazily, on the first batch (and again per new batch shape)
+            self.gen.model = torch.compile(self.gen.model, backend=compile_backend)
         self.gen_id = self.gen.manifest["weights_hash"][:16]
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
 
     def __call__(self, batch: dict) -> pa.Table:
         labels = [int(v) for v in batch["label"]]
@@ -101,6 +112,8 @@ class Sampler:
 def sample_key(gen_manifest: dict, s: SampleConfig) -> str:
     """Content key of a sampled set: generator weights + the settings that change pixels + plan."""
     settings = {k: getattr(s, k) for k in PIXEL_KEYS}
+    if s.compile:  # compiled kernels round differently (floats differ in the last bits), so never share a set;
+        settings["compile"] = True  # added only when on, so keys of uncompiled sets stay as they were
     counts = class_counts(s, gen_manifest["class_names"])
     return hash_obj({"generator": gen_manifest["weights_hash"], "sample": settings, "counts": counts})[:16]
 
