@@ -74,3 +74,11 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
 def test_cli_unknown_key_exits_2(capsys):
     assert main(["run", "--dry-run", "sampel.steps=3"]) == 2
     assert "unknown config key 'sampel'" in capsys.readouterr().err
+
+
+def test_readme_config_reference_is_current():
+    """The README's table is ``synthaug config-reference``; a new or changed key must show up there."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown().strip() in readme, "regenerate the README table with `synthaug config-reference`"
