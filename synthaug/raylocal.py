@@ -55,15 +55,18 @@ def quiet_ray_data() -> None:
 
 
 def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
-    """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions)."""
+    """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions).
+
+    Ray 2.9-2.50 took ``concurrency=(min, max)``; from 2.51 that is deprecated in favour
+    of ``compute=ActorPoolStrategy(...)``, which older versions (< 2.9) also used.
+    """
     import ray
+    from ray.data import ActorPoolStrategy
 
     major, minor = (int(x) for x in ray.__version__.split(".")[:2])
     kwargs: dict = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": 1}
-    if (major, minor) >= (2, 9):
+    if (2, 9) <= (major, minor) < (2, 51):  # pragma: no cover - older Ray
         kwargs["concurrency"] = (min_size, max_size) if min_size != max_size else min_size
-    else:  # pragma: no cover - old Ray
-        from ray.data import ActorPoolStrategy
-
+    else:
         kwargs["compute"] = ActorPoolStrategy(min_size=min_size, max_size=max_size)
     return kwargs
