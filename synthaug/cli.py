@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 STAGES = {
     "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",

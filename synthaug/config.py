@@ -132,6 +132,7 @@ class ClassifyConfig:
     hflip: float = _f(0.0, "Horizontal-flip probability (0 for digits: a flipped digit is another glyph).")
     auto_augment: str = _f("", "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment); '' = none.")
     re_prob: float = _f(0.0, "Random-erasing probability (timm RandomErasing, const mode).")
+    color_jitter: float = _f(0.0, "ColorJitter strength (brightness/contrast/saturation; timm skips it under RandAugment); 0 = off. It draws from torch's RNG, so runs with it do not repeat bit for bit.")
     mixup_alpha: float = _f(0.0, "Mixup alpha (timm Mixup); 0 = off.")
     cutmix_alpha: float = _f(0.0, "CutMix alpha (timm Mixup); 0 = off.")
     mixup_prob: float = _f(1.0, "Probability of applying Mixup/CutMix to a batch.")
@@ -377,6 +378,7 @@ def validate(cfg: Config) -> None:
     _check(c.batch_size >= c.num_workers, "config key 'classify.batch_size' must be >= classify.num_workers")
     _check(len(c.crop_scale) == 2 and 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1, "config key 'classify.crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1")
     _check(len(c.crop_ratio) == 2 and 0 < c.crop_ratio[0] <= c.crop_ratio[1], "config key 'classify.crop_ratio' must be [lo, hi] with 0 < lo <= hi")
+    _check(c.color_jitter >= 0, "config key 'classify.color_jitter' must be >= 0")
     for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
         _check(0.0 <= getattr(c, key) <= 1.0, f"config key 'classify.{key}' must be in [0, 1]")
     _check(c.mixup_alpha >= 0 and c.cutmix_alpha >= 0, "config keys 'classify.mixup_alpha' and 'classify.cutmix_alpha' must be >= 0")

@@ -13,13 +13,12 @@ Run layout (``work_dir`` is git-ignored; ``results_dir`` holds what a reader loo
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthaug.artifacts import atomic_write_json, read_manifest, read_table
-from synthaug.config import Config, dump_config, replace, to_dict
+from synthaug.artifacts import read_manifest, read_table
+from synthaug.config import Config, dump_config, replace
 
 
 @dataclass(frozen=True)

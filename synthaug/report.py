@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from synthaug.artifacts import atomic_write_text, read_table
-from synthaug.config import Config, to_dict
+from synthaug.config import Config
 from synthaug.data.images import decode_batch
 from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
 

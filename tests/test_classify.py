@@ -114,6 +114,46 @@ def test_augmentation_is_per_sample_seeded():
     assert torch.equal(plain, torch.from_numpy(batch["image"].astype(np.float32) / 127.5 - 1.0))
 
 
+def test_augmentation_ignores_other_threads_rng_use():
+    """Ray's threads draw from the global RNGs too; timm's draws must not see them (or change them).
+
+    Also for the default recipe, which must draw from no global RNG at all (torch's included)."""
+    import random
+    import threading
+
+    from synthaug.classify.augment import MixupCutmix
+
+    cfg = ClassifyConfig(auto_augment="rand-m9-n2-mstd0.5", re_prob=0.5, hflip=0.5, mixup_alpha=0.4, cutmix_alpha=1.0)
+    batch = _u8_batch(range(16))
+    collate, mixup = TrainCollate(cfg, 1, (8, 8), seed=0, epoch=1), MixupCutmix(cfg, 10)
+    x = collate(batch)["image"]
+    y = torch.arange(16) % 10
+    quiet = (x, *mixup(x, y, seed=7), TrainCollate(ClassifyConfig(), 1, (8, 8), seed=0, epoch=1)(batch)["image"])
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            random.random(), np.random.rand(), torch.rand(1)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            x2 = collate(batch)["image"]
+            noisy = (x2, *mixup(x2, y, seed=7), TrainCollate(ClassifyConfig(), 1, (8, 8), seed=0, epoch=1)(batch)["image"])
+            assert all(torch.equal(a, b) for a, b in zip(quiet, noisy))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    collate(batch)
+    assert random.random() == expected  # the global stream is untouched by augmentation
+
+
 def test_domain_batchnorm_splits_statistics():
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3)

@@ -150,6 +150,9 @@ def test_lora_finetune_changes_only_attention_projections(finetuned, bases):
     base = load_file(bases["text2image"] / "unet" / "diffusion_pytorch_model.safetensors")
     got = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert set(got) == set(base)  # a plain UNet: the adapters are folded in
+    # Its checkpoints keep only what was trained (the adapters); the frozen base comes from the base dir.
+    ckpts = sorted(out.parents[2].rglob("checkpoint_*/model.safetensors"))
+    assert ckpts and all(set(load_file(c)) and all("lora" in k for k in load_file(c)) for c in ckpts)
     changed = {k for k in base if not torch.equal(base[k], got[k])}
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") and "attn" in k for k in changed)
     gen = models.load_generator(out, require_manifest=True)

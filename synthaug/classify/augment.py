@@ -8,17 +8,25 @@
 * ``MixupCutmix`` wraps timm's ``Mixup`` (Mixup / CutMix with label smoothing), applied
   to each batch in the loop, as timm's own trainer does.
 
-Determinism: timm's transforms draw from Python's ``random`` and NumPy's global RNG. Each
-sample's draws are made under one lock, right after seeding both from
-(seed, epoch, pass, row id), so a sample's augmentation depends only on those numbers --
-not on the batch size, the number of workers, the thread that ran it, or a restart. The
-horizontal flip (torchvision's uses the thread-shared torch RNG) is applied here from the
-same per-sample stream instead. Nothing in the transform draws from torch's global RNG
-(random erasing is in ``const`` mode), so dropout in the training thread is unaffected.
+Determinism: timm's transforms and Mixup draw from Python's ``random`` and NumPy's global
+RNG. Those are shared with every other thread of the process, and a Ray Train worker has
+several (Ray's own threads draw from them too), so seeding them cannot make a run
+repeatable -- measured: two identical Ray Train runs differed. Instead, ``_install_rngs``
+points the ``random`` and ``np`` names *inside timm's data modules* at thread-local
+generators, which ``seeded`` reseeds per sample from (seed, epoch, pass, row id) and per
+Mixup step. A sample's augmentation then depends only on those numbers -- not on the
+batch size, the number of workers, the thread that ran it, or a restart -- and nothing
+else in the process sees a different RNG (threads that never call ``seeded`` fall through
+to the global generators, as before). The horizontal flip (torchvision's uses the torch
+RNG) is drawn from the same per-sample stream here. Nothing in the default transform draws
+from torch's RNG (random erasing is in ``const`` mode; color jitter, which does, is off unless
+``classify.color_jitter`` > 0), so dropout is unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import random
 import threading
 
@@ -28,7 +36,68 @@ from PIL import Image, ImageOps
 
 from synthaug.config import ClassifyConfig
 
-_RNG_LOCK = threading.Lock()  # the global Python / NumPy RNGs are shared by all threads
+_LOCAL = threading.local()  # .py: random.Random, .np: np.random.RandomState, set by `seeded`
+# timm modules whose module-level `random` / `np` draw the augmentation and Mixup numbers.
+_TIMM_RNG_USERS = {
+    "timm.data.transforms": ("random", "np"),
+    "timm.data.auto_augment": ("random", "np"),
+    "timm.data.random_erasing": ("random",),
+    "timm.data.mixup": ("np",),
+}
+
+
+class _PyRandom:
+    """Stands in for the ``random`` module: this thread's seeded generator, else the global one."""
+
+    def __getattr__(self, name):
+        return getattr(getattr(_LOCAL, "py", None) or random, name)
+
+
+class _NpRandom:
+    def __getattr__(self, name):
+        seed = getattr(_LOCAL, "np_seed", None)
+        if seed is None:
+            return getattr(np.random, name)
+        if _LOCAL.np is None:  # built on first use: most transforms only draw from `random`
+            _LOCAL.np = np.random.RandomState(seed % (2**32))
+        return getattr(_LOCAL.np, name)
+
+
+class _Numpy:
+    """Stands in for ``numpy``: ``np.random`` is this thread's generator, everything else is numpy."""
+
+    random = _NpRandom()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+_INSTALLED = False
+
+
+def _install_rngs() -> None:
+    """Point timm's data modules at the thread-local generators (once per process)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    for module_name, names in _TIMM_RNG_USERS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if not hasattr(module, name):
+                raise RuntimeError(f"{module_name} has no module-level {name!r}: timm changed; update _TIMM_RNG_USERS")
+            setattr(module, name, _PyRandom() if name == "random" else _Numpy())
+    _INSTALLED = True
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """timm's draws in this thread come from generators seeded with ``seed`` inside the block."""
+    _install_rngs()
+    _LOCAL.py, _LOCAL.np, _LOCAL.np_seed = random.Random(seed), None, seed
+    try:
+        yield _LOCAL.py
+    finally:
+        _LOCAL.py = _LOCAL.np = _LOCAL.np_seed = None
 
 
 def _seed(seed: int, *salt: int) -> int:
@@ -53,6 +122,9 @@ def build_transform(cfg: ClassifyConfig, in_chans: int, image_size: tuple[int, i
         re_prob=cfg.re_prob,
         re_mode="const",
         re_count=1,
+        # torchvision's ColorJitter draws from torch's global RNG (shared with dropout in the
+        # training thread), so it is only added when asked for, and such runs do not repeat exactly.
+        color_jitter=cfg.color_jitter if cfg.color_jitter > 0 else None,
     )
 
 
@@ -93,11 +165,8 @@ class TrainCollate:
 
     def _one(self, img: np.ndarray, row: int) -> torch.Tensor:
         pil = _to_pil(img)
-        s = _seed(self.seed, self.epoch, self.pass_, row)
-        with _RNG_LOCK:
-            random.seed(s)
-            np.random.seed(s % (2**32))
-            if self.hflip > 0 and random.random() < self.hflip:
+        with seeded(_seed(self.seed, self.epoch, self.pass_, row)) as rng:
+            if self.hflip > 0 and rng.random() < self.hflip:
                 pil = ImageOps.mirror(pil)
             return self.transform(pil)
 
@@ -115,8 +184,7 @@ class MixupCutmix:
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with _RNG_LOCK:
-            np.random.seed(seed % (2**32))
+        with seeded(seed):
             return self.mixup(x, y)
 
 

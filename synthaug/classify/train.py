@@ -44,7 +44,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn

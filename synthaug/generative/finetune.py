@@ -78,10 +78,21 @@ def latest_step(storage: Path) -> int:
 # ----------------------------------------------------------------------------- worker
 
 
+def checkpoint_state(model: torch.nn.Module) -> dict:
+    """The model state a checkpoint keeps: all of it, or with frozen parameters (LoRA) only the trained ones.
+
+    A LoRA run's frozen base weights are re-read from the base directory on resume, so a
+    checkpoint of a Stable-Diffusion-size UNet holds megabytes of adapters, not gigabytes.
+    """
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
 def _save_checkpoint(dirpath: str, model, ema, opt, sched, step: int, rng: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(dirpath, "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in checkpoint_state(model).items()},
+              os.path.join(dirpath, "model.safetensors"))
     ema_state = ema.state_dict()
     save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
               os.path.join(dirpath, "ema.safetensors"))
@@ -94,7 +105,12 @@ def _save_checkpoint(dirpath: str, model, ema, opt, sched, step: int, rng: torch
 def _load_checkpoint(dirpath: str, model, ema, opt, sched) -> tuple[int, torch.Tensor]:
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(os.path.join(dirpath, "model.safetensors")))
+    saved = load_file(os.path.join(dirpath, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    lost = set(missing) & {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or lost:  # frozen base weights may be absent (they come from the base); nothing else may
+        raise RuntimeError(f"{dirpath}: checkpoint does not match the model (unexpected {sorted(unexpected)[:3]}, "
+                           f"missing trained {sorted(lost)[:3]})")
     state = torch.load(os.path.join(dirpath, "state.pt"), weights_only=True)
     shadow = load_file(os.path.join(dirpath, "ema.safetensors"))
     ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
