@@ -80,7 +80,15 @@ def _plan(stage: str, cfg, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    # Dotted overrides may also follow the options (`--ratio 1 classify.epochs=5`), which
+    # argparse alone rejects once the positional list has been filled.
+    args, extra = ap.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.stage == "config-reference":
         from synthaug.config import reference_markdown
 

@@ -156,6 +156,7 @@ class SweepConfig:
     guidance_scales: tuple = _f((1.0, 3.0), "Guidance values; sampling runs once per value.")
     ratios: tuple = _f((0.0, 1.0, 3.0), "Synthetic:real ratios r (|syn| = r |real|, class-balanced); 0 = real only.")
     max_concurrent: int = _f(2, "Trials running at once.")
+    name: str = _f("sweep", "Experiment name under the run's ray/ dir; re-running with the same name resumes it (another grid needs another name).")
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,8 @@ def sweep_cli(cfg: Config, _overrides) -> dict:
     sets = {}
     for w in cfg.sweep.guidance_scales:
         sets[float(w)], _ = stage_sample(replace(cfg, sample=replace(cfg.sample, guidance_scale=float(w))))
-    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name="sweep", storage_dir=p.ray)
+    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, p.results / cfg.sweep.name, name=cfg.sweep.name,
+                   storage_dir=p.ray)
     return df.attrs["summary"]
 
 
@@ -238,6 +239,6 @@ def run_all(cfg: Config) -> dict:
         fidelity_rows.append({"guidance_scale": w, **m})
 
     sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(sorted(sets))))
-    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name="sweep",
+    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name=cfg.sweep.name,
                   storage_dir=p.ray)
     return timer("report", report.write_run_report, cfg, p, fidelity_rows, sweep, sets, timer.seconds)

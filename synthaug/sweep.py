@@ -134,7 +134,7 @@ def _tuner(cfg: Config, trainable, out_dir: Path, name: str, fingerprint: dict, 
         if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
             raise ValueError(
                 f"sweep {exp_dir} was started with a different grid, classifier config or inputs; "
-                "use another name (or delete the directory) to start a new sweep"
+                "set another name (sweep.name=...) or delete the directory to start a new sweep"
             )
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     atomic_write_json(stamp, fingerprint)

@@ -71,6 +71,13 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_overrides_may_follow_options(tmp_path, capsys):
+    rc = main(["classify", "--dry-run", "--ratio", "2", "classify.epochs=3", f"work_dir={tmp_path}/w"])
+    assert rc == 0 and '"epochs": 3' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["classify", "--dry-run", "--ratio", "2", "--bogus"])
+
+
 def test_cli_unknown_key_exits_2(capsys):
     assert main(["run", "--dry-run", "sampel.steps=3"]) == 2
     assert "unknown config key 'sampel'" in capsys.readouterr().err
