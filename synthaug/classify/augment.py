@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps
 
 from synthaug.config import ClassifyConfig
+from synthaug.data.images import to_float
 
 _LOCAL = threading.local()  # .py: random.Random, .np: np.random.RandomState, set by `seeded`
 # timm modules whose module-level `random` / `np` draw the augmentation and Mixup numbers.
@@ -154,7 +155,7 @@ class TrainCollate:
     def __call__(self, batch: dict) -> dict:
         images = np.asarray(batch["image"])  # (B, C, H, W) uint8
         if self.transform is None:
-            x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
+            x = torch.from_numpy(to_float(images))
         else:
             x = torch.stack([self._one(img, int(row)) for img, row in zip(images, batch["row"])])
         return {
