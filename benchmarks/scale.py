@@ -1,0 +1,320 @@
+"""Scale benchmark: does every stage stay flat in memory and linear in time as N grows?
+
+For each N (default 10k, 40k, 160k images) it writes an image folder of N procedural
+RGB JPEGs (``--px`` px, 10 classes; not timed) and runs, on one local Ray:
+
+1. **ingest** of the folder (``synthaug.data.ingest.run``: listing in the driver, decode /
+   validate / encode in Ray Data tasks, manifests from per-shard figures);
+2. **sample finish** on an N-row synthetic set (completeness, id check, manifest):
+   the rows are written as sampling chunks by a Ray Data map over the ingested images
+   relabelled as plan rows (a generator would only make them slower to produce; the
+   finish is what is measured);
+3. **mix** of N real + N synthetic at ratio 1 (the class-balanced, seeded selection,
+   read to the end);
+4. **one classifier epoch** (``fit``, 1 worker, ``synthaug_cnn_tiny``, the default
+   recipe, epoch = N real images);
+5. **feature extraction** of the N-row train set (merged FID statistics).
+
+For each stage it records wall time, images/s, the peak RSS of the driver and the peak
+RSS of the largest other process of the Ray cluster (every descendant of the driver,
+sampled every 0.2 s with psutil). At the two smallest N it also times a plain
+single-process loop doing the same work (what a user would write instead: PIL + pyarrow
+in a for loop, pandas for the mix, a DataLoader epoch, a feature loop) and prints the
+ratio. It then measures:
+
+* ``ingest_cpu_scaling``: ingest images/s with a Ray of 2 CPUs over 1 CPU (``--scaling-n``);
+* ``stage_overhead_s``: the wall time of stage commands on tiny data when they join a
+  running local Ray (``ray.address``), for ``synthaug ingest`` and
+  ``synthaug classify classify.epochs=1``.
+
+Summary keys (targets in brackets): ``driver_rss_growth`` (peak driver RSS at the largest
+N over the smallest, <= 1.2), ``max_process_rss_growth`` (same for the largest other
+process, <= 1.2), ``time_slope`` (log-log slope of wall time in N per stage, max over
+stages, <= 1.1), ``ingest_cpu_scaling`` (>= 1.7), ``stage_overhead_s`` (<= 20 per command).
+
+    python benchmarks/scale.py                      # N = 10k, 40k, 160k
+    python benchmarks/scale.py --ns 10000 40000 160000 640000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import _common as C
+import numpy as np
+
+STAGES = ("ingest", "sample_finish", "mix", "classify_epoch", "features")
+CLASSES = 10
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _write_images(args) -> int:
+    root, start, stop, px, seed = args
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, start])
+    yy, xx = np.mgrid[0:px, 0:px]
+    for i in range(start, stop):
+        k = i % CLASSES
+        # A class-dependent stripe pattern plus noise: classes are learnable, images differ.
+        phase = rng.uniform(0, 2 * np.pi)
+        base = 127 + 100 * np.sin((xx * (k + 1) / px) * 2 * np.pi + phase)
+        img = np.stack([base, np.roll(base, k, axis=0), base[::-1]], axis=-1) + rng.normal(0, 12, (px, px, 3))
+        d = Path(root) / f"class{k:02d}"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"img{i:08d}.jpg", quality=90)
+    return stop - start
+
+
+def image_folder(n: int, px: int, work: Path) -> Path:
+    """``work/folder-<n>-<px>/class<k>/img<i>.jpg``: N procedural JPEGs (made once, reused)."""
+    from multiprocessing import Pool
+
+    root = work / f"folder-{n}-{px}"
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for k in range(CLASSES):
+        (root / f"class{k:02d}").mkdir(parents=True)
+    step = 2000
+    with Pool(os.cpu_count() or 1) as pool:
+        pool.map(_write_images, [(str(root), s, min(n, s + step), px, 0) for s in range(0, n, step)])
+    done.write_text(str(n))
+    return root
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class RssSampler:
+    """Peak RSS of this process and of the largest other process under it, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.me = psutil.Process()
+        self.interval = interval
+        self.driver_peak = 0
+        self.other_peak = 0
+        self.other_name = ""
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+        for p in self.me.children(recursive=True):
+            try:
+                rss = p.memory_info().rss
+                if rss > self.other_peak:
+                    self.other_peak, self.other_name = rss, " ".join(p.cmdline()[:3])[:80]
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._sample()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self._sample()
+
+
+def measure(stage: str, n: int, fn, *args, **kwargs) -> tuple[dict, object]:
+    """Run ``fn`` under an RSS sampler; the row for the table and ``fn``'s result."""
+    import gc
+
+    gc.collect()
+    t0 = time.perf_counter()
+    with RssSampler() as rss:
+        out = fn(*args, **kwargs)
+    wall = time.perf_counter() - t0
+    row = {"stage": stage, "n": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
+           "driver_rss_mb": round(rss.driver_peak / 2**20, 1), "max_other_rss_mb": round(rss.other_peak / 2**20, 1),
+           "max_other_process": rss.other_name}
+    print(f"  {stage:15s} N={n:>7d}  {wall:8.1f} s  {n / wall:9.1f} img/s  driver {row['driver_rss_mb']:7.1f} MB  "
+          f"other {row['max_other_rss_mb']:7.1f} MB", flush=True)
+    return row, out
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def slope(ns: list[int], ts: list[float]) -> float:
+    """Least-squares slope of log(t) on log(n)."""
+    x, y = np.log(np.asarray(ns, float)), np.log(np.asarray(ts, float))
+    return float(np.polyfit(x, y, 1)[0]) if len(ns) >= 2 else float("nan")
+
+
+def summarise(rows: list[dict]) -> dict:
+    ns = sorted({r["n"] for r in rows})
+    lo, hi = ns[0], ns[-1]
+    by = {(r["stage"], r["n"]): r for r in rows}
+    per_stage = {}
+    for s in STAGES:
+        pts = [(n, by[(s, n)]["wall_s"]) for n in ns if (s, n) in by]
+        if len(pts) >= 2:
+            per_stage[s] = round(slope([p[0] for p in pts], [p[1] for p in pts]), 3)
+    drv = [max(r["driver_rss_mb"] for r in rows if r["n"] == n) for n in (lo, hi)]
+    oth = [max(r["max_other_rss_mb"] for r in rows if r["n"] == n) for n in (lo, hi)]
+    return {
+        "driver_rss_growth": round(drv[1] / drv[0], 3),
+        "max_process_rss_growth": round(oth[1] / oth[0], 3),
+        "time_slope": max(per_stage.values()) if per_stage else float("nan"),
+        "time_slope_per_stage": per_stage,
+        "driver_rss_mb": dict(zip(("smallest_n", "largest_n"), drv)),
+        "max_process_rss_mb": dict(zip(("smallest_n", "largest_n"), oth)),
+    }
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s in STAGES:
+        pts = sorted((r["n"], r["wall_s"], r["driver_rss_mb"]) for r in rows if r["stage"] == s)
+        if not pts:
+            continue
+        n, t, m = zip(*pts)
+        axes[0].loglog(n, t, "o-", label=s)
+        axes[1].semilogx(n, m, "o-", label=s)
+    ns = sorted({r["n"] for r in rows})
+    if ns:
+        t0 = min(r["wall_s"] for r in rows if r["n"] == ns[0])
+        axes[0].loglog(ns, [t0 * n / ns[0] for n in ns], "k--", lw=0.8, label="slope 1")
+    axes[0].set(xlabel="N images", ylabel="wall time (s)", title="time per stage (log-log)")
+    axes[1].set(xlabel="N images", ylabel="driver peak RSS (MB)", title="driver memory")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- plain single-process baselines
+
+
+def plain_ingest(folder: Path, out: Path, px: int, val_fraction: float = 0.3, seed: int = 0) -> dict:
+    """What a user writes instead: PIL in a for loop, a seeded split, one Parquet file per split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from synthaug.data.images import encode_png
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    rows = {"id": [], "image": [], "label": [], "class_name": []}
+    for k, c in enumerate(classes):
+        for f in sorted((folder / c).iterdir()):
+            im = Image.open(f).convert("RGB")
+            if im.size != (px, px):
+                im = im.resize((px, px), Image.Resampling.BICUBIC)
+            rows["id"].append(f"{c}/{f.name}")
+            rows["image"].append(encode_png(np.asarray(im)))
+            rows["label"].append(k)
+            rows["class_name"].append(c)
+    n = len(rows["id"])
+    val = np.random.default_rng(seed).random(n) < val_fraction
+    table = pa.table({**rows, "label": pa.array(rows["label"], pa.int64()), "source": ["real"] * n})
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(pa.array(~val)), out / "train.parquet")
+    pq.write_table(table.filter(pa.array(val)), out / "val.parquet")
+    return {"train": int((~val).sum()), "val": int(val.sum())}
+
+
+def plain_finish(parquet_dir: Path, expected: int) -> dict:
+    """Read the sampled shards, check completeness, drop duplicate ids, count and hash."""
+    import pyarrow.parquet as pq
+
+    from synthaug.artifacts import table_content_hash
+
+    table = pq.read_table(parquet_dir)
+    ids = table.column("id").to_pylist()
+    _, first = np.unique(np.asarray(ids, dtype=object), return_index=True)
+    if len(first) != len(ids):
+        table = table.take(np.sort(first))
+    if table.num_rows != expected:
+        raise RuntimeError(f"{table.num_rows} rows, expected {expected}")
+    labels = np.asarray(table.column("label"))
+    return {"rows": table.num_rows, "counts": np.bincount(labels).tolist(), "hash": table_content_hash(table)}
+
+
+def plain_mix(real_file: Path, syn_dir: Path, seed: int = 0) -> int:
+    """pandas: every real row plus, per class, as many synthetic rows drawn without replacement."""
+    import pandas as pd
+
+    real = pd.read_parquet(real_file)
+    syn = pd.read_parquet(syn_dir)
+    parts = [real]
+    for label, n in real["label"].value_counts().sort_index().items():
+        parts.append(syn[syn["label"] == label].sample(n=int(n), random_state=seed))
+    mixed = pd.concat(parts)
+    return int(sum(len(b) for b in mixed["image"]))  # touch every image
+
+
+def plain_epoch(real_file: Path, px: int, batch_size: int = 64) -> float:
+    """One epoch of the default recipe's model on the decoded train set, from a DataLoader."""
+    import pyarrow.parquet as pq
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from synthaug.classify.models import create_classifier
+    from synthaug.data.images import decode_batch, to_float
+
+    table = pq.read_table(real_file, columns=["image", "label"])
+    x = torch.from_numpy(to_float(decode_batch(table.column("image").to_pylist())))
+    y = torch.as_tensor(np.asarray(table.column("label")), dtype=torch.int64)
+    model = create_classifier("synthaug_cnn_tiny", CLASSES, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    total = 0.0
+    for xb, yb in DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True):
+        loss = loss_fn(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss)
+    return total
+
+
+def plain_features(real_file: Path, extractor_dir: str) -> float:
+    """Decode every image, run the in-domain extractor, mean and covariance of its features."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from synthaug.classify.models import load_classifier
+    from synthaug.data.images import decode_batch, to_float
+
+    model, _ = load_classifier(extractor_dir)
+    model.eval()
+    feats = []
+    pf = pq.ParquetFile(real_file)
+    with torch.no_grad():
+        for b in pf.iter_batches(batch_size=256, columns=["image"]):
+            x = torch.from_numpy(to_float(decode_batch(b.column(0).to_pylist())))
+            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+                         if hasattr(model, "forward_head") else model(x).numpy())
+    f = np.concatenate(feats).astype(np.float64)
+    return float(np.trace(np.cov(f, rowvar=False)) + f.mean())
