@@ -50,6 +50,7 @@ class IngestConfig:
     k_per_class: int = _f(0, "Low-data regime: keep k labelled train images per class; 0 keeps all.")
     unlabelled_pool: bool = _f(True, "With k > 0, write the rest of the train split as an unlabelled pool.")
     seed: int = _f(0, "Seed of the train/val split and of the k-per-class choice.")
+    chunk_size: int = _f(1000, "Images per Ray Data ingest task (one shard per task and split); results do not depend on it.")
 
 
 @dataclass(frozen=True)

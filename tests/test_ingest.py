@@ -1,4 +1,4 @@
-"""Ingest: the dataset contract, the three sources, the low-data split, and bad input."""
+"""Ingest: the dataset contract, the three sources, the low-data split, its invariance, and bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from synthaug.artifacts import DatasetError, read_manifest, read_table, table_content_hash
+from synthaug import storage
+from synthaug.artifacts import DatasetError, read_manifest, read_table, shard_paths, table_content_hash
 from synthaug.config import load_config
 from synthaug.data import ingest
 
@@ -31,14 +32,28 @@ def _folder(root, classes=("cat", "dog"), n=4, fmt="PNG", mode="RGB"):
 
 
 def _snapshot(d):
-    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file's bytes and every directory under ``d``."""
+    return {p.relative_to(d): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+def _noise_folder(root, classes=("ant", "bee", "cow"), n=70, size=(6, 6)):
+    """A few hundred tiny procedural images, PNG and JPEG mixed."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            fmt = "PNG" if i % 3 else "JPEG"
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format=fmt)
+            (root / c / f"{i:03d}.{fmt.lower()}").write_bytes(buf.getvalue())
+    return root
 
 
 def test_digits_contract(digits_dirs):
     m = read_manifest(digits_dirs["train"])
     assert m["class_names"] == [str(i) for i in range(10)]
     assert set(m["counts"].values()) == {10}
-    assert m["image_size"] == [8, 8] and m["channels"] == 1 and m["schema_version"] == 1
+    assert m["image_size"] == [8, 8] and m["channels"] == 1 and m["schema_version"] == 2
     assert m["config"]["ingest"]["k_per_class"] == 10
     t = read_table(digits_dirs["train"])
     assert t.column_names[:5] == ["id", "image", "label", "class_name", "source"]
@@ -47,18 +62,23 @@ def test_digits_contract(digits_dirs):
     ids = {k: set(read_table(d, ["id"]).column("id").to_pylist()) for k, d in digits_dirs.items()}
     assert not ids["train"] & ids["val"] and not ids["pool"] & ids["val"] and not ids["train"] & ids["pool"]
     assert len(ids["train"]) + len(ids["pool"]) + len(ids["val"]) == 1797
+    assert 0.27 < len(ids["val"]) / 1797 < 0.33  # val iff hash(seed, id) < val_fraction = 0.3
     assert ids["train_full"] == ids["train"] | ids["pool"]
     pool = read_table(digits_dirs["pool"])
     assert set(pool.column("label").to_pylist()) == {-1} and read_manifest(digits_dirs["pool"])["labelled"] is False
 
 
 def test_third_party_readers_need_no_synthaug(digits_dirs):
+    """Plain pandas / HF datasets read a dataset from the shards its manifest lists (never ``data/`` blindly)."""
     import datasets
     import pandas as pd
 
-    df = pd.read_parquet(digits_dirs["val"] / "data")
-    hf = datasets.load_dataset("parquet", data_dir=str(digits_dirs["val"] / "data"), split="train")
-    assert len(df) == len(hf) == read_manifest(digits_dirs["val"])["num_rows"]
+    m = json.loads((digits_dirs["val"] / "manifest.json").read_text())
+    files = [str(digits_dirs["val"] / s["path"]) for s in m["shards"]]
+    assert files == shard_paths(digits_dirs["val"])
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    hf = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert len(df) == len(hf) == m["num_rows"] == sum(s["rows"] for s in m["shards"])
     img = Image.open(io.BytesIO(df["image"][0]))
     assert img.size == (8, 8)
 
@@ -70,6 +90,42 @@ def test_split_is_stable(tmp_path):
     assert a["val"]["content_hash"] == b["val"]["content_hash"]
 
 
+def test_split_does_not_depend_on_chunking(tmp_path):
+    """Same seed, different chunk sizes (so different tasks and shards): the same rows in every split."""
+    root = _noise_folder(tmp_path / "src")
+    base = ["ingest.source=imagefolder", f"ingest.path={root}", "ingest.k_per_class=5"]
+    a = ingest.run(load_config(None, [*base, "ingest.chunk_size=16"]), str(tmp_path / "a"))
+    b = ingest.run(load_config(None, [*base, "ingest.chunk_size=1000"]), str(tmp_path / "b"))
+    assert set(a) == set(b) == {"train", "val", "pool", "train_full"}
+    for split in a:
+        assert a[split]["content_hash"] == b[split]["content_hash"], split
+        assert a[split]["counts"] == b[split]["counts"] and a[split]["num_rows"] == b[split]["num_rows"], split
+        assert len(a[split]["shards"]) > len(b[split]["shards"]) == 1
+    assert set(a["train"]["counts"].values()) == {5}
+    assert a["train"]["num_rows"] + a["pool"]["num_rows"] + a["val"]["num_rows"] == 210
+    # ... and another seed gives another split.
+    c = ingest.run(load_config(None, [*base, "ingest.seed=1"]), str(tmp_path / "c"))
+    assert c["val"]["content_hash"] != a["val"]["content_hash"]
+
+
+def test_split_rule_is_a_function_of_seed_and_id():
+    ids = [f"c/{i}.png" for i in range(2000)]
+    keys = ingest.split_keys(ids, seed=0)
+    assert keys.shape == (2000, 2) and keys.dtype == np.uint64
+    assert (ingest.split_keys(ids[::-1], seed=0) == keys[::-1]).all()
+    assert (ingest.split_keys(ids[5:9], seed=0) == keys[5:9]).all()
+    assert (ingest.split_keys(ids, seed=1) != keys).all()
+    share = (keys[:, 0] < np.uint64(ingest.val_threshold(0.3))).mean()
+    assert 0.27 < share < 0.33
+
+
+def test_tiny_classes_still_get_train_and_val(tmp_path):
+    """A class of 2 images gets one train and one val image whatever the hashes say."""
+    root = _noise_folder(tmp_path / "src", classes=("a", "b", "c", "d", "e", "f"), n=2)
+    m = ingest.run(_bad_folder_cfg(root), str(tmp_path / "out"))
+    assert set(m["train"]["counts"].values()) == set(m["val"]["counts"].values()) == {1}
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_imagefolder_formats_and_resize(tmp_path, fmt):
     _folder(tmp_path / "src", fmt=fmt)
@@ -78,6 +134,21 @@ def test_imagefolder_formats_and_resize(tmp_path, fmt):
     assert m["train"]["class_names"] == ["cat", "dog"] and m["train"]["image_size"] == [8, 8]
     assert m["train"]["channels"] == 1
     assert m["train"]["num_rows"] + m["val"]["num_rows"] == 8
+
+
+def test_parquet_directory_row_groups(tmp_path):
+    """Several files and row groups, chunks smaller than a file: ids are ``<file stem>-<row in file>``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        tbl = pa.table({"image": [_png((i, 0, 0)) for i in range(11)], "label": [i % 2 for i in range(11)]})
+        pq.write_table(tbl, src / f"{name}.parquet", row_group_size=3)
+    cfg = load_config(None, ["ingest.source=parquet", f"ingest.path={src}", "ingest.chunk_size=4"])
+    m = ingest.run(cfg, str(tmp_path / "out"))
+    assert m["train"]["class_names"] == ["0", "1"] and m["train"]["image_size"] == [6, 6]
+    ids = {i for s in ("train", "val") for i in read_table(tmp_path / "out" / s, ["id"]).column("id").to_pylist()}
+    assert ids == {f"{n}-{r:07d}" for n in ("a", "b") for r in range(11)}
+    assert len(m["train"]["shards"]) > 2
 
 
 def test_parquet_source(tmp_path):
@@ -132,15 +203,62 @@ def test_truncated_image(tmp_path, earlier):
     assert _snapshot(out) == snap
 
 
-def test_mixed_modes(tmp_path, earlier):
+@pytest.mark.parametrize("chunk_size", [1000, 2])  # seen within one task / only across tasks
+def test_mixed_modes(tmp_path, earlier, chunk_size):
     out, snap = earlier
     root = _folder(tmp_path / "src", n=3)
     (root / "dog" / "gray.png").write_bytes(_png(128, mode="L"))
-    with pytest.raises(DatasetError, match=r"gray\.png: image mode 'L' differs.*mixed image modes"):
-        ingest.run(_bad_folder_cfg(root), out)
+    with pytest.raises(DatasetError, match=r"dog/gray\.png: image mode 'L' differs from 'RGB' \(.*cat/0\.png\).*mixed image modes"):
+        ingest.run(_bad_folder_cfg(root, f"ingest.chunk_size={chunk_size}"), out)
     assert _snapshot(out) == snap
     # ... and converting them is one config key away.
     ingest.run(_bad_folder_cfg(root, "ingest.mode=RGB"), tmp_path / "ok")
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 2])
+def test_differing_sizes(tmp_path, earlier, chunk_size):
+    out, snap = earlier
+    root = _folder(tmp_path / "src", n=3)
+    (root / "dog" / "wide.png").write_bytes(_png((1, 2, 3), size=(9, 6)))
+    with pytest.raises(DatasetError, match=r"dog/wide\.png: size \(9, 6\) differs from \(6, 6\).*ingest\.image_size"):
+        ingest.run(_bad_folder_cfg(root, f"ingest.chunk_size={chunk_size}"), out)
+    assert _snapshot(out) == snap
+
+
+def test_failure_after_shards_were_written_keeps_earlier_outputs(tmp_path, earlier):
+    """The bad image is in the last task: earlier tasks wrote shards into out_dir, which are removed again."""
+    out, snap = earlier
+    manifests = {s: (out / s / "manifest.json").read_bytes() for s in ("train", "val", "pool", "train_full")}
+    root = _noise_folder(tmp_path / "src", n=20)
+    (root / "cow" / "zzz.png").write_bytes(_png((1, 2, 3))[:40])
+    with pytest.raises(DatasetError, match=r"cow/zzz\.png: unreadable or truncated image"):
+        ingest.run(_bad_folder_cfg(root, "ingest.chunk_size=8", "ingest.k_per_class=2"), out)
+    assert {s: (out / s / "manifest.json").read_bytes() for s in manifests} == manifests
+    assert _snapshot(out) == snap  # no stray write-id directories either
+    assert read_table(out / "train").num_rows == 30
+
+
+def test_parquet_missing_column_and_float_labels(tmp_path, earlier):
+    out, snap = earlier
+    pq.write_table(pa.table({"image": [_png((1, 1, 1))] * 4, "y": [0.0, 1.0, 0.0, 1.0]}), tmp_path / "src.parquet")
+    base = ["ingest.source=parquet", f"ingest.path={tmp_path / 'src.parquet'}"]
+    with pytest.raises(DatasetError, match=r"src\.parquet: no column 'label' \(from ingest\.label_column\)"):
+        ingest.run(load_config(None, base), out)
+    with pytest.raises(DatasetError, match=r"src\.parquet: label column 'y' must hold integers, got double"):
+        ingest.run(load_config(None, [*base, "ingest.label_column=y"]), out)
+    assert _snapshot(out) == snap
+
+
+def test_parquet_bad_image_names_file_and_row(tmp_path, earlier):
+    out, snap = earlier
+    images = [_png((i, 0, 0)) for i in range(10)]
+    images[7] = b"not an image"
+    pq.write_table(pa.table({"image": images, "label": [i % 2 for i in range(10)]}), tmp_path / "src.parquet",
+                   row_group_size=4)
+    cfg = load_config(None, ["ingest.source=parquet", f"ingest.path={tmp_path / 'src.parquet'}", "ingest.chunk_size=4"])
+    with pytest.raises(DatasetError, match=r"src\.parquet row 7: unreadable or truncated image"):
+        ingest.run(cfg, out)
+    assert _snapshot(out) == snap
 
 
 def test_label_out_of_range(tmp_path, earlier):

@@ -1,211 +1,384 @@
 """Ingest real labelled images into contract datasets: ``train``, ``val`` and (low-data) ``pool``.
 
-Sources: scikit-learn's bundled ``load_digits`` (the offline default), an image folder
-``root/<class>/<image>`` (PNG, JPEG, WebP) and a Parquet file or directory with image and
-label columns. Everything is read and checked before anything is written, so bad input
-fails with a message naming the file, row or class and leaves earlier outputs untouched.
+Sources (see :mod:`synthaug.data.sources`): scikit-learn's bundled ``load_digits`` (the
+offline default), an image folder ``root/<class>/<image>`` (PNG, JPEG, WebP) and a Parquet
+file or directory with image and label columns, at any storage location.
+
+Ingest streams; no process holds the dataset:
+
+1. *Listing* (driver): file names and labels, or Parquet row groups from the footers,
+   packed into chunks of about ``ingest.chunk_size`` images. Bad paths, empty class
+   folders, missing columns and non-integer label columns fail here.
+2. *Pre-pass* (Ray Data tasks, one per chunk): ids and labels only (Parquet: the label
+   column), hashed; each chunk returns per-class counts and a few candidates, which the
+   driver merges into the split plan (O(classes x k)). Labels out of range, classes too
+   small and k too large fail here.
+3. *Main pass* (Ray Data tasks, one per chunk, spread over the cluster's CPUs): decode,
+   validate, normalise (mode, resize), encode PNG, and write one shard per chunk and
+   split with :func:`artifacts.write_shard` under a fresh write id (deterministic names,
+   so a retried task overwrites its own shards). Each task returns its shard entries and
+   the image mode and size it saw, with an example file.
+4. *Commit* (driver): mixed modes (``ingest.mode: ''``) or sizes (``ingest.image_size: 0``)
+   across chunks fail naming a file; otherwise one manifest per split is written with
+   :func:`artifacts.commit_dataset`. After any failure the write id's shards are deleted
+   and nothing was committed, so earlier outputs in ``out_dir`` stay as they were.
+
+The split rule, a function of (seed, id, label) only: never of chunking, ordering or the
+number of workers. With ``d = blake2b(id, digest_size=16, key=f"synthaug-ingest-{seed}")``,
+``h1`` = its first 8 bytes and ``h2`` the next 8, both little-endian uint64:
+
+- a row is *val* iff ``h1 < floor(val_fraction * 2**64)``, i.e. ``u = h1 / 2**64 < val_fraction``;
+- a class needs at least 2 images. If none of a class's rows is val by that rule, its row
+  with the smallest ``(h1, id)`` is val; if all of them are, its row with the largest
+  ``(h1, id)`` is train (so both parts are never empty);
+- with ``k_per_class = k > 0``, the class's train rows with the k smallest ``(h2, id)`` stay
+  in ``train`` (labelled) and the rest go to ``pool`` (unlabelled); ``train_full`` is all
+  of them. A class with fewer than k train rows is an error naming the class.
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
-from pathlib import Path
+import contextlib
+import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+import pyarrow.compute as pc
+from PIL import Image
 
-from synthaug.artifacts import UNLABELLED, DatasetError, write_dataset
-from synthaug.config import Config, IngestConfig, to_dict
+from synthaug import storage
+from synthaug.artifacts import UNLABELLED, DatasetError, commit_dataset, new_write_id, write_shard
+from synthaug.config import Config, ConfigError, IngestConfig, to_dict
+from synthaug.data import sources
 from synthaug.data.images import encode_png
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+VAL, TRAIN, POOL = 0, 1, 2
+CANDIDATE_ROWS = 200_000  # the driver reduces merged pre-pass candidates beyond this many rows
 
 
-@dataclass
-class RawImages:
-    """Decoded, normalised images of one source, before splitting."""
-
-    ids: list[str]
-    images: list[np.ndarray]  # uint8 (H, W) or (H, W, 3)
-    labels: np.ndarray
-    class_names: list[str]
+# ----------------------------------------------------------------------------- split rule
 
 
-# ----------------------------------------------------------------------------- sources
+def split_keys(ids, seed: int) -> np.ndarray:
+    """``(N, 2)`` uint64: ``h1`` (val or not) and ``h2`` (rank for the k-per-class cut) of each id."""
+    key = f"synthaug-ingest-{int(seed)}".encode()
+    digests = b"".join(hashlib.blake2b(str(i).encode(), digest_size=16, key=key).digest() for i in ids)
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2).astype(np.uint64)
 
 
-def load_digits_source() -> RawImages:
-    """scikit-learn's bundled 8x8 digits, scaled from 0..16 to 0..255."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    ids = [f"digits-{i:04d}" for i in range(len(imgs))]
-    return RawImages(ids, list(imgs), d.target.astype(np.int64), [str(c) for c in d.target_names])
+def val_threshold(val_fraction: float) -> int:
+    """Rows with ``h1`` below this are val."""
+    return min(int(val_fraction * 2.0**64), 2**64 - 1)
 
 
-def _open_image(src, where: str) -> Image.Image:
-    """Open and fully decode one image; truncated or unreadable files raise naming ``where``."""
+def assign_splits(ids, labels: np.ndarray, plan: dict) -> np.ndarray:
+    """Per row VAL, TRAIN or POOL, from the plan of :func:`plan_splits` (pure; any chunk of rows)."""
+    ids = np.asarray(ids, dtype=object)
+    labels = np.asarray(labels, dtype=np.int64)
+    h = split_keys(ids, plan["seed"])
+    val = h[:, 0] < np.uint64(plan["val_threshold"])
+    for forced, value in ((plan["forced_val"], True), (plan["forced_train"], False)):
+        if forced:
+            wanted = set(forced.values())
+            hit = np.fromiter((i in wanted for i in ids), bool, len(ids))
+            val[hit] = value
+    codes = np.where(val, VAL, TRAIN)
+    if plan["k"]:
+        thr = np.asarray(plan["k_h2"], dtype=np.uint64)[labels]
+        thr_id = np.asarray(plan["k_id"], dtype=object)[labels]
+        keep = h[:, 1] < thr
+        tie = h[:, 1] == thr
+        keep[tie] = ids[tie] <= thr_id[tie]  # Python str order == Arrow's (UTF-8 bytes)
+        codes[~val & ~keep] = POOL
+    return codes
+
+
+def _smallest(t: pa.Table, key: str, n: int, descending: bool = False) -> pa.Table:
+    """Per label, the ``n`` rows with the smallest (or largest) ``(key, id)``."""
+    if not len(t):
+        return t
+    order = "descending" if descending else "ascending"
+    t = t.sort_by([("label", "ascending"), (key, order), ("id", order)])
+    lab = t.column("label").to_numpy()
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    rank = np.arange(len(lab)) - np.repeat(starts, np.diff(np.r_[starts, len(lab)]))
+    return t.filter(pa.array(rank < n))
+
+
+_SCHEMAS = {
+    "cand": pa.schema([("label", pa.int64()), ("h2", pa.uint64()), ("id", pa.string())]),
+    "low": pa.schema([("label", pa.int64()), ("h1", pa.uint64()), ("id", pa.string())]),
+    "high": pa.schema([("label", pa.int64()), ("h1", pa.uint64()), ("h2", pa.uint64()), ("id", pa.string())]),
+}
+
+
+def _ipc(t: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return sink.getvalue().to_pybytes()
+
+
+def _unipc(b: bytes) -> pa.Table:
+    return pa.ipc.open_stream(b).read_all()
+
+
+def _prepass_chunk(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
+    """Ray Data task: one chunk's per-class counts and split candidates (an error row on bad input)."""
+    desc = batch.to_pylist()[0]
     try:
-        img = Image.open(src)
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{where}: unreadable or truncated image ({e})") from None
-
-
-def _normalise(imgs: list[Image.Image], wheres: list[str], cfg: IngestConfig) -> list[np.ndarray]:
-    """Bring images to one mode and size as the config says, or raise naming the odd file."""
-    modes = {im.mode for im in imgs}
-    if not cfg.mode and len(modes) > 1:
-        first = imgs[0].mode
-        odd = next(i for i, im in enumerate(imgs) if im.mode != first)
-        raise DatasetError(
-            f"{wheres[odd]}: image mode {imgs[odd].mode!r} differs from {first!r} ({wheres[0]}); "
-            "mixed image modes -- set ingest.mode to 'L' or 'RGB' to convert them"
-        )
-    target_mode = cfg.mode or next(iter(modes))
-    if target_mode not in ("L", "RGB"):
-        target_mode = "RGB"  # palette, RGBA, CMYK ... -> RGB
-    out, size0 = [], None
-    for im, where in zip(imgs, wheres):
-        im = im.convert(target_mode) if im.mode != target_mode else im
-        if cfg.image_size:
-            im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-        elif size0 is None:
-            size0 = (im.size, where)
-        elif im.size != size0[0]:
-            raise DatasetError(
-                f"{where}: size {im.size} differs from {size0[0]} ({size0[1]}); set ingest.image_size to resize"
-            )
-        out.append(np.asarray(im, dtype=np.uint8))
-    return out
-
-
-def load_imagefolder_source(cfg: IngestConfig) -> RawImages:
-    """``root/<class>/<image>``; class names are the sorted folder names."""
-    root = Path(cfg.path)
-    if not cfg.path or not root.is_dir():
-        raise DatasetError(f"ingest.path: image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{root}: no class folders (expected root/<class>/<image>)")
-    files, labels = [], []
-    for k, c in enumerate(classes):
-        found = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DatasetError(f"{root / c}: empty class folder '{c}' (no .png/.jpg/.jpeg/.webp files)")
-        files += found
-        labels += [k] * len(found)
-    imgs = [_open_image(f, str(f)) for f in files]
-    arrays = _normalise(imgs, [str(f) for f in files], cfg)
-    ids = [str(f.relative_to(root)) for f in files]
-    return RawImages(ids, arrays, np.asarray(labels, dtype=np.int64), classes)
-
-
-def load_parquet_source(cfg: IngestConfig) -> RawImages:
-    """A Parquet file/dir with an encoded-image column and an integer label column."""
-    path = Path(cfg.path)
-    if not cfg.path or not path.exists():
-        raise DatasetError(f"ingest.path: Parquet source {path} does not exist")
-    table = pq.read_table(path)
-    for key, col in (("ingest.image_column", cfg.image_column), ("ingest.label_column", cfg.label_column)):
-        if col not in table.column_names:
-            raise DatasetError(f"{path}: no column '{col}' (from {key}); columns are {table.column_names}")
-    labels = np.asarray(table.column(cfg.label_column).to_pylist())
-    if labels.dtype.kind not in "iu":
-        raise DatasetError(f"{path}: label column '{cfg.label_column}' must hold integers, got {labels.dtype}")
-    n_classes = len(cfg.class_names) if cfg.class_names else int(labels.max()) + 1
-    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
-    if bad.size:
-        r = int(bad[0])
-        raise DatasetError(f"{path}: row {r}: label {labels[r]} out of range [0, {n_classes}) in column '{cfg.label_column}'")
-    class_names = [str(c) for c in cfg.class_names] or [str(k) for k in range(n_classes)]
-    imgs, wheres = [], []
-    for r, cell in enumerate(table.column(cfg.image_column).to_pylist()):
-        where = f"{path} row {r}"
-        data = cell.get("bytes") if isinstance(cell, dict) else cell
-        if not isinstance(data, (bytes, bytearray)):
-            raise DatasetError(f"{where}: column '{cfg.image_column}' holds {type(data).__name__}, not image bytes")
-        imgs.append(_open_image(io.BytesIO(data), where))
-        wheres.append(where)
-    arrays = _normalise(imgs, wheres, cfg)
-    ids = [f"{path.stem}-{r:07d}" for r in range(len(arrays))]
-    return RawImages(ids, arrays, labels.astype(np.int64), class_names)
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def split_indices(labels: np.ndarray, class_names: list[str], cfg: IngestConfig) -> dict[str, np.ndarray]:
-    """Stable, seeded, per-class train/val split, then the k-per-class low-data cut."""
-    rng = np.random.default_rng(cfg.seed)
-    parts = {"train": [], "val": [], "pool": [], "train_full": []}
-    for k, name in enumerate(class_names):
-        idx = np.flatnonzero(labels == k)
-        if idx.size < 2:
-            raise DatasetError(f"class '{name}' has {idx.size} image(s); need at least 2 for a train/val split")
-        idx = idx[rng.permutation(idx.size)]
-        n_val = max(1, int(round(cfg.val_fraction * idx.size)))
-        val, train = idx[:n_val], idx[n_val:]
-        if cfg.k_per_class:
-            if cfg.k_per_class > train.size:
-                raise DatasetError(
-                    f"ingest.k_per_class={cfg.k_per_class} is larger than class '{name}', "
-                    f"which has {train.size} train images"
-                )
-            parts["train_full"].append(train)  # the evaluation oracle's training set
-            train, pool = train[: cfg.k_per_class], train[cfg.k_per_class :]
-            parts["pool"].append(pool)
-        parts["train"].append(train)
-        parts["val"].append(val)
-    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
-
-
-def _table(raw: RawImages, idx: np.ndarray, labelled: bool) -> pa.Table:
+        ids, labels = sources.chunk_labels(cfg, desc)
+    except DatasetError as e:
+        return _error_row(desc["chunk"], e)
+    h = split_keys(ids, cfg.seed)
+    val = h[:, 0] < np.uint64(val_threshold(cfg.val_fraction))
+    n = int(labels.max()) + 1 if len(labels) else 0
+    rows = pa.table({"label": labels, "h1": h[:, 0], "h2": h[:, 1], "id": pa.array(ids, pa.string())})
+    train, held = rows.filter(pa.array(~val)), rows.filter(pa.array(val))
+    k = cfg.k_per_class
+    parts = {
+        "cand": _smallest(train.select(["label", "h2", "id"]), "h2", k + 1) if k else _SCHEMAS["cand"].empty_table(),
+        "low": _smallest(train.select(["label", "h1", "id"]), "h1", 1),
+        "high": _smallest(held, "h1", 1, descending=True),
+    }
     return pa.table({
-        "id": [raw.ids[i] for i in idx],
-        "image": pa.array([encode_png(raw.images[i]) for i in idx], pa.binary()),
-        "label": pa.array([int(raw.labels[i]) if labelled else UNLABELLED for i in idx], pa.int64()),
-        "class_name": [raw.class_names[raw.labels[i]] if labelled else "" for i in idx],
-        "source": ["real"] * len(idx),
+        "chunk": [desc["chunk"]], "error": [""],
+        "n_val": [np.bincount(labels[val], minlength=n).tolist()],
+        "n_train": [np.bincount(labels[~val], minlength=n).tolist()],
+        **{name: pa.array([_ipc(t)], pa.binary()) for name, t in parts.items()},
     })
 
 
-def load_source(cfg: IngestConfig) -> RawImages:
-    if cfg.source == "digits":
-        return load_digits_source()
-    if cfg.source == "imagefolder":
-        return load_imagefolder_source(cfg)
-    return load_parquet_source(cfg)
+class _PlanMerger:
+    """Sums the pre-pass rows in the driver, keeping O(classes x k) candidates."""
+
+    def __init__(self, k: int):
+        self.k, self.n_val, self.n_train = k, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self.parts: dict[str, list[pa.Table]] = {name: [s.empty_table()] for name, s in _SCHEMAS.items()}
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        for name in ("n_val", "n_train"):
+            a, b = getattr(self, name), np.asarray(row[name], np.int64)
+            n = max(len(a), len(b))
+            setattr(self, name, np.pad(a, (0, n - len(a))) + np.pad(b, (0, n - len(b))))
+        for name in _SCHEMAS:
+            t = _unipc(row[name])
+            self.parts[name].append(t)
+            self.rows += len(t)
+        if self.rows > CANDIDATE_ROWS:
+            self.reduce()
+
+    def reduce(self) -> dict[str, pa.Table]:
+        keep = {"cand": ("h2", self.k + 1, False), "low": ("h1", 1, False), "high": ("h1", 1, True)}
+        for name, (key, n, desc) in keep.items():
+            self.parts[name] = [_smallest(pa.concat_tables(self.parts[name]), key, n, desc)]
+        self.rows = sum(len(p[0]) for p in self.parts.values())
+        return {name: p[0] for name, p in self.parts.items()}
 
 
-def run(cfg: Config, out_dir: str | Path) -> dict[str, dict]:
+def plan_splits(merged: _PlanMerger, class_names: list[str], cfg: IngestConfig) -> tuple[dict, dict]:
+    """The split plan for the tasks (O(classes)) and the per-class (val, train) counts; bad classes raise."""
+    parts = merged.reduce()
+    c = len(class_names)
+    n_val = np.pad(merged.n_val, (0, max(0, c - len(merged.n_val))))
+    n_train = np.pad(merged.n_train, (0, max(0, c - len(merged.n_train))))
+    low = dict(zip(parts["low"].column("label").to_pylist(), parts["low"].column("id").to_pylist()))
+    high = {y: (i, h2) for y, i, h2 in zip(*(parts["high"].column(n).to_pylist() for n in ("label", "id", "h2")))}
+    forced_val, forced_train, k = {}, {}, cfg.k_per_class
+    for y, name in enumerate(class_names):
+        if n_val[y] + n_train[y] < 2:
+            raise DatasetError(f"class '{name}' has {n_val[y] + n_train[y]} image(s); need at least 2 for a train/val split")
+        if n_val[y] == 0:
+            forced_val[y] = low[y]
+            n_val[y], n_train[y] = 1, n_train[y] - 1
+        elif n_train[y] == 0:
+            forced_train[y] = high[y][0]
+            n_val[y], n_train[y] = n_val[y] - 1, 1
+        if k and k > n_train[y]:
+            raise DatasetError(f"ingest.k_per_class={k} is larger than class '{name}', which has {n_train[y]} train images")
+    plan = {"seed": cfg.seed, "val_threshold": val_threshold(cfg.val_fraction), "k": k,
+            "forced_val": forced_val, "forced_train": forced_train, "k_h2": [], "k_id": []}
+    if k:
+        cand = parts["cand"]
+        if forced_val:
+            cand = cand.filter(pc.invert(pc.is_in(cand.column("id"), pa.array(list(forced_val.values()), pa.string()))))
+        extra = pa.table({"label": pa.array(list(forced_train), pa.int64()),
+                          "h2": pa.array([high[y][1] for y in forced_train], pa.uint64()),
+                          "id": pa.array([high[y][0] for y in forced_train], pa.string())})
+        top = _smallest(pa.concat_tables([cand, extra]), "h2", k)
+        last = _smallest(top, "h2", 1, descending=True)  # the k-th of each class: the cut
+        cut = {y: (h2, i) for y, h2, i in zip(*(last.column(n).to_pylist() for n in ("label", "h2", "id")))}
+        plan["k_h2"] = [cut[y][0] for y in range(c)]
+        plan["k_id"] = [cut[y][1] for y in range(c)]
+    return plan, {"val": n_val, "train": n_train}
+
+
+# ----------------------------------------------------------------------------- main pass
+
+
+def normalise(img, where: str, cfg: IngestConfig, seen: dict):
+    """Convert to the target mode and size; a second raw mode or size within a chunk raises."""
+    if not cfg.mode:
+        mode0 = seen.setdefault("mode", (img.mode, where))
+        if img.mode != mode0[0]:
+            raise DatasetError(_mixed_modes(img.mode, where, *mode0))
+    target = cfg.mode or (img.mode if img.mode in ("L", "RGB") else "RGB")  # palette, RGBA, CMYK ... -> RGB
+    img = img.convert(target) if img.mode != target else img
+    if cfg.image_size:
+        return img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+    size0 = seen.setdefault("size", (list(img.size), where))
+    if list(img.size) != size0[0]:
+        raise DatasetError(_mixed_sizes(list(img.size), where, *size0))
+    return img
+
+
+def _mixed_modes(mode, where, mode0, where0) -> str:
+    return (f"{where}: image mode {mode!r} differs from {mode0!r} ({where0}); "
+            "mixed image modes -- set ingest.mode to 'L' or 'RGB' to convert them")
+
+
+def _mixed_sizes(size, where, size0, where0) -> str:
+    return f"{where}: size {tuple(size)} differs from {tuple(size0)} ({where0}); set ingest.image_size to resize"
+
+
+def _error_row(chunk: int, e: DatasetError) -> pa.Table:
+    return pa.table({"chunk": [chunk], "error": [str(e)]})
+
+
+def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, write_id: str,
+                  class_names: list[str], splits: list[str]) -> pa.Table:
+    """Ray Data task: decode, check, normalise and encode one chunk; write its shard of each split."""
+    desc = batch.to_pylist()[0]
+    chunk = desc["chunk"]
+    ids, labels, pngs, seen = [], [], [], {}
+    try:
+        for i, y, where, img in sources.chunk_images(cfg, desc):
+            img = normalise(img, where, cfg, seen)
+            ids.append(i), labels.append(y), pngs.append(encode_png(np.asarray(img, dtype=np.uint8)))
+    except DatasetError as e:
+        return _error_row(chunk, e)
+    codes = assign_splits(ids, np.asarray(labels, np.int64), plan)
+    table = pa.table({
+        "id": pa.array(ids, pa.string()), "image": pa.array(pngs, pa.binary()),
+        "label": pa.array(labels, pa.int64()), "class_name": pa.array([class_names[y] for y in labels], pa.string()),
+        "source": pa.array(["real"] * len(ids), pa.string()),
+    })
+    masks = {"val": codes == VAL, "train": codes == TRAIN, "pool": codes == POOL, "train_full": codes != VAL}
+    entries = {}
+    for split in splits:
+        part = table.filter(pa.array(masks[split]))
+        if split == "pool":
+            part = part.set_column(2, "label", pa.array(np.full(len(part), UNLABELLED), pa.int64()))
+            part = part.set_column(3, "class_name", pa.array([""] * len(part), pa.string()))
+        if len(part):
+            entries[split] = write_shard(storage.join(out, split), write_id, f"part-{chunk:06d}", part, len(class_names))
+    mode, mode_where = seen.get("mode", ("", ""))
+    size, size_where = seen.get("size", ([], ""))
+    return pa.table({"chunk": [chunk], "error": [""], "entries": [json.dumps(entries)], "mode": [mode],
+                     "mode_where": [mode_where], "size": [json.dumps(size)], "size_where": [size_where]})
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def _task_errors():
+    """Re-raise a DatasetError raised inside a Ray task as itself (its message), not a Ray traceback."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except Exception as e:  # ray.exceptions.RayTaskError and the errors it wraps
+        cause = e
+        for _ in range(8):
+            if isinstance(cause, DatasetError):
+                raise DatasetError(str(cause.args[0] if cause.args else cause)) from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+            if cause is None:
+                break
+        raise
+
+
+def _rows(ds):
+    """The result rows of a per-chunk pass; the first error row raises (which stops the pass)."""
+    with _task_errors():
+        for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row["error"]:
+                    raise DatasetError(row["error"])
+                yield row
+
+
+def _output_splits(cfg: IngestConfig) -> list[str]:
+    if not cfg.k_per_class:
+        return ["train", "val"]
+    return ["train", "val"] + (["pool"] if cfg.unlabelled_pool else []) + ["train_full"]
+
+
+def _image_geometry(results: list[dict], cfg: IngestConfig) -> tuple[tuple[int, int], int]:
+    """The one (height, width) and channel count of all chunks; a chunk that differs raises naming a file."""
+    first = results[0]
+    for r in results[1:]:
+        if not cfg.mode and r["mode"] != first["mode"]:
+            raise DatasetError(_mixed_modes(r["mode"], r["mode_where"], first["mode"], first["mode_where"]))
+        if not cfg.image_size and r["size"] != first["size"]:
+            raise DatasetError(_mixed_sizes(json.loads(r["size"]), r["size_where"], json.loads(first["size"]),
+                                            first["size_where"]))
+    mode = cfg.mode or (first["mode"] if first["mode"] in ("L", "RGB") else "RGB")
+    w, h = (cfg.image_size, cfg.image_size) if cfg.image_size else json.loads(first["size"])
+    return (h, w), 1 if mode == "L" else 3
+
+
+def run(cfg: Config, out_dir: str) -> dict[str, dict]:
     """Ingest per ``cfg.ingest`` into ``out_dir/{train,val[,pool,train_full]}``; returns manifests.
 
     In the low-data regime ``train`` keeps k labelled images per class, ``pool`` holds the
     rest of the train split without labels, and ``train_full`` the whole labelled train
     split. ``train_full`` is used only to train the evaluation's in-domain feature
     extractor (an oracle, like ImageNet-trained Inception), never by the generator or
-    the classifiers being compared.
+    the classifiers being compared. ``out_dir`` is any storage location.
     """
-    raw = load_source(cfg.ingest)
-    parts = split_indices(raw.labels, raw.class_names, cfg.ingest)
-    h, w = raw.images[0].shape[:2]
-    channels = 1 if raw.images[0].ndim == 2 else raw.images[0].shape[2]
+    import ray.data
+
+    from synthaug.raylocal import init_ray
+
+    ic = cfg.ingest
+    if ic.chunk_size < 1:
+        raise ConfigError("config key 'ingest.chunk_size' must be >= 1")
+    out = storage.absolute(str(out_dir))
+
+    # List (driver), then the split pre-pass over ids and labels (tasks).
+    listing = sources.list_source(ic)
+    init_ray(cfg.ray)
+    chunks = ray.data.from_arrow(listing.chunks)
+    task = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": 1}
+    merged = _PlanMerger(ic.k_per_class)
+    for row in _rows(chunks.map_batches(_prepass_chunk, fn_kwargs={"cfg": ic}, **task)):
+        merged.add(row)
+    class_names = listing.class_names or [str(y) for y in range(len(merged.n_val))]
+    plan, _ = plan_splits(merged, class_names, ic)
+
+    # Decode, normalise, encode and write shards (tasks); collect one small row per chunk.
+    splits, write_id = _output_splits(ic), new_write_id()
+    try:
+        kwargs = {"cfg": ic, "plan": plan, "out": out, "write_id": write_id, "class_names": class_names, "splits": splits}
+        results = sorted(_rows(chunks.map_batches(_ingest_chunk, fn_kwargs=kwargs, **task)), key=lambda r: r["chunk"])
+        image_size, channels = _image_geometry(results, ic)
+    except BaseException:
+        for split in splits:  # best effort: this attempt's shards only
+            with contextlib.suppress(Exception):
+                storage.delete(storage.join(out, split, "data", write_id))
+        raise
+
+    # Commit: one manifest per split, each written last.
     manifests = {}
-    for split, idx in parts.items():
-        if split == "pool" and (not cfg.ingest.k_per_class or not cfg.ingest.unlabelled_pool):
-            continue
-        if split == "train_full" and not cfg.ingest.k_per_class:
-            continue
-        labelled = split != "pool"
-        manifests[split] = write_dataset(
-            _table(raw, idx, labelled), Path(out_dir) / split,
-            class_names=raw.class_names, image_size=(h, w), channels=channels,
-            config=to_dict(cfg), labelled=labelled, extra={"stage": "ingest", "split": split, "source": cfg.ingest.source},
+    for split in splits:
+        entries = [e for r in results for s, e in json.loads(r["entries"]).items() if s == split]
+        manifests[split] = commit_dataset(
+            storage.join(out, split), entries, class_names=class_names, image_size=image_size, channels=channels,
+            config=to_dict(cfg), labelled=split != "pool", check_ids=False,  # ids are unique by construction
+            extra={"stage": "ingest", "split": split, "source": ic.source},
         )
     return manifests
