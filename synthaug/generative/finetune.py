@@ -299,7 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 start=core.step * t.grad_accum)
     t0 = time.time()
 
-    for x, y in batches:
+    for x, y in batches if core.step < t.steps else ():
         x = torch.from_numpy(to_float(x)).to(device)  # (B, C, H, W) in [-1, 1]
         if not core.micro_step(x, torch.from_numpy(y).to(device)):
             continue
