@@ -29,7 +29,7 @@ def gens(ray_session, digits_dirs, tmp_path_factory):
     for 12, so it must resume from the step-6 checkpoint.
     """
     root = tmp_path_factory.mktemp("gen")
-    cfg = load_config(None, TINY + [f"work_dir={root}/work"])
+    cfg = load_config(None, TINY + [f"work_dir={root}/work", "pretrain.cache=true"])  # the object-store cache path
     pre = finetune.run(cfg, "pretrain", digits_dirs["pool"], root / "pre", root / "ray", unconditional=True)
     short = load_config(None, TINY + ["finetune.steps=6"])
     first = finetune.run(short, "finetune", digits_dirs["train"], root / "ft6", root / "ray", base_dir=root / "pre")

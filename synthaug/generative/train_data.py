@@ -157,23 +157,31 @@ def _numpy_batches(ds) -> Iterator[Batch]:
 
 
 def ray_source(locations: list[str], cached: list | None = None) -> Source:
-    """Reads (or, with ``cached``, the object-store copies of) the given shards through Ray Data."""
+    """Reads the given shards through Ray Data, or with ``cached`` (:func:`cache`) fetches their decoded blocks."""
 
     def source(order: list[int]) -> Iterator[Batch]:
         if not order:
             return
         if cached is not None:
+            import ray
+
             for i in order:
-                yield from _numpy_batches(cached[i])
+                for ref in cached[i]:  # one block at a time, no pipeline to start per epoch
+                    b = ray.get(ref)
+                    yield b["x"], b["y"]
         else:
             yield from _numpy_batches(read_shards([locations[i] for i in order]))
 
     return source
 
 
-def cache(locations: list[str]) -> list:
-    """Every shard decoded once into the Ray object store (one materialised dataset per shard)."""
-    return [read_shards([loc]).materialize() for loc in locations]
+def cache(locations: list[str]) -> list[list]:
+    """Every shard decoded once into the Ray object store: per shard, its blocks' refs in row order.
+
+    The blocks are made by Ray tasks; the driver holds only the references (which keep
+    them alive while it runs). For sets that fit in the object store.
+    """
+    return [read_shards([loc]).materialize().to_numpy_refs() for loc in locations]
 
 
 def local_source(locations: list[str], batch_size: int = 256) -> Source:
