@@ -4,8 +4,11 @@ CPU mode (default): ``synthaug.generative.finetune.run`` (Ray Train, 1 worker, t
 8x8 digits, class-conditional fine-tuning on the 10-per-class split) against a plain
 single-process loop (``finetune.plain_loop``) that drives the worker's own step object,
 ``finetune.TrainCore`` -- the same construction and seeding, label dropout, loss, clip,
-AdamW, LambdaLR and EMA -- over the same step plan, with the data decoded in memory
-beforehand. Both use one torch thread (the Ray worker sets ``torch.set_num_threads(1)``;
+AdamW, cosine LR schedule and EMA -- over the same micro-batch stream
+(``finetune.plan_tensors``: the worker's per-epoch shard order, rank slice and shuffle
+buffer), with the data decoded in memory beforehand. The Ray side reads the decoded set
+from the object-store cache (``finetune.cache=true``; ``--no-cache`` streams Parquet): the
+100 rows make one micro-batch an epoch, and an uncached epoch starts a Ray Data pipeline. Both use one torch thread (the Ray worker sets ``torch.set_num_threads(1)``;
 the plain loop does the same).
 
 Numbers per side:
@@ -43,7 +46,7 @@ import _common as C
 
 
 def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
-    """The Ray worker's step (``finetune.TrainCore``, rank 0, no resume) in this process, over the same step plan."""
+    """The Ray worker's step (``finetune.TrainCore``, rank 0, no resume) in this process, over the same batch stream."""
     import torch
 
     from synthaug.artifacts import read_manifest
@@ -53,7 +56,7 @@ def plain_loop(cfg, data_dir: Path, warm_step: int = 50) -> dict:
     torch.set_num_threads(1)  # as the Ray worker
     manifest = read_manifest(data_dir)
 
-    # Decode the same plan rows the Ray Dataset streams, into memory (not timed).
+    # Decode the micro-batches the Ray worker streams, into memory (not timed).
     xs, ys = finetune.plan_tensors(data_dir, t)  # (N, C, H, W), (N,)
     core = finetune.TrainCore(t, "", list(manifest["class_names"]), int(manifest["image_size"][0]),
                               int(manifest["channels"]))
@@ -119,33 +122,40 @@ def ray_loop(cfg, data_dir: Path, work: Path, warm_step: int = 50) -> dict:
 
 
 def data_path(cfg, data_dir: Path) -> dict:
-    """Iteration only (no model): the first-batch wait of the pipeline ``finetune.run`` builds.
+    """Iteration only (no model): the first-batch wait of the stream a Train worker reads.
 
-    A replica of the stage's two data lines (the step plan as one Arrow table ->
-    ``from_arrow`` -> ``map_batches(_decode)``), read through a ``streaming_split(1)``
-    shard as a Train worker reads it, against decoding the same plan in this process.
+    Rank 0 of 1's micro-batches for the whole run (``train_data.stream``) through Ray
+    Data (``ray_source``: read and decode tasks, one pipeline per epoch), against the
+    same stream read and decoded in this process (``local_source``).
     """
-    import numpy as np
-    import ray.data
+    import itertools
 
-    from synthaug.artifacts import read_table
-    from synthaug.generative.finetune import _decode, plan_rows
+    from synthaug.artifacts import read_manifest
+    from synthaug.generative import train_data
 
     t = cfg.finetune
-    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t)
-    t0 = time.perf_counter()
-    _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
-    in_process = time.perf_counter() - t0
+    locations, rows = train_data.shard_locations(str(Path(data_dir).absolute()), read_manifest(data_dir))
+    n = t.steps * t.grad_accum
 
-    ds = ray.data.from_arrow(plan).map_batches(_decode, batch_format="numpy")
-    shard = ds.streaming_split(1, equal=True)[0]
-    t0, first, n = time.perf_counter(), None, 0
-    for _ in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
-        n += 1
-        first = first or time.perf_counter() - t0
-    return {"plan_rows": plan.num_rows, "input_blocks": 1,  # from_arrow of one table
+    def run(source, n=n):
+        t0, first, count = time.perf_counter(), None, 0
+        for _ in itertools.islice(train_data.stream(source, rows, t.seed, 0, 1, t.batch_size, t.shuffle_buffer), n):
+            count += 1
+            first = first or time.perf_counter() - t0
+        return first, time.perf_counter() - t0, count
+
+    _, in_process, _ = run(train_data.local_source(locations))
+    # Uncached, every epoch is a Ray Data pipeline of its own: time the first 20 micro-batches only.
+    first, total, batches = run(train_data.ray_source(locations), min(n, 20))
+    t0 = time.perf_counter()
+    cached = train_data.cache(locations)
+    cache_s = time.perf_counter() - t0
+    first_c, total_c, batches_c = run(train_data.ray_source(locations, cached))
+    return {"rows": sum(rows), "shards": len(rows), "micro_batches": batches, "cached_micro_batches": batches_c,
+            "micro_batches_per_epoch": train_data.per_epoch(sum(rows), 1, t.batch_size),
             "in_process_decode_seconds": in_process, "ray_first_batch_seconds": first,
-            "ray_all_batches_seconds": time.perf_counter() - t0, "batches": n}
+            "ray_all_batches_seconds": total, "cache_build_seconds": cache_s,
+            "cached_first_batch_seconds": first_c, "cached_all_batches_seconds": total_c}
 
 
 def cpu_benchmark(args) -> None:
@@ -155,7 +165,10 @@ def cpu_benchmark(args) -> None:
     t_start = time.time()
     dirs = C.digits()
     cfg = load_config(None, [f"finetune.steps={args.steps}", f"finetune.batch_size={args.batch_size}",
-                             f"finetune.arch={args.arch}", "finetune.num_workers=1"])
+                             f"finetune.arch={args.arch}", "finetune.num_workers=1",
+                             # 100 rows are one micro-batch an epoch: stream them from the object-store
+                             # cache rather than starting a Ray Data pipeline for every step.
+                             f"finetune.cache={str(args.cache).lower()}"])
     C.WORK.mkdir(parents=True, exist_ok=True)
 
     # Ray start-up, timed on its own (it is not part of any throughput).
@@ -203,7 +216,7 @@ def cpu_benchmark(args) -> None:
         "mode": "cpu",
         "settings": {"arch": args.arch, "steps": args.steps, "batch_size": args.batch_size, "data": "digits 8x8, k=10/class 'train' split (100 rows)",
                      "conditioning": "class-conditional, label_dropout 0.1", "plain_torch_threads": 1, "plain_niceness": "set to the Ray workers' (ray_worker_threads.niceness) for the plain runs",
-                     "ray_worker_threads": threads, "ray_num_workers": 1, "warm_step": 50},
+                     "ray_worker_threads": threads, "ray_num_workers": 1, "warm_step": 50, "cache": args.cache},
         "what_is_timed": {
             "images_per_s": "whole loop incl. first step; Ray: the worker's own figure from the export manifest (clock starts on loop entry, so Ray Data first-batch latency is inside; Ray/worker start-up and the final checkpoint are not)",
             "steady_images_per_s": "end of step 50 to last step; Ray: from the worker's cumulative 'step N img/s' log lines",
@@ -294,6 +307,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--arch", default="tiny")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="stream every epoch from Parquet (finetune.cache=false) instead of the object-store cache")
     p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load to drop below this before each run")
     p.add_argument("--max-wait", type=float, default=90.0, help="seconds to wait for --max-load at most")
     p.add_argument("--gpu", action="store_true", help="time DiT-B/2 and SD-UNet bf16 training steps on CUDA (no Ray)")

@@ -79,6 +79,8 @@ class TrainGenConfig:
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(2, "Ray Train FailureConfig.max_failures.")
     seed: int = _f(0, "Training seed.")
+    shuffle_buffer: int = _f(1024, "Rows in each worker's local shuffle buffer (decoded uint8 images); epochs also permute the shard order.")
+    cache: bool = _f(False, "Cache the decoded training set in the Ray object store (opt-in, for sets that fit in it).")
     prompt_template: str = _f("a photo of a {class_name}", "text2image: the prompt of each class; the null class is the empty prompt.")
     lora_rank: int = _f(0, "text2image: LoRA rank on the UNet's attention projections; 0 fine-tunes the whole UNet.")
 
@@ -359,6 +361,7 @@ def validate(cfg: Config) -> None:
         _check(t.prediction_type in _CHOICES["prediction_type"], f"config key '{name}.prediction_type': {t.prediction_type!r} not in {_CHOICES['prediction_type']}")
         _check(t.mixed_precision in _CHOICES["mixed_precision"], f"config key '{name}.mixed_precision': {t.mixed_precision!r} not in {_CHOICES['mixed_precision']}")
         _check(t.grad_accum >= 1, f"config key '{name}.grad_accum' must be >= 1")
+        _check(t.shuffle_buffer >= 0, f"config key '{name}.shuffle_buffer' must be >= 0")
         _check(t.val_grid_every >= 0, f"config key '{name}.val_grid_every' must be >= 0")
         problem = prompt_template_problem(t.prompt_template, f"{name}.prompt_template")
         _check(problem is None, problem or "")

@@ -202,7 +202,7 @@ def test_hub_ids_need_allow_downloads(bases, digits_dirs, tmp_path, monkeypatch)
         return str(bases["dit"])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    assert models.resolve_base("facebook/DiT-XL-2-256", "dit", allow_downloads=True) == bases["dit"]
+    assert models.resolve_base("facebook/DiT-XL-2-256", "dit", allow_downloads=True) == str(bases["dit"])
     assert asked["repo_id"] == "facebook/DiT-XL-2-256" and "transformer/*" in asked["allow_patterns"]
 
 

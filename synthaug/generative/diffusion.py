@@ -13,8 +13,6 @@ family diffuses in its VAE's latent space with the same code (identity for ``une
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -37,23 +35,19 @@ def diffusion_loss(gen, x0: torch.Tensor, labels: torch.Tensor, noise_scheduler,
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma > 0:
         # Min-SNR weighting (Hang et al., 2023): min(SNR, gamma) / SNR for eps, / (SNR + 1) for v.
-        abar = noise_scheduler.alphas_cumprod.to(x0.device)[t]
-        snr = abar / (1 - abar)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, t)  # (B,) alpha_bar / (1 - alpha_bar)
         w = torch.clamp(snr, max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
         per_sample = per_sample * w
     return per_sample.mean()
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up then cosine decay to 0, as a LambdaLR multiplier."""
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up from 0, then cosine decay to 0 at ``total`` (diffusers' ``get_cosine_schedule_with_warmup``)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -8,13 +8,16 @@ grad (all, or LoRA adapters) are optimised and tracked by the EMA. Its step is
 :class:`TrainCore`, plain PyTorch without Ray, which the throughput benchmark's plain
 loop and the tests drive directly.
 
-Data: the driver turns the contract dataset into a *step plan* -- seeded permutations
-of the rows, concatenated until ``steps x batch x grad_accum`` rows -- and streams it
-through Ray Data, decoded in ``map_batches``. Checkpoints (rank 0, every N steps)
-hold model, EMA, optimiser, LR schedule, step and RNG state; a re-run of the same
-command resumes from the latest one (Train V2 finds it in the run's storage), and
-a restarted worker group skips the plan rows already consumed, so the final step
-count is exact.
+Data (:mod:`synthaug.generative.train_data`): each worker streams its own share of
+every epoch -- the shards in a seeded per-epoch order, its contiguous slice of their
+rows, a seeded local shuffle buffer -- read and decoded in Ray Data tasks anywhere in
+the cluster; nothing is materialised unless ``cache`` asks for the decoded set in the
+object store. Steps count optimiser steps over epochs of that stream. Checkpoints
+(rank 0, every N steps) hold model, EMA, optimiser, LR schedule, step and RNG state in
+Ray Train storage at any location; a re-run of the same command resumes from the
+latest one (Train V2 finds it in the run's storage), and a restarted worker group
+re-reads the current epoch and skips the micro-batches already consumed, so the final
+step count is exact.
 """
 
 from __future__ import annotations
@@ -27,52 +30,42 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from synthaug.artifacts import DatasetError, read_manifest, read_table, hash_tree
+from synthaug import storage
+from synthaug.artifacts import DatasetError, hash_tree, read_manifest
 from synthaug.config import Config, TrainGenConfig, to_dict
-from synthaug.data.images import decode_batch, to_float
-from synthaug.generative import models
-from synthaug.generative.diffusion import diffusion_loss, lr_lambda
+from synthaug.data.images import to_float
+from synthaug.generative import models, train_data
+from synthaug.generative.diffusion import diffusion_loss, lr_schedule
 
 STATE_FILE = "train_state.json"
 
 
-# ----------------------------------------------------------------------------- data plan
+# ----------------------------------------------------------------------------- resume
 
 
-def step_plan(num_rows: int, rows_needed: int, seed: int, offset: int = 0) -> np.ndarray:
-    """Row indices for the whole run: seeded permutations, concatenated, from ``offset``."""
-    epochs = (offset + rows_needed) // num_rows + 1
-    idx = np.concatenate([np.random.default_rng([seed, e]).permutation(num_rows) for e in range(epochs)])
-    return idx[offset : offset + rows_needed]
+def _state_steps(run: str) -> list[int]:
+    fs, _ = storage.resolve(run)
+    steps = []
+    for info in storage.list_files(run):
+        if info.base_name == STATE_FILE:
+            with fs.open_input_stream(info.path) as f:
+                steps.append(int(json.loads(f.read())["step"]))
+    return steps
 
 
-def plan_rows(table: pa.Table, t: TrainGenConfig, offset_steps: int = 0) -> pa.Table:
-    """The rows a run from optimiser step ``offset_steps`` reads, in order (plus one spare batch)."""
-    per_step = t.batch_size * t.grad_accum
-    rows_needed = max(0, t.steps - offset_steps) * per_step + t.batch_size
-    return table.take(pa.array(step_plan(table.num_rows, rows_needed, t.seed, offset_steps * per_step)))
-
-
-def _decode(batch: dict) -> dict:
-    """Ray Data map_batches: PNG bytes -> float32 (B, C, H, W) in [-1, 1] and int64 labels."""
-    return {"x": to_float(decode_batch(batch["image"])), "y": np.asarray(batch["label"], dtype=np.int64)}
-
-
-def latest_step(storage: Path) -> int:
-    """The step of the checkpoint Ray Train will resume from (0 when none).
+def latest_step(run: str | Path) -> int:
+    """The step of the checkpoint Ray Train will resume from (0 when none), at any storage location.
 
     Read from Train V2's checkpoint-manager snapshot, not from the newest directory: a
     checkpoint written but not yet registered when a run died is not resumed from.
     """
-    snap = storage / "checkpoint_manager_snapshot.json"
-    if snap.is_file():
-        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+    snap = storage.join(run, "checkpoint_manager_snapshot.json")
+    if storage.is_file(snap):
+        latest = storage.read_json(snap).get("latest_checkpoint_result") or {}
         return int(latest.get("metrics", {}).get("step", 0))
-    steps = [json.loads(p.read_text())["step"] for p in storage.rglob(STATE_FILE)] if storage.exists() else []
-    return max(steps, default=0)
+    return max(_state_steps(str(run)), default=0)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -128,8 +121,10 @@ def state_sums(ema, opt) -> dict:
     return {"ema_sum": ema_sum, "opt_sum": opt_sum}
 
 
-def save_val_grid(gen, ema, params, path: Path, steps: int = 20, guidance_scale: float = 2.0) -> None:
-    """One image per class (seed = class index) from the EMA weights, as a PNG row."""
+def save_val_grid(gen, ema, params, path: str | Path, steps: int = 20, guidance_scale: float = 2.0) -> None:
+    """One image per class (seed = class index) from the EMA weights, as a PNG row at a location."""
+    import io
+
     from PIL import Image
 
     from synthaug.data.images import from_float
@@ -149,12 +144,13 @@ def save_val_grid(gen, ema, params, path: Path, steps: int = 20, guidance_scale:
     imgs = from_float(x.float().cpu()).transpose(0, 2, 3, 1)  # (K, H, W, C)
     row = np.concatenate(list(imgs), axis=1)  # (H, K*W, C)
     row = row[:, :, 0] if row.shape[2] == 1 else row
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).resize((row.shape[1] * 4, row.shape[0] * 4), Image.Resampling.NEAREST).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(row).resize((row.shape[1] * 4, row.shape[0] * 4), Image.Resampling.NEAREST).save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
 
 
 def _load(t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int) -> models.Generator:
-    """The generator to train: loaded from ``base`` for the data's image size, or new from ``t.arch``."""
+    """The generator to train: loaded from location ``base`` for the data's image size, or new from ``t.arch``."""
     if base:
         return models.load_generator(base, t.family, class_names, image_size=image_size, channels=channels,
                                      prompt_template=t.prompt_template, lora_rank=t.lora_rank)
@@ -172,8 +168,8 @@ class TrainCore:
     Construction seeds so that all ranks start identical, loads or builds the generator,
     and sets up what is trained (``trainable``), the EMA over it, AdamW and the LR
     schedule; :meth:`begin` starts the per-rank noise stream and wraps the model (DDP);
-    :meth:`micro_step` runs one micro-batch. A plain loop that feeds it the step plan's
-    batches (``plan_rows``) computes what a 1-worker Ray Train run computes.
+    :meth:`micro_step` runs one micro-batch. A plain loop that feeds it the same batch
+    stream (:func:`plan_tensors`) computes what a 1-worker Ray Train run computes.
     """
 
     def __init__(self, t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int, *,
@@ -190,7 +186,7 @@ class TrainCore:
         self.params = trainable(self.raw_model)
         self.ema = EMAModel(self.params, decay=t.ema_decay)
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.steps))
+        self.sched = lr_schedule(self.opt, t.warmup_steps, t.steps)
         self.rng = torch.Generator().manual_seed(t.seed * 1000 + rank)  # label dropout and flips
         self.autocast = self.device.type == "cuda" and t.mixed_precision in ("auto", "bf16")
         self.step, self.images, self.last_loss, self._micro = 0, 0, float("nan"), 0
@@ -245,14 +241,22 @@ class TrainCore:
 
 
 def plan_tensors(data_dir: str | Path, t: TrainGenConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """A run's whole step plan decoded in memory: pixels (N, C, H, W) in [-1, 1] and labels (N,), in plan order."""
-    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t)
-    dec = _decode({"image": plan.column("image").to_pylist(), "label": np.asarray(plan.column("label"))})
-    return torch.from_numpy(dec["x"]), torch.from_numpy(dec["y"])
+    """The micro-batches a 1-worker run of ``t`` trains on, decoded in this process (Ray-free), concatenated.
+
+    Pixels (steps x grad_accum x batch, C, H, W) in [-1, 1] and labels, in training order:
+    the same stream (:func:`train_data.stream`, rank 0 of 1) that the Ray worker reads
+    through Ray Data. For bounded runs only (tests, the benchmark): it holds them all.
+    """
+    import itertools
+
+    locations, rows = train_data.shard_locations(storage.absolute(data_dir), read_manifest(data_dir))
+    it = train_data.stream(train_data.local_source(locations), rows, t.seed, 0, 1, t.batch_size, t.shuffle_buffer)
+    xs, ys = zip(*itertools.islice(it, t.steps * t.grad_accum))
+    return torch.from_numpy(to_float(np.concatenate(xs))), torch.from_numpy(np.concatenate(ys))
 
 
 def plain_loop(core: TrainCore, x: torch.Tensor, y: torch.Tensor, on_step=None) -> TrainCore:
-    """Drive ``core`` (begun) over in-memory plan tensors in one process, as one Ray worker drives it over its shard.
+    """Drive ``core`` (begun) over in-memory micro-batches in one process, as one Ray worker drives it over its stream.
 
     ``on_step(core)`` runs after every optimiser step (the benchmark's clock).
     """
@@ -288,46 +292,59 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = core.step
     core.begin(ray.train.torch.prepare_model if world > 1 else None)
 
+    # This rank's stream, from the micro-batch after the last one the checkpoint consumed.
     micro = t.batch_size // world
-    shard = ray.train.get_dataset_shard("train")
-    skip = (core.step - config["plan_offset"]) * t.grad_accum  # plan batches already consumed
+    source = train_data.ray_source(config["shards"], config.get("cached"))
+    batches = train_data.stream(source, config["shard_rows"], t.seed, rank, world, micro, t.shuffle_buffer,
+                                start=core.step * t.grad_accum)
     t0 = time.time()
 
-    while core.step < t.steps:
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device):
-            if skip > 0:
-                skip -= 1
-                continue
-            if not core.micro_step(batch["x"], batch["y"]):
-                continue
-            step = core.step
-            if rank == 0 and (step % 50 == 0 or step == t.steps):
-                ips = core.images * world / max(1e-9, time.time() - t0)
-                print(f"[{config['stage']}] step {step}/{t.steps} loss {core.last_loss:.4f} {ips:.0f} img/s", flush=True)
-            if rank == 0 and t.val_grid_every and step % t.val_grid_every == 0:
-                unwrapped = dataclasses.replace(core.gen, model=core.raw_model)  # no DDP collectives on one rank
-                save_val_grid(unwrapped, core.ema, core.params, Path(config["grid_dir"]) / f"step_{step:06d}.png")
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                metrics = {"step": step, "start_step": start_step, **{f"restored_{k}": v for k, v in restored.items()},
-                           "loss": core.last_loss, "images_per_s": core.images * world / max(1e-9, time.time() - t0)}
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as d:
-                        core.save(d)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics)
-            if step >= t.steps:
-                break
+    for x, y in batches if core.step < t.steps else ():
+        x = torch.from_numpy(to_float(x)).to(device)  # (B, C, H, W) in [-1, 1]
+        if not core.micro_step(x, torch.from_numpy(y).to(device)):
+            continue
+        step = core.step
+        if rank == 0 and (step % 50 == 0 or step == t.steps):
+            ips = core.images * world / max(1e-9, time.time() - t0)
+            print(f"[{config['stage']}] step {step}/{t.steps} loss {core.last_loss:.4f} {ips:.0f} img/s", flush=True)
+        if rank == 0 and t.val_grid_every and step % t.val_grid_every == 0:
+            unwrapped = dataclasses.replace(core.gen, model=core.raw_model)  # no DDP collectives on one rank
+            save_val_grid(unwrapped, core.ema, core.params, storage.join(config["grid_dir"], f"step_{step:06d}.png"))
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            metrics = {"step": step, "start_step": start_step, **{f"restored_{k}": v for k, v in restored.items()},
+                       "loss": core.last_loss, "images_per_s": core.images * world / max(1e-9, time.time() - t0)}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    core.save(d)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+        if step >= t.steps:
+            break
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def _resolve_base(cfg: Config, t: TrainGenConfig, base_dir: str | Path | None) -> str:
-    """The base as a checked local directory ('' for none); hub ids only with ``allow_downloads``."""
+    """The base as a checked location ('' for none); hub ids only with ``allow_downloads``."""
     base = str(base_dir or t.base or "")
-    # Absolute: workers run in their own directories.
-    return str(models.resolve_base(base, t.family, cfg.allow_downloads).absolute()) if base else ""
+    return models.resolve_base(base, t.family, cfg.allow_downloads) if base else ""
+
+
+def _check_base(stage: str, t: TrainGenConfig, base: str, data_dir, class_names, image_size: int, channels: int) -> None:
+    """The base fits the data and the config: from its configs alone (no weights are read)."""
+    spec = models.LoadSpec(tuple(class_names), image_size, channels, t.prompt_template, t.lora_rank)
+    shape, sched = models.probe_base(base, t.family, spec)
+    if shape is not None and (shape.image_size != image_size or shape.channels != channels):
+        raise models.GeneratorError(
+            f"{base}: generator takes {shape.channels}x{shape.image_size}px images, data {data_dir} has "
+            f"{channels}x{image_size}px; image size incompatible with the model")
+    base_prediction = sched.get("prediction_type", "epsilon")
+    if base_prediction != t.prediction_type:
+        raise models.GeneratorError(
+            f"{base}: the base predicts {base_prediction!r} but config key '{stage}.prediction_type' is "
+            f"{t.prediction_type!r}; set it to {base_prediction!r}")
 
 
 def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
@@ -336,6 +353,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
 
     ``stage`` picks the config section ('pretrain' or 'finetune'); ``unconditional``
     trains with every label set to the null class (pretraining on an unlabelled pool).
+    Every location (data, export, Ray Train storage, base) may be local or a URI.
     Everything is checked before Ray Train starts.
     """
     import ray.train
@@ -344,6 +362,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     from synthaug.raylocal import init_ray
 
     t: TrainGenConfig = getattr(cfg, stage)
+    data_dir = storage.absolute(data_dir)
     data_manifest = read_manifest(data_dir)
     class_names = list(data_manifest["class_names"])
     if not class_names:
@@ -351,52 +370,46 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     base = _resolve_base(cfg, t, base_dir)
     image_size, channels = int(data_manifest["image_size"][0]), int(data_manifest["channels"])
     if base:
-        probe = _load(t, base, class_names, image_size, channels)
-        if probe.image_size != image_size or probe.channels != channels:
-            raise models.GeneratorError(
-                f"{base}: generator takes {probe.channels}x{probe.image_size}px images, data {data_dir} has "
-                f"{channels}x{image_size}px; image size incompatible with the model")
-        base_prediction = probe.scheduler_config.get("prediction_type", "epsilon")
-        if base_prediction != t.prediction_type:
-            raise models.GeneratorError(
-                f"{base}: the base predicts {base_prediction!r} but config key '{stage}.prediction_type' is "
-                f"{t.prediction_type!r}; set it to {base_prediction!r}")
-        del probe
+        _check_base(stage, t, base, data_dir, class_names, image_size, channels)
     else:
         models.new_generator(t.family, t.arch, class_names, image_size, channels)  # raises on bad sizes
     if not data_manifest.get("labelled", True) and not unconditional:
         raise DatasetError(f"{data_dir}: unlabelled dataset; class-conditional training needs labels")
+    shards, shard_rows = train_data.shard_locations(data_dir, data_manifest)
+    micro = t.batch_size // t.num_workers
+    if train_data.per_epoch(sum(shard_rows), t.num_workers, micro) == 0:
+        raise DatasetError(f"{data_dir}: {sum(shard_rows)} rows, fewer than one micro-batch of {micro} for each of "
+                           f"{t.num_workers} workers (config keys '{stage}.batch_size', '{stage}.num_workers')")
 
-    # Step plan, from where the newest checkpoint left off.
+    # Resume from where the newest checkpoint left off.
     init_ray(cfg.ray)
-    storage = Path(storage_dir).absolute()
-    offset_steps = latest_step(storage / stage)
-    plan = plan_rows(read_table(data_dir, columns=["image", "label"]), t, offset_steps)
-    import ray.data
-
-    ds = ray.data.from_arrow(plan).map_batches(_decode, batch_format="numpy")
+    storage_dir = storage.absolute(storage_dir)
+    run_dir = storage.join(storage_dir, stage)
+    offset_steps = latest_step(run_dir)
+    cached = train_data.cache(shards) if t.cache else None
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
             "image_size": image_size, "channels": channels, "unconditional": unconditional,
-            "plan_offset": offset_steps, "grid_dir": str(storage / stage / "val_grids"),
+            "shards": shards, "shard_rows": shard_rows, "cached": cached,
+            "grid_dir": storage.join(run_dir, "val_grids"),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name=stage, storage_path=str(storage),
+            name=stage, **storage.ray_storage(storage_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ds},
     )
     t0 = time.time()
     result = trainer.fit()
     seconds = time.time() - t0
+    del cached
 
-    # Export the EMA weights in diffusers layout with a manifest.
+    # Export the EMA weights in diffusers layout with a manifest (the base's weights are read once, here).
     with result.checkpoint.as_directory() as d:
         step = json.loads(Path(d, STATE_FILE).read_text())["step"]
         gen = _load(t, base, class_names, image_size, channels)

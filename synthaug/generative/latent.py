@@ -22,13 +22,18 @@ directory; neither has a from-scratch preset.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from synthaug.config import prompt_template_problem
-from synthaug.generative.models import Family, Generator, GeneratorError, Loaded, LoadSpec, config_class, register_family
+from synthaug.generative.registry import Family, GeneratorError, Loaded, LoadSpec, Shape
+
+if TYPE_CHECKING:
+    from synthaug.generative.models import Generator
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as diffusers' LoRA scripts
 
@@ -36,19 +41,32 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as
 # ----------------------------------------------------------------------------- the VAE
 
 
+def _check_vae(root, vae_cfg: dict | None) -> dict:
+    cls = (vae_cfg or {}).get("_class_name")
+    if cls != "AutoencoderKL":
+        raise GeneratorError(f"{root}: vae/config.json names a {cls!r}; latent families need an 'AutoencoderKL'")
+    return vae_cfg
+
+
+def _local_config(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _load_vae(root: Path) -> nn.Module:
     from diffusers import AutoencoderKL
 
-    cls = config_class(root / "vae")
-    if cls != "AutoencoderKL":
-        raise GeneratorError(f"{root}: vae/config.json names a {cls!r}; latent families need an 'AutoencoderKL'")
+    _check_vae(root, _local_config(root / "vae" / "config.json"))
     vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True)
     return vae.requires_grad_(False).eval()
 
 
+def _factor(vae_cfg) -> int:
+    return 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
 def vae_factor(vae: nn.Module) -> int:
     """How much the VAE downsamples: 2 per block after the first."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return _factor(vae.config)
 
 
 def _shift(vae: nn.Module) -> float:
@@ -81,15 +99,16 @@ def _latent_shape(gen: Generator) -> tuple[int, int, int]:
     return (int(vae.config.latent_channels), gen.image_size // f, gen.image_size // f)
 
 
-def _pixel_channels(root: Path, spec: LoadSpec, vae: nn.Module) -> int:
-    c = spec.channels or int(vae.config.in_channels)
-    if c not in (1, vae.config.in_channels):
-        raise GeneratorError(f"{root}: the data has {c} channels but the VAE takes {vae.config.in_channels}; "
-                             f"only grayscale (repeated) or {vae.config.in_channels}-channel images work")
+def _pixel_channels(root, spec: LoadSpec, vae_cfg) -> int:
+    vc = int(vae_cfg["in_channels"])
+    c = spec.channels or vc
+    if c not in (1, vc):
+        raise GeneratorError(f"{root}: the data has {c} channels but the VAE takes {vc}; "
+                             f"only grayscale (repeated) or {vc}-channel images work")
     return c
 
 
-def _image_size(root: Path, family: str, spec: LoadSpec, native_latent: int, vae_f: int, model_f: int, what: str) -> int:
+def _image_size(root, family: str, spec: LoadSpec, native_latent: int, vae_f: int, model_f: int, what: str) -> int:
     """The pixel size to run at (the data's, else the model's own), checked against the model."""
     size = spec.image_size or int(native_latent) * vae_f
     step = vae_f * model_f
@@ -125,22 +144,33 @@ def _resize_label_tables(model: nn.Module, num_classes: int) -> None:
     model.register_to_config(num_embeds_ada_norm=num_classes)
 
 
+def _dit_shape(root, spec: LoadSpec, c, vae_c) -> Shape:
+    """Checks of a DiT base's configs (``c`` the transformer's, ``vae_c`` the VAE's); the pixel shape it runs at."""
+    if c.get("norm_type") != "ada_norm_zero" or c.get("num_embeds_ada_norm") is None:
+        raise GeneratorError(f"{root}: the DiT is not class-conditional (norm_type {c.get('norm_type')!r}, "
+                             f"num_embeds_ada_norm {c.get('num_embeds_ada_norm')!r})")
+    _check_vae(root, vae_c)
+    cin, cout = c["in_channels"], c.get("out_channels")
+    if vae_c["latent_channels"] != cin:
+        raise GeneratorError(f"{root}: the VAE makes {vae_c['latent_channels']}-channel latents, the DiT takes {cin}")
+    if (cout or cin) not in (cin, 2 * cin):
+        raise GeneratorError(f"{root}: DiT out_channels {cout} is neither in_channels nor 2 x in_channels")
+    size = _image_size(root, "dit", spec, c["sample_size"], _factor(vae_c), c["patch_size"], "patch size")
+    return Shape(size, _pixel_channels(root, spec, vae_c))
+
+
+def _dit_probe(read_config, root: str, spec: LoadSpec) -> Shape:
+    return _dit_shape(root, spec, read_config("transformer/config.json") or {}, read_config("vae/config.json"))
+
+
 def _dit_load(root: Path, spec: LoadSpec) -> Loaded:
     from diffusers import DiTTransformer2DModel
 
     model = DiTTransformer2DModel.from_pretrained(str(root / "transformer"), local_files_only=True)
-    c = model.config
-    if c.norm_type != "ada_norm_zero" or c.num_embeds_ada_norm is None:
-        raise GeneratorError(f"{root}: the DiT is not class-conditional (norm_type {c.norm_type!r}, "
-                             f"num_embeds_ada_norm {c.num_embeds_ada_norm!r})")
-    _resize_label_tables(model, len(spec.class_names))
     vae = _load_vae(root)
-    if vae.config.latent_channels != c.in_channels:
-        raise GeneratorError(f"{root}: the VAE makes {vae.config.latent_channels}-channel latents, the DiT takes {c.in_channels}")
-    if (c.out_channels or c.in_channels) not in (c.in_channels, 2 * c.in_channels):
-        raise GeneratorError(f"{root}: DiT out_channels {c.out_channels} is neither in_channels nor 2 x in_channels")
-    size = _image_size(root, "dit", spec, c.sample_size, vae_factor(vae), c.patch_size, "patch size")
-    return Loaded(model, {"vae": vae}, size, _pixel_channels(root, spec, vae), {})
+    shape = _dit_shape(root, spec, dict(model.config), dict(vae.config))
+    _resize_label_tables(model, len(spec.class_names))
+    return Loaded(model, {"vae": vae}, shape.image_size, shape.channels, {})
 
 
 def _dit_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -148,8 +178,8 @@ def _dit_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: tor
     return out[:, : x.shape[1]]  # the eps half; the rest is DiT's learned variance
 
 
-register_family(Family("dit", None, _dit_load, _dit_denoise, "transformer", "DiTTransformer2DModel", ("vae",),
-                       vae_encode, vae_decode, _latent_shape, latent=True))
+DIT = Family("dit", None, _dit_load, _dit_denoise, "transformer", "DiTTransformer2DModel", ("vae",),
+             vae_encode, vae_decode, _latent_shape, latent=True, probe=_dit_probe)
 
 
 # ----------------------------------------------------------------------------- text-to-image
@@ -188,30 +218,44 @@ def _add_lora(unet: nn.Module, rank: int) -> None:
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
 
 
+def _t2i_shape(root, spec: LoadSpec, c, vae_c, text_c) -> Shape:
+    """Checks of a text2image base's configs (UNet, VAE, text encoder); the pixel shape it runs at."""
+    problem = prompt_template_problem(spec.prompt_template)
+    if problem:
+        raise GeneratorError(problem)
+    extra = c.get("addition_embed_type") or c.get("class_embed_type")
+    if extra:
+        raise GeneratorError(f"{root}: the UNet also takes {extra!r} conditioning (SDXL-style); "
+                             f"family 'text2image' takes text-only UNets (Stable Diffusion 1/2)")
+    _check_vae(root, vae_c)
+    width = (text_c or {}).get("hidden_size")
+    if width != c.get("cross_attention_dim"):
+        raise GeneratorError(f"{root}: text encoder width {width} != UNet cross_attention_dim {c.get('cross_attention_dim')}")
+    if vae_c["latent_channels"] != c["in_channels"]:
+        raise GeneratorError(f"{root}: the VAE makes {vae_c['latent_channels']}-channel latents, the UNet takes {c['in_channels']}")
+    size = _image_size(root, "text2image", spec, c.get("sample_size") or 64, _factor(vae_c),
+                       2 ** (len(c["block_out_channels"]) - 1), "UNet downsampling")
+    return Shape(size, _pixel_channels(root, spec, vae_c))
+
+
+def _t2i_probe(read_config, root: str, spec: LoadSpec) -> Shape:
+    return _t2i_shape(root, spec, read_config("unet/config.json") or {}, read_config("vae/config.json"),
+                      read_config("text_encoder/config.json"))
+
+
 def _t2i_load(root: Path, spec: LoadSpec) -> Loaded:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     problem = prompt_template_problem(spec.prompt_template)
-    if problem:
+    if problem:  # before any weights are read
         raise GeneratorError(problem)
     unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
-    c = unet.config
-    if c.addition_embed_type or c.class_embed_type:
-        raise GeneratorError(f"{root}: the UNet also takes {c.addition_embed_type or c.class_embed_type!r} "
-                             f"conditioning (SDXL-style); family 'text2image' takes text-only UNets (Stable Diffusion 1/2)")
     vae = _load_vae(root)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
     text_encoder.requires_grad_(False).eval()
-    if text_encoder.config.hidden_size != c.cross_attention_dim:
-        raise GeneratorError(f"{root}: text encoder width {text_encoder.config.hidden_size} != UNet "
-                             f"cross_attention_dim {c.cross_attention_dim}")
-    if vae.config.latent_channels != c.in_channels:
-        raise GeneratorError(f"{root}: the VAE makes {vae.config.latent_channels}-channel latents, the UNet takes {c.in_channels}")
-    size = _image_size(root, "text2image", spec, c.sample_size or 64, vae_factor(vae),
-                       2 ** (len(c.block_out_channels) - 1), "UNet downsampling")
-    channels = _pixel_channels(root, spec, vae)
+    size, channels = _t2i_shape(root, spec, dict(unet.config), dict(vae.config), text_encoder.config.to_dict())
 
     # One prompt per class, the empty prompt last (the null class).
     prompts = [spec.prompt_template.format(class_name=name) for name in spec.class_names] + [""]
@@ -236,6 +280,6 @@ def _t2i_export(model: nn.Module) -> nn.Module:
     return unet
 
 
-register_family(Family("text2image", None, _t2i_load, _t2i_denoise, "unet", "UNet2DConditionModel",
-                       ("vae", "text_encoder", "tokenizer"), vae_encode, vae_decode, _latent_shape, _t2i_export,
-                       latent=True))
+TEXT2IMAGE = Family("text2image", None, _t2i_load, _t2i_denoise, "unet", "UNet2DConditionModel",
+                    ("vae", "text_encoder", "tokenizer"), vae_encode, vae_decode, _latent_shape, _t2i_export,
+                    latent=True, probe=_t2i_probe)

@@ -12,11 +12,13 @@ with no merges, so every character is its own token.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
-from synthaug.artifacts import commit_dir, staging_dir
+from synthaug import storage
+from synthaug.artifacts import publish_tree, staging_dir
 
 TINY_FAMILIES = ("unet", "dit", "text2image")
 
@@ -64,7 +66,7 @@ def save_tiny_unet(root: Path, image_size: int = 8, channels: int = 1, num_class
     root = Path(root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        models.FAMILIES["unet"].build("tiny", image_size, channels, num_classes).save_pretrained(root / "unet")
+        models.UNET.build("tiny", image_size, channels, num_classes).save_pretrained(root / "unet")
     DDPMScheduler.from_config(models.default_scheduler_config()).save_pretrained(root / "scheduler")
     return root
 
@@ -105,24 +107,27 @@ def save_tiny_text2image(root: Path) -> Path:
     return root
 
 
-def save_tiny_base(family: str, out: str | Path, image_size: int = 8, channels: int = 1) -> Path:
-    """Build family ``family``'s tiny base into ``out`` (which must not hold anything yet), atomically.
+def save_tiny_base(family: str, out: str | Path, image_size: int = 8, channels: int = 1) -> str:
+    """Build family ``family``'s tiny base at location ``out`` (which must not hold anything yet).
 
-    ``image_size``/``channels`` shape the pixel-space ``unet`` base; the latent families
-    take 8 px (and any multiple of their VAE x patch factor) at fine-tuning time.
+    Built in a local temporary directory and published in one step (renamed into place
+    locally, uploaded to an object store). ``image_size``/``channels`` shape the
+    pixel-space ``unet`` base; the latent families take 8 px (and any multiple of their
+    VAE x patch factor) at fine-tuning time.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown generator family {family!r}; tiny bases exist for {TINY_FAMILIES}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = storage.absolute(out)
+    if storage.is_file(out) or storage.list_files(out):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory (a base is never overwritten)")
-    tmp = staging_dir(out)
+    lp = storage.local_path(out)
+    tmp = staging_dir(lp) if lp is not None else Path(tempfile.mkdtemp(prefix="synthaug-tiny-base-"))
     if family == "unet":
         save_tiny_unet(tmp, image_size, channels)
     elif family == "dit":
         save_tiny_dit(tmp)
     else:
         save_tiny_text2image(tmp)
-    if out.is_dir():
-        out.rmdir()  # empty
-    return commit_dir(tmp, out)
+    if lp is not None and lp.is_dir():
+        lp.rmdir()  # empty
+    return publish_tree(tmp, out)
