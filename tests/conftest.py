@@ -19,19 +19,21 @@ def _session_uses_s3(session) -> bool:
     return any("s3_server" in getattr(item, "fixturenames", ()) for item in session.items)
 
 
-@pytest.fixture(scope="session")
-def ray_session(request):
-    """A real local Ray (started once; settings from synthaug.raylocal).
+@pytest.fixture(scope="session", autouse=True)
+def _s3_before_ray(request):
+    """When any selected test uses the S3 server, start it before anything else can start Ray,
+    so that its ``AWS_*`` variables are in the environment Ray's workers inherit."""
+    if _session_uses_s3(request.session):
+        request.getfixturevalue("s3_server")
 
-    When any selected test uses the S3 server, the server starts first, so that its
-    ``AWS_*`` variables are in the environment Ray's workers inherit.
-    """
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray (started once; settings from synthaug.raylocal)."""
     import ray
 
     from synthaug.raylocal import init_ray
 
-    if _session_uses_s3(request.session):
-        request.getfixturevalue("s3_server")
     init_ray()
     yield ray
     ray.shutdown()

@@ -98,9 +98,26 @@ class S3Server:
                 sock.unlink(missing_ok=True)
 
 
-def start(workdir: str | Path, bucket: str = "synthaug-test", timeout_s: float = 60.0) -> S3Server:
-    """Start SeaweedFS with its data under ``workdir``; return once ``bucket`` exists and takes writes."""
-    workdir = Path(workdir)
+class _Exited(RuntimeError):
+    """weed exited during start-up (typically: a port chosen free was taken meanwhile)."""
+
+
+def start(workdir: str | Path, bucket: str = "synthaug-test", timeout_s: float = 60.0, attempts: int = 3) -> S3Server:
+    """Start SeaweedFS with its data under ``workdir``; return once ``bucket`` exists and takes writes.
+
+    A start whose process exits early is retried on fresh ports (another process may
+    take a port between our choosing it and weed binding it).
+    """
+    for attempt in range(attempts):
+        try:
+            return _start(Path(workdir) / f"attempt{attempt}", bucket, timeout_s)
+        except _Exited:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(workdir: Path, bucket: str, timeout_s: float) -> S3Server:
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     identities = workdir / "identities.json"
     identities.write_text(json.dumps({"identities": [{
@@ -125,7 +142,8 @@ def start(workdir: str | Path, bucket: str = "synthaug-test", timeout_s: float =
     try:
         while time.time() - t0 < timeout_s:
             if proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {proc.returncode}; see {workdir / 'weed.log'}")
+                tail = (workdir / "weed.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise _Exited(f"weed exited with {proc.returncode} ({workdir / 'weed.log'}): {' | '.join(tail)}")
             try:
                 fs.create_dir(bucket)
                 probe = f"{bucket}/.probe"
