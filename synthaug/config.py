@@ -291,13 +291,13 @@ def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def dump_config(cfg: Config, run_dir: str | Path, filename: str = "config.yaml") -> Path:
+def dump_config(cfg: Config, run_dir: str | Path, filename: str = "config.yaml") -> str:
     """Write the resolved config into ``run_dir`` (before any work, per the style guide)."""
+    from synthaug import storage
     from synthaug.artifacts import atomic_write_text
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(run_dir / filename, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # Through the storage layer: ``run_dir`` may be s3://... (Path() would fold its "//").
+    return atomic_write_text(storage.join(run_dir, filename), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def reference_markdown(cls: type = Config, prefix: str = "") -> str:

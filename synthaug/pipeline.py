@@ -13,50 +13,58 @@ Run layout (``work_dir`` is git-ignored; ``results_dir`` holds what a reader loo
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthaug.artifacts import read_manifest, read_table
+from synthaug import storage
+from synthaug.artifacts import is_complete, read_manifest, read_table
 from synthaug.config import Config, dump_config, replace
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Every path a run reads or writes, derived from the config alone."""
+    """Every location a run reads or writes, derived from the config alone.
+
+    Each is a plain string built with :func:`synthaug.storage.join`, so ``work_dir`` and
+    ``results_dir`` may be local paths, shared mounts or URIs (``s3://bucket/prefix``).
+    """
 
     cfg: Config
 
     @property
-    def work(self) -> Path:
-        return Path(self.cfg.work_dir) / self.cfg.name
+    def work(self) -> str:
+        return storage.join(self.cfg.work_dir, self.cfg.name)
 
     @property
-    def results(self) -> Path:
-        return Path(self.cfg.results_dir) / self.cfg.name
+    def results(self) -> str:
+        return storage.join(self.cfg.results_dir, self.cfg.name)
 
-    def data(self, split: str) -> Path:
-        return self.work / "data" / split
+    def data(self, split: str) -> str:
+        return storage.join(self.work, "data", split)
 
-    def generator(self, stage: str) -> Path:
-        return self.work / "generators" / stage
+    def generator(self, stage: str) -> str:
+        return storage.join(self.work, "generators", stage)
 
     @property
-    def ray(self) -> Path:
-        return (self.work / "ray").absolute()
+    def ray(self) -> str:
+        """Ray Train / Tune storage: absolute, since Ray's workers need the same path on every node."""
+        return storage.absolute(storage.join(self.work, "ray"))
 
-    def train_full(self) -> Path:
+    def train_full(self) -> str:
         """The whole labelled train split (low-data runs) or the train split itself."""
         full = self.data("train_full")
-        return full if (full / "manifest.json").is_file() else self.data("train")
+        return full if is_complete(full) else self.data("train")
 
     @property
-    def extractor(self) -> Path:
-        return self.work / "extractor" / "model"
+    def extractor(self) -> str:
+        return storage.join(self.work, "extractor", "model")
 
     @property
-    def cache(self) -> Path:
-        return Path(self.cfg.work_dir) / "cache"
+    def cache(self) -> str:
+        return storage.join(self.cfg.work_dir, "cache")
 
 
 class Timer:
@@ -213,20 +221,30 @@ def sweep_cli(cfg: Config, _overrides) -> dict:
 
 
 def run_all(cfg: Config) -> dict:
-    """Ingest -> pretrain -> fine-tune -> sample -> evaluate -> classifiers -> sweep -> report."""
+    """Ingest -> pretrain -> fine-tune -> sample -> evaluate -> classifiers -> sweep -> report.
+
+    The report and the sweep draw their plots with matplotlib into local files, so when
+    ``results_dir`` is an object store they are written into a local temporary directory
+    and uploaded under ``<results_dir>/<name>/`` once the run is done (``config.yaml`` is
+    written there first, before any work, which also checks that the location is writable).
+    """
     from synthaug import report
     from synthaug.sweep import run_sweep
 
     p = RunPaths(cfg)
     dump_config(cfg, p.work)
     dump_config(cfg, p.results)
+    staging = tempfile.mkdtemp(prefix="synthaug-results-") if storage.local_path(p.results) is None else None
+    out = RunPaths(replace(cfg, results_dir=staging)) if staging else p  # where reports are drawn
+    if staging:
+        dump_config(cfg, out.results)
     timer = Timer()
     timer("ingest", stage_ingest, cfg)
     timer("pretrain", stage_pretrain, cfg)
     timer("finetune", stage_finetune, cfg)
 
     # Sample once per guidance value; the sweep and the evaluation reuse these sets.
-    sets: dict[float, Path] = {}
+    sets: dict[float, str] = {}
     for w in sorted({float(x) for x in cfg.sweep.guidance_scales} | {float(cfg.sample.guidance_scale)}):
         cw = replace(cfg, sample=replace(cfg.sample, guidance_scale=w))
         sets[w], _ = timer(f"sample w={w:g}", stage_sample, cw)
@@ -239,6 +257,10 @@ def run_all(cfg: Config) -> dict:
         fidelity_rows.append({"guidance_scale": w, **m})
 
     sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(sorted(sets))))
-    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, p.results / "sweep", name=cfg.sweep.name,
-                  storage_dir=p.ray)
-    return timer("report", report.write_run_report, cfg, p, fidelity_rows, sweep, sets, timer.seconds)
+    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, storage.join(out.results, "sweep"),
+                  name=cfg.sweep.name, storage_dir=p.ray)
+    metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds)
+    if staging:
+        storage.upload_dir(out.results, p.results)
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics

@@ -3,6 +3,11 @@
 Local-Ray settings that avoid known hangs on small machines live here, not in tests:
 more logical CPUs than the workers need (Ray Data starves otherwise), the dashboard on
 (Train V2 cleans up placement groups through it) and token auth off for a local Ray.
+
+The driver's object-store settings (``AWS_ENDPOINT_URL``, credentials, region) travel to
+every worker in the runtime environment, so an ``s3://`` location resolves to the same
+storage in the driver, in Ray Data tasks and in Train workers (a pickled pyarrow
+``S3FileSystem`` carries its endpoint but takes credentials from where it is unpickled).
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import os
 
 from synthaug.config import RayConfig
+
+# Forwarded to workers when set in the driver (see the module docstring).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -26,6 +35,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # the poll: ~1.3 s per report measured here, which dominated small runs. 0.2 s: 0.08 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    keys += tuple(k for k in STORAGE_ENV if os.environ.get(k))
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:

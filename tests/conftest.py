@@ -1,14 +1,30 @@
-"""Shared fixtures: one real local Ray for the whole session, and tiny ingested digits."""
+"""Shared fixtures: one real local Ray for the whole session, tiny ingested digits, and a
+real S3-compatible server (SeaweedFS on 127.0.0.1) with storage roots on it."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/s3server.py
+
+
+def _session_uses_s3(session) -> bool:
+    return any("s3_server" in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _s3_before_ray(request):
+    """When any selected test uses the S3 server, start it before anything else can start Ray,
+    so that its ``AWS_*`` variables are in the environment Ray's workers inherit."""
+    if _session_uses_s3(request.session):
+        request.getfixturevalue("s3_server")
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +37,49 @@ def ray_session():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS on a free port of 127.0.0.1 with bucket ``synthaug-test``; ``AWS_*`` set while it runs.
+
+    Sets ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
+    ``AWS_REGION`` (what :mod:`synthaug.storage` resolves ``s3://`` with), restores them
+    afterwards and stops only its own process. ``s3_server.root(name)`` is a fresh
+    ``s3://synthaug-test/<name>-<hex>`` location.
+    """
+    import s3server
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        pytest.fail("s3_server started after Ray: its AWS_* variables would not reach Ray's workers "
+                    "(request s3_server before ray_session)")
+    srv = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {k: os.environ.get(k) for k in (*srv.env, "AWS_ENDPOINT_URL_S3")}
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    os.environ.update(srv.env)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_root(s3_server, request) -> str:
+    """A fresh, empty ``s3://`` location for one test."""
+    return s3_server.root(request.node.originalname or "t")
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path, s3_server) -> str:
+    """A fresh, empty location on local disk and on the S3 server (tests run once with each)."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return s3_server.root(request.node.originalname or "t")
 
 
 @pytest.fixture(scope="session")
