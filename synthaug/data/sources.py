@@ -104,7 +104,9 @@ def open_image(src, where: str) -> Image.Image:
         img = Image.open(src)
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DatasetError(f"{where}: unreadable or truncated image (not an image format PIL can read)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{where}: unreadable or truncated image ({e})") from None
 
 
