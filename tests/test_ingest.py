@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from synthaug import storage
 from synthaug.artifacts import DatasetError, read_manifest, read_table, shard_paths, table_content_hash
 from synthaug.config import load_config
 from synthaug.data import ingest

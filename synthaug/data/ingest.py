@@ -352,7 +352,8 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
     # List (driver), then the split pre-pass over ids and labels (tasks).
     listing = sources.list_source(ic)
     init_ray(cfg.ray)
-    chunks = ray.data.from_arrow(listing.chunks)
+    chunks = ray.data.from_arrow(listing.chunks)  # the descriptors now live in the object store
+    listing.chunks.clear()
     task = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": 1}
     merged = _PlanMerger(ic.k_per_class)
     for row in _rows(chunks.map_batches(_prepass_chunk, fn_kwargs={"cfg": ic}, **task)):

@@ -104,7 +104,9 @@ def open_image(src, where: str) -> Image.Image:
         img = Image.open(src)
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DatasetError(f"{where}: unreadable or truncated image (not an image format PIL can read)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{where}: unreadable or truncated image ({e})") from None
 
 
@@ -217,17 +219,20 @@ def _list_parquet(cfg: IngestConfig) -> Listing:
     return Listing(pack_chunks(items, chunk_of), names, int(sum(nrows)))
 
 
-def _row_groups(desc: dict) -> Iterator[tuple[str, str, int, int]]:
-    yield from zip(desc["file"], desc["stem"], desc["row_group"], desc["first_row"])
-
-
-def _read_row_group(loc: str, g: int, columns: list[str]) -> pa.Table:
-    fs, p = storage.resolve(loc)
-    try:
-        with fs.open_input_file(p) as f:
-            return pq.ParquetFile(f).read_row_group(g, columns=columns)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DatasetError(f"{loc}: cannot read row group {g} ({e})") from None
+def _row_groups(desc: dict, columns: list[str]) -> Iterator[tuple[str, str, int, pa.Table]]:
+    """``(file, stem, first row, table)`` of each of a chunk's row groups, opening each file once."""
+    runs: dict[str, list[tuple[str, int, int]]] = {}
+    for loc, stem, g, first in zip(desc["file"], desc["stem"], desc["row_group"], desc["first_row"]):
+        runs.setdefault(loc, []).append((stem, g, first))
+    for loc, groups in runs.items():
+        fs, p = storage.resolve(loc)
+        try:
+            with fs.open_input_file(p) as f:
+                pf = pq.ParquetFile(f)
+                for stem, g, first in groups:
+                    yield loc, stem, first, pf.read_row_group(g, columns=columns)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DatasetError(f"{loc}: cannot read its row groups ({e})") from None
 
 
 def _check_labels(cfg: IngestConfig, loc: str, first: int, col: pa.ChunkedArray) -> np.ndarray:
@@ -248,16 +253,15 @@ def _check_labels(cfg: IngestConfig, loc: str, first: int, col: pa.ChunkedArray)
 
 def _parquet_labels(cfg: IngestConfig, desc: dict) -> tuple[list[str], np.ndarray]:
     ids, labels = [], []
-    for loc, stem, g, first in _row_groups(desc):
-        y = _check_labels(cfg, loc, first, _read_row_group(loc, g, [cfg.label_column]).column(0))
+    for loc, stem, first, t in _row_groups(desc, [cfg.label_column]):
+        y = _check_labels(cfg, loc, first, t.column(0))
         ids += [f"{stem}-{first + r:07d}" for r in range(len(y))]
         labels.append(y)
     return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
 def _parquet_images(cfg: IngestConfig, desc: dict) -> Iterator[tuple[str, int, str, Image.Image]]:
-    for loc, stem, g, first in _row_groups(desc):
-        t = _read_row_group(loc, g, [cfg.image_column, cfg.label_column])
+    for loc, stem, first, t in _row_groups(desc, [cfg.image_column, cfg.label_column]):
         y = _check_labels(cfg, loc, first, t.column(cfg.label_column))
         col = t.column(cfg.image_column).combine_chunks()
         if pa.types.is_struct(col.type):
