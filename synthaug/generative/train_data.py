@@ -148,6 +148,7 @@ def read_shards(locations: list[str]):
     ds = ray.data.read_parquet([storage.resolve(loc)[1] for loc in locations], filesystem=fs)
     ds = ds.select_columns(COLUMNS).map_batches(decode, batch_format="numpy")
     ds.context.execution_options.preserve_order = True  # the rows in file order, whatever the task timing
+    ds.context.enable_progress_bars = False  # one pipeline per rank and epoch: bars would flood the worker logs
     return ds
 
 
