@@ -95,7 +95,8 @@ class SampleConfig:
     sampler: str = _f("ddim", "'ddpm', 'ddim' or 'dpmsolver++'.")
     steps: int = _f(50, "Denoising steps.")
     ddpm_log_variance_v: float = _f(1.0, "DDPM: variance = exp(v log beta_t + (1-v) log posterior_var).")
-    batch_size: int = _f(64, "Rows per map_batches call.")
+    batch_size: int = _f(64, "Images per denoising batch in a sampling actor.")
+    chunk_size: int = _f(0, "Images per output shard: one actor call samples (in batches of batch_size) and writes one chunk of one class; 0 = batch_size. Fixed for a set by its first run (plan.json).")
     min_actors: int = _f(1, "Actor pool minimum size.")
     max_actors: int = _f(1, "Actor pool maximum size.")
     num_gpus_per_actor: float = _f(0.0, "GPUs per sampling actor (1 on a GPU cluster).")
@@ -374,6 +375,7 @@ def validate(cfg: Config) -> None:
     for name, n in s.class_counts.items():
         _check(isinstance(n, int) and n >= 1, f"config key 'sample.class_counts.{name}' must be an integer >= 1 (N = 0 samples nothing)")
     _check(s.batch_size >= 1, "config key 'sample.batch_size' must be >= 1")
+    _check(s.chunk_size >= 0, "config key 'sample.chunk_size' must be >= 0 (0 = sample.batch_size)")
     _check(1 <= s.min_actors <= s.max_actors, "config keys 'sample.min_actors' <= 'sample.max_actors', both >= 1")
     c = cfg.classify
     _check(c.epochs >= 1, "config key 'classify.epochs' must be >= 1")

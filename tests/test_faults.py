@@ -178,8 +178,9 @@ def _images(d: Path) -> dict:
     return dict(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
 
 
-def _rows_written(partial: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in (partial / DATA_DIR).glob("*.parquet"))
+def _rows_written(out: Path) -> int:
+    """Rows in the chunk shards written so far (each appears whole: ``write_shard`` is atomic)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in (out / DATA_DIR).glob("*/chunk-*.parquet"))
 
 
 def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path):
@@ -189,8 +190,7 @@ def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path):
     reference, _ = sample.run(cfg, generator_dir, tmp_path / "reference")
 
     out = tmp_path / "faulty"
-    partial = out.parent / (out.name + ".partial")
-    killer = Killer(MAP_WORKER, ready=lambda: _rows_written(partial) > 0, progress=lambda: _rows_written(partial))
+    killer = Killer(MAP_WORKER, ready=lambda: _rows_written(out) > 0, progress=lambda: _rows_written(out))
     killer.start()
     try:
         out, m = sample.run(cfg, generator_dir, out)
@@ -206,6 +206,7 @@ def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path):
     assert len(ids) == len(set(ids)) == total
     assert _images(out) == _images(reference)
     assert read_manifest(out)["sample_key"] == read_manifest(reference)["sample_key"]
+    assert m["content_hash"] == read_manifest(reference)["content_hash"] and len(m["shards"]) == 10
 
 
 # ----------------------------------------------------------------------------- classifier

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -151,12 +152,92 @@ def test_sampling_resumes_without_resampling(gens, tmp_path):
     whole, _ = sample.run(cfg, gens["ft"], tmp_path / "whole")
     part, info = sample.run(cfg, gens["ft"], tmp_path / "resumed", stop_after_rows=12)
     assert info == {"sampled": 12, "complete": False}
+    with pytest.raises(DatasetError, match="incomplete"):  # an unfinished set is never read
+        read_manifest(part)
     out, m = sample.run(cfg, gens["ft"], tmp_path / "resumed")
-    assert m["sampled_this_run"] == 18  # only the missing ids
+    assert m["sampled_this_run"] == 18  # only the missing chunks
     assert _images(out) == _images(whole)
-    # A different config never reuses another's output directory.
+    assert not (tmp_path / "resumed" / sample.PLAN).exists()
+    again, m2 = sample.run(cfg, gens["ft"], tmp_path / "resumed")  # complete: reused as it is
+    assert m2 == m
+    # A different config never reuses another's output directory, finished or not.
     with pytest.raises(DatasetError, match="holds a different sampling config's data"):
         sample.run(load_config(None, TINY + ["sample.steps=5"]), gens["ft"], tmp_path / "whole")
+    sample.run(cfg, gens["ft"], tmp_path / "half", stop_after_rows=3)
+    with pytest.raises(DatasetError, match="holds a different sampling config's data"):
+        sample.run(load_config(None, TINY + ["sample.steps=5"]), gens["ft"], tmp_path / "half")
+    with pytest.raises(DatasetError, match="holds a different sampling config's data"):
+        sample.finish(load_config(None, TINY + ["sample.seed=1"]), str(tmp_path / "half"))
+
+
+def test_sampling_layout_and_finish_alone(gens, tmp_path):
+    """One shard per chunk under the plan's write id; ``finish`` commits a sampled set on its own."""
+    cfg = load_config(None, TINY + ["sample.chunk_size=2", "sample.batch_size=1"])
+    out, info = sample.run(cfg, gens["ft"], tmp_path / "s", stop_after_rows=10**9)  # everything, unfinished
+    assert info == {"sampled": 30, "complete": False}
+    plan = json.loads((tmp_path / "s" / sample.PLAN).read_text())
+    assert plan["chunk_size"] == 2 and plan["chunks"] == 20 and plan["num_rows"] == 30
+    names = sorted(p.name for p in (tmp_path / "s" / "data" / plan["write_id"]).iterdir())
+    assert names[:3] == ["chunk-0000-0000000.parquet", "chunk-0000-0000002.parquet", "chunk-0001-0000000.parquet"]
+    assert len(names) == 20
+    with pytest.raises(DatasetError, match="write id"):
+        sample.finish(cfg, out, "other-write-id")
+    m = sample.finish(cfg, out, plan["write_id"])  # entries from the shards (Ray Data tasks)
+    assert m["num_rows"] == 30 and set(m["counts"].values()) == {3} and len(m["shards"]) == 20
+    assert [s["path"] for s in m["shards"]][0] == f"data/{plan['write_id']}/chunk-0000-0000000.parquet"
+    assert m["columns"] == sample.COLUMNS and m["sample_key"] == plan["sample_key"]
+    # Same pixels as another chunking, batch size and a finish that had the entries in hand.
+    ref, mr = _sample([], gens["ft"], tmp_path / "ref")
+    assert _images(out) == _images(ref) and m["content_hash"] == mr["content_hash"]
+    # A missing shard fails the completeness check, naming it.
+    cfg2 = load_config(None, TINY)
+    part, _ = sample.run(cfg2, gens["ft"], tmp_path / "p", stop_after_rows=6)
+    with pytest.raises(DatasetError, match=r"8 of 10 planned chunks missing .*chunk-0002-0000000"):
+        sample.finish(cfg2, part)
+
+
+def test_sampling_never_reads_stray_shards_and_redoes_bad_ones(gens, tmp_path):
+    """Files under data/ that are not planned shards are never read (and are gone after the
+    commit); a truncated shard or one with the wrong row count is sampled again."""
+    cfg = load_config(None, TINY)
+    whole, _ = _sample([], gens["ft"], tmp_path / "whole")
+    out, _ = sample.run(cfg, gens["ft"], tmp_path / "s", stop_after_rows=12)  # chunks of classes 0-3
+    wid = json.loads((tmp_path / "s" / sample.PLAN).read_text())["write_id"]
+    data = tmp_path / "s" / "data"
+    rows = read_table(whole).slice(0, 3)
+    stray = rows.set_column(0, "id", pa.array(["syn-c0000-9000000", "syn-c0000-9000001", "x"]))
+    pq.write_table(stray, data / wid / "stray.parquet")  # extra rows next to the shards
+    (data / "other").mkdir()
+    pq.write_table(stray, data / "other" / "part-0.parquet")  # and under another write id
+    pq.write_table(rows.slice(0, 1).set_column(0, "id", pa.array(["syn-c0004-0000000"])),
+                   data / wid / "chunk-0004-0000000.parquet")  # a planned name with 1 row of 3
+    shard = data / wid / "chunk-0001-0000000.parquet"
+    shard.write_bytes(shard.read_bytes()[:40])  # a truncated shard of a done chunk
+    _, m = sample.run(cfg, gens["ft"], tmp_path / "s")
+    assert m["sampled_this_run"] == 18 + 3  # the missing chunks and the truncated one
+    assert m["num_rows"] == 30 and len(m["shards"]) == 10 and all(wid in s["path"] for s in m["shards"])
+    assert _images(out) == _images(whole)
+    assert sorted(p.name for p in data.iterdir()) == [wid]
+    assert not (data / wid / "stray.parquet").exists()
+
+
+def test_sampling_finish_on_object_store(gens, tmp_path, request):
+    """The whole run, resume and finish on an s3:// location (a real local S3 server)."""
+    try:
+        server = request.getfixturevalue("s3_server")
+    except pytest.FixtureLookupError:
+        pytest.skip("no s3_server fixture")
+    base = server if isinstance(server, str) else (server.get("uri") if isinstance(server, dict) else None)
+    if not base or not str(base).startswith("s3://"):
+        pytest.skip(f"s3_server fixture gives {server!r}, not an s3:// location")
+    cfg = load_config(None, TINY)
+    loc = f"{str(base).rstrip('/')}/sample-{tmp_path.name}"
+    out, info = sample.run(cfg, gens["ft"], loc, stop_after_rows=12)
+    assert out == loc and info["complete"] is False
+    out, m = sample.run(cfg, gens["ft"], loc)
+    assert m["sampled_this_run"] == 18 and m["num_rows"] == 30
+    whole, _ = _sample([], gens["ft"], tmp_path / "whole")
+    assert _images(out) == _images(whole)
 
 
 def test_guidance_one_skips_unconditional_pass(gens):

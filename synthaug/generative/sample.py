@@ -1,36 +1,54 @@
 """Class-balanced sampling with classifier-free guidance through a Ray Data actor pool.
 
-The *plan* is a Ray Dataset of rows ``(id, label, class_name, index, seed)``; each seed
-derives from (global seed, class, index), so an image is the same whatever the pool
-size, batch size or retries. :class:`Sampler` loads the exported generator once per
-actor and maps batches of plan rows to contract rows (PNG bytes + provenance).
+The plan is never materialised in the driver. It is a list of *chunks*, each a class
+``k`` and an index range ``[a, b)`` (``sample.chunk_size`` images, default
+``sample.batch_size``): O(N / chunk) small rows. Each image's seed derives from
+(global seed, class, index), so an image is the same whatever the pool size, chunk or
+batch size, or retries. :class:`ChunkSampler` (a :class:`Sampler` that loads the
+exported generator once per actor) turns a chunk row into its plan rows, samples them
+and writes them itself as one shard with a deterministic name, returning only the
+shard's small manifest entry; the images never pass through the driver.
 
-Output directories are keyed by a content hash of the generator and the sampling
-settings that change pixels, so a different config never reuses another's output.
-Shards land in ``<out>.partial/`` as Ray writes them; a re-run samples only the ids
-not yet there, and the manifest is written last when the set is complete.
+Layout of a set (at any location, ``s3://`` included)::
+
+    <out>/plan.json                                 {sample_key, write_id, chunk_size, chunks, ...}; while unfinished
+    <out>/data/<write id>/chunk-<kkkk>-<aaaaaaa>.parquet   one shard per chunk (class k, first index a)
+    <out>/manifest.json                             written last: the commit; plan.json is then removed
+
+Output locations are keyed by a content hash of the generator and the settings that
+change pixels, so a different config never reuses another's output. A re-run of an
+interrupted set lists its write id's shards, keeps every planned shard whose Parquet
+footer has the planned row count, and samples only the other chunks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import posixpath
 import time
-from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from synthaug.artifacts import DATA_DIR, DatasetError, atomic_write_json, finalize_dataset, hash_obj, read_manifest
+from synthaug import storage
+from synthaug.artifacts import (BASE_COLUMNS, DATA_DIR, MANIFEST, PROVENANCE_COLUMNS, DatasetError, commit_dataset,
+                                hash_obj, new_write_id, read_manifest, shard_stats, write_shard)
 from synthaug.config import Config, SampleConfig, to_dict
 from synthaug.data.images import encode_png, from_float
 from synthaug.generative import models
 from synthaug.generative.diffusion import sample_images
 
 PIXEL_KEYS = ("guidance_scale", "sampler", "steps", "ddpm_log_variance_v", "seed")  # settings that change images
+PLAN = "plan.json"
+COLUMNS = [*BASE_COLUMNS, *PROVENANCE_COLUMNS]
+CHECK_GROUP = 256  # shard footers read per Ray task when resuming
+
+
+# ----------------------------------------------------------------------------- the plan
 
 
 def sample_seed(global_seed: int, label: int, index: int) -> int:
@@ -49,64 +67,55 @@ def class_counts(s: SampleConfig, class_names: list[str]) -> dict[str, int]:
     return {c: int(n) for c, n in s.class_counts.items()}
 
 
+class Chunk(NamedTuple):
+    """Images ``[start, stop)`` of class ``label``: one actor call, one shard."""
+
+    label: int
+    class_name: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return chunk_name(self.label, self.start)
+
+
+def chunk_name(label: int, start: int) -> str:
+    return f"chunk-{int(label):04d}-{int(start):07d}"
+
+
+def shard_rel(write_id: str, name: str) -> str:
+    """A chunk's shard path relative to the set (as manifests list it)."""
+    return f"{DATA_DIR}/{write_id}/{name}.parquet"
+
+
+def chunk_size(s: SampleConfig) -> int:
+    return int(s.chunk_size or s.batch_size)
+
+
+def plan_chunks(counts: dict[str, int], class_names: list[str], size: int) -> list[Chunk]:
+    """The plan as chunks of at most ``size`` images of one class, in class then index order."""
+    return [Chunk(class_names.index(name), name, a, min(a + size, int(n)))
+            for name, n in counts.items() for a in range(0, int(n), size)]
+
+
+def plan_rows(label: int, class_name: str, start: int, stop: int, global_seed: int) -> pa.Table:
+    """The plan rows ``(id, label, class_name, index, seed)`` of one chunk (made inside the tasks)."""
+    idx = range(int(start), int(stop))
+    n = len(idx)
+    return pa.table({
+        "id": pa.array([f"syn-c{int(label):04d}-{i:07d}" for i in idx], pa.string()),
+        "label": pa.array([int(label)] * n, pa.int64()),
+        "class_name": pa.array([str(class_name)] * n, pa.string()),
+        "index": pa.array(list(idx), pa.int64()),
+        "seed": pa.array([sample_seed(global_seed, int(label), i) for i in idx], pa.int64()),
+    })
+
+
 def plan_table(s: SampleConfig, class_names: list[str]) -> pa.Table:
-    """The sampling plan: one row per image to make."""
-    rows = {"id": [], "label": [], "class_name": [], "index": [], "seed": []}
-    for name, n in class_counts(s, class_names).items():
-        k = class_names.index(name)
-        for i in range(n):
-            rows["id"].append(f"syn-c{k:04d}-{i:07d}")
-            rows["label"].append(k)
-            rows["class_name"].append(name)
-            rows["index"].append(i)
-            rows["seed"].append(sample_seed(s.seed, k, i))
-    return pa.table({**rows, "label": pa.array(rows["label"], pa.int64()), "seed": pa.array(rows["seed"], pa.int64())})
-
-
-class Sampler:
-    """Ray Data callable class: loads the generator once, maps plan batches to contract rows.
-
-    On a GPU the denoiser runs under bf16 autocast (fp16 where the GPU has no bf16) in
-    channels_last, with diffusers' SDPA attention (its default processor) and, through
-    ``sample_images``, in ``torch.inference_mode``; ``sample.compile`` adds ``torch.compile``
-    (``compile_backend``: torch's default, or e.g. 'eager' to test the wiring cheaply).
-    """
-
-    def __init__(self, generator_dir: str, sample: dict, device: str | None = None, compile_backend: str = "inductor"):
-        self.s = SampleConfig(**{k: v for k, v in sample.items()})
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.gen = models.load_generator(generator_dir, require_manifest=True)
-        self.gen.to(self.device).model.eval()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            for part in (self.gen.model, self.gen.components.get("vae")):
-                if part is not None:
-                    part.to(memory_format=torch.channels_last)
-        if self.s.compile:  # compiled lazily, on the first batch (and again per new batch shape)
-            self.gen.model = torch.compile(self.gen.model, backend=compile_backend)
-        self.gen_id = self.gen.manifest["weights_hash"][:16]
-        self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-
-    def __call__(self, batch: dict) -> pa.Table:
-        labels = [int(v) for v in batch["label"]]
-        seeds = [int(v) for v in batch["seed"]]
-        x = sample_images(self.gen, labels, seeds, guidance_scale=self.s.guidance_scale, sampler=self.s.sampler,
-                          steps=self.s.steps, ddpm_log_variance_v=self.s.ddpm_log_variance_v,
-                          device=self.device, autocast_dtype=self.autocast)
-        imgs = from_float(x.float().cpu()).transpose(0, 2, 3, 1)  # (B, H, W, C) uint8
-        n = len(labels)
-        return pa.table({
-            "id": pa.array(list(batch["id"]), pa.string()),
-            "image": pa.array([encode_png(im) for im in imgs], pa.binary()),
-            "label": pa.array(labels, pa.int64()),
-            "class_name": pa.array(list(batch["class_name"]), pa.string()),
-            "source": pa.array(["synthetic"] * n, pa.string()),
-            "generator": pa.array([self.gen_id] * n, pa.string()),
-            "seed": pa.array(seeds, pa.int64()),
-            "guidance_scale": pa.array([float(self.s.guidance_scale)] * n, pa.float64()),
-            "sampler": pa.array([self.s.sampler] * n, pa.string()),
-            "steps": pa.array([int(self.s.steps)] * n, pa.int64()),
-        })
+    """The whole plan as one table: for bounded uses only (tests, benchmarks' plain loops)."""
+    chunks = plan_chunks(class_counts(s, class_names), class_names, chunk_size(s))
+    return pa.concat_tables([plan_rows(*c, s.seed) for c in chunks])
 
 
 def sample_key(gen_manifest: dict, s: SampleConfig) -> str:
@@ -118,97 +127,318 @@ def sample_key(gen_manifest: dict, s: SampleConfig) -> str:
     return hash_obj({"generator": gen_manifest["weights_hash"], "sample": settings, "counts": counts})[:16]
 
 
-def default_out_dir(cfg: Config, key: str) -> Path:
-    return Path(cfg.work_dir) / "samples" / key
+def default_out_dir(cfg: Config, key: str) -> str:
+    return storage.join(cfg.work_dir, "samples", key)
 
 
-def _written_ids(partial: Path) -> set[str]:
-    """Ids in complete shards of an interrupted run; unreadable (half-written) shards are dropped."""
-    ids: set[str] = set()
-    for f in sorted((partial / DATA_DIR).glob("*.parquet")) if (partial / DATA_DIR).is_dir() else []:
-        try:
-            ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-        except Exception:  # a shard cut off mid-write
-            f.unlink()
-    return ids
+# ----------------------------------------------------------------------------- the actors
 
 
-def run(cfg: Config, generator_dir: str | Path, out_dir: str | Path | None = None, *,
-        stop_after_rows: int | None = None) -> tuple[Path, dict]:
-    """Sample ``cfg.sample`` from an exported generator; returns (dataset dir, manifest).
+def _local_generator(generator_dir: str, weights_hash: str | None) -> str:
+    """A local directory with the generator export (object stores: a cached copy keyed by its weights)."""
+    if storage.is_uri(generator_dir) and weights_hash is None:
+        weights_hash = read_manifest(generator_dir)["weights_hash"]
+    return str(storage.localize(generator_dir, key=weights_hash))
 
-    ``stop_after_rows`` samples only the first rows of the plan and leaves the set
-    unfinished (as an interrupted run would); the next call completes it.
+
+class Sampler:
+    """Loads the generator once, maps plan batches to contract rows (PNG bytes + provenance).
+
+    On a GPU the denoiser runs under bf16 autocast (fp16 where the GPU has no bf16) in
+    channels_last, with diffusers' SDPA attention (its default processor) and, through
+    ``sample_images``, in ``torch.inference_mode``; ``sample.compile`` adds ``torch.compile``
+    (``compile_backend``: torch's default, or e.g. 'eager' to test the wiring cheaply).
     """
+
+    def __init__(self, generator_dir: str, sample: dict, device: str | None = None, compile_backend: str = "inductor",
+                 weights_hash: str | None = None):
+        self.s = SampleConfig(**{k: v for k, v in sample.items()})
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.gen = models.load_generator(_local_generator(str(generator_dir), weights_hash), require_manifest=True)
+        self.gen.to(self.device).model.eval()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            for part in (self.gen.model, self.gen.components.get("vae")):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        if self.s.compile:  # compiled lazily, on the first batch (and again per new batch shape)
+            self.gen.model = torch.compile(self.gen.model, backend=compile_backend)
+        self.gen_id = self.gen.manifest["weights_hash"][:16]
+        self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+
+    def sample_batch(self, batch: dict) -> pa.Table:
+        """Plan rows (``id``, ``label``, ``class_name``, ``seed``) -> contract rows."""
+        labels = [int(v) for v in batch["label"]]
+        seeds = [int(v) for v in batch["seed"]]
+        x = sample_images(self.gen, labels, seeds, guidance_scale=self.s.guidance_scale, sampler=self.s.sampler,
+                          steps=self.s.steps, ddpm_log_variance_v=self.s.ddpm_log_variance_v,
+                          device=self.device, autocast_dtype=self.autocast)
+        imgs = from_float(x.float().cpu()).transpose(0, 2, 3, 1)  # (B, H, W, C) uint8
+        n = len(labels)
+        return pa.table({
+            "id": pa.array([str(v) for v in batch["id"]], pa.string()),
+            "image": pa.array([encode_png(im) for im in imgs], pa.binary()),
+            "label": pa.array(labels, pa.int64()),
+            "class_name": pa.array([str(v) for v in batch["class_name"]], pa.string()),
+            "source": pa.array(["synthetic"] * n, pa.string()),
+            "generator": pa.array([self.gen_id] * n, pa.string()),
+            "seed": pa.array(seeds, pa.int64()),
+            "guidance_scale": pa.array([float(self.s.guidance_scale)] * n, pa.float64()),
+            "sampler": pa.array([self.s.sampler] * n, pa.string()),
+            "steps": pa.array([int(self.s.steps)] * n, pa.int64()),
+        })
+
+    __call__ = sample_batch
+
+
+class ChunkSampler(Sampler):
+    """Ray Data actor: chunk rows in; each chunk sampled in batches and written as its shard; entries out.
+
+    The write is a side effect, but an idempotent one: a chunk's shard has a fixed name
+    and bytes that depend only on the chunk, and ``write_shard`` replaces it atomically,
+    so a retried call (a restarted actor) rewrites the same file and never adds rows.
+    """
+
+    def __init__(self, generator_dir: str, sample: dict, out: str, write_id: str, num_classes: int,
+                 weights_hash: str | None = None, device: str | None = None, compile_backend: str = "inductor"):
+        super().__init__(generator_dir, sample, device, compile_backend, weights_hash)
+        self.out, self.write_id, self.num_classes = out, write_id, num_classes
+
+    def __call__(self, chunks: dict) -> dict:
+        entries = []
+        for k, name, a, b in zip(chunks["label"], chunks["class_name"], chunks["start"], chunks["stop"]):
+            plan = plan_rows(int(k), str(name), int(a), int(b), self.s.seed)
+            bs = self.s.batch_size
+            parts = [self.sample_batch(plan.slice(i, bs).to_pydict()) for i in range(0, plan.num_rows, bs)]
+            entry = write_shard(self.out, self.write_id, chunk_name(k, a), pa.concat_tables(parts), self.num_classes)
+            entries.append(json.dumps(entry))
+        return {"entry": np.asarray(entries, dtype=object)}
+
+
+# ----------------------------------------------------------------------------- plan file and shards
+
+
+def read_plan(out: str) -> dict | None:
+    """The ``plan.json`` of an unfinished set, or None."""
+    loc = storage.join(out, PLAN)
+    if not storage.is_file(loc):
+        return None
+    try:
+        return storage.read_json(loc)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{loc}: unreadable plan file ({e}); delete the directory to start over") from None
+
+
+def _new_plan(out: str, key: str, gen_manifest: dict, generator_dir: str, s: SampleConfig) -> dict:
+    counts = class_counts(s, gen_manifest["class_names"])
+    size = chunk_size(s)
+    plan = {"sample_key": key, "write_id": new_write_id(), "chunk_size": size,
+            "chunks": len(plan_chunks(counts, gen_manifest["class_names"], size)), "num_rows": sum(counts.values()),
+            "counts": counts, "class_names": gen_manifest["class_names"], "image_size": gen_manifest["image_size"],
+            "channels": gen_manifest["channels"], "generator": generator_dir,
+            "generator_weights_hash": gen_manifest["weights_hash"]}
+    storage.write_json(storage.join(out, PLAN), plan)
+    return plan
+
+
+def _footer_rows(fs, paths: list[str]) -> list[int]:
+    """Row counts from the Parquet footers of some shards (-1: missing, truncated or unreadable)."""
+    rows = []
+    for p in paths:
+        try:
+            rows.append(int(pq.read_metadata(p, filesystem=fs).num_rows))
+        except Exception:  # noqa: BLE001 - any unreadable shard is redone
+            rows.append(-1)
+    return rows
+
+
+def done_chunks(out: str, plan: dict, chunks: list[Chunk]) -> list[Chunk]:
+    """Planned chunks whose shard exists with the planned row count (footers read by Ray tasks).
+
+    Shards that are present but unreadable or of the wrong size are deleted (to be redone);
+    files that are not planned shards are never read.
+    """
+    import ray
+
+    present = {posixpath.basename(i.path): i.path for i in storage.list_files(storage.join(out, DATA_DIR, plan["write_id"]))}
+    found = [(c, present[c.name + ".parquet"]) for c in chunks if c.name + ".parquet" in present]
+    if not found:
+        return []
+    fs, _ = storage.resolve(out)
+    task = ray.remote(_footer_rows).options(num_cpus=0.5)
+    groups = [found[i:i + CHECK_GROUP] for i in range(0, len(found), CHECK_GROUP)]
+    rows = ray.get([task.remote(fs, [p for _, p in g]) for g in groups])
+    done = []
+    for g, r in zip(groups, rows):
+        for (c, p), n in zip(g, r):
+            if n == c.stop - c.start:
+                done.append(c)
+            else:
+                print(f"[sample] {shard_rel(plan['write_id'], c.name)}: {'unreadable' if n < 0 else f'{n} rows'}, "
+                      f"planned {c.stop - c.start}; sampling it again", flush=True)
+                fs.delete_file(p)
+    return done
+
+
+class _Interner:
+    """Shares equal ``counts`` lists between entries: the driver holds O(chunks) entries, each
+    with a per-class list (1,000 ints for ImageNet) that is the same for most chunks."""
+
+    def __init__(self):
+        self.seen: dict[tuple, list] = {}
+
+    def __call__(self, entry: dict) -> dict:
+        counts = tuple(entry["counts"])
+        entry["counts"] = self.seen.setdefault(counts, list(counts))
+        return entry
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _sample_chunks(cfg: Config, generator_dir: str, gen_manifest: dict, out: str, plan: dict,
+                   todo: list[Chunk], intern: _Interner) -> list[dict]:
+    """Stream the chunk rows through the actor pool; returns the written shards' entries."""
     import ray.data
 
-    from synthaug.raylocal import actor_pool_kwargs, init_ray
+    from synthaug.raylocal import actor_pool_kwargs
 
     s = cfg.sample
-    # Check everything before any sampling.
-    generator_dir = Path(generator_dir)
-    if not (generator_dir / "manifest.json").is_file():
+    ds = ray.data.from_items([c._asdict() for c in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        ChunkSampler,
+        fn_constructor_kwargs={"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
+                               "write_id": plan["write_id"], "num_classes": len(gen_manifest["class_names"]),
+                               "weights_hash": gen_manifest["weights_hash"]},
+        batch_size=1, batch_format="numpy",
+        **actor_pool_kwargs(s.min_actors, s.max_actors, s.num_gpus_per_actor),
+    )
+    return [intern(json.loads(row["entry"])) for row in ds.iter_rows()]
+
+
+def _refuse_other(out: str, found: str | None, key: str) -> None:
+    if found != key:
+        raise DatasetError(f"{out}: holds a different sampling config's data (key {found} != {key}); "
+                           f"choose another output directory")
+
+
+def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
+        stop_after_rows: int | None = None) -> tuple[str, dict]:
+    """Sample ``cfg.sample`` from an exported generator; returns (dataset location, manifest).
+
+    ``stop_after_rows`` samples only about that many more rows (whole chunks) and leaves
+    the set unfinished (as an interrupted run would); the next call completes it.
+    """
+    from synthaug.raylocal import init_ray
+
+    s = cfg.sample
+    # Check everything before any sampling or writing.
+    generator_dir = storage.absolute(str(generator_dir))
+    if not storage.is_file(storage.join(generator_dir, MANIFEST)):
         raise models.GeneratorError(f"{generator_dir}: no manifest.json, so this is not a finished generator export")
     gen_manifest = read_manifest(generator_dir)
     class_names = gen_manifest["class_names"]
     key = sample_key(gen_manifest, s)
-    out = Path(out_dir) if out_dir else default_out_dir(cfg, key)
-    partial = out.parent / (out.name + ".partial")
-    for d in (out, partial):
-        marker = d / ("manifest.json" if d == out else "plan.json")
-        if marker.is_file() and json.loads(marker.read_text()).get("sample_key") != key:
-            raise DatasetError(f"{d}: holds a different sampling config's data (key "
-                               f"{json.loads(marker.read_text()).get('sample_key')} != {key}); choose another output directory")
-    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise DatasetError(f"{out}: exists without a manifest; refusing to overwrite it")
-    if (out / "manifest.json").is_file():
-        print(f"[sample] reusing complete set {out}")
-        return out, read_manifest(out)
+    out = storage.absolute(str(out_dir)) if out_dir else default_out_dir(cfg, key)
+    if storage.is_file(storage.join(out, MANIFEST)):
+        m = read_manifest(out)
+        _refuse_other(out, m.get("sample_key"), key)
+        print(f"[sample] reusing complete set {out}", flush=True)
+        return out, m
+    plan = read_plan(out)
+    if plan is not None:
+        _refuse_other(out, plan.get("sample_key"), key)
+    elif storage.list_files(out, recursive=False) or storage.list_dirs(out):
+        raise DatasetError(f"{out}: exists without a manifest or {PLAN}; refusing to overwrite it")
 
-    plan = plan_table(s, class_names)
-    partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(partial / "plan.json", {"sample_key": key, "generator": str(generator_dir), "num_rows": plan.num_rows})
-    done = _written_ids(partial)
-    todo = plan.filter(pa.compute.invert(pa.compute.is_in(plan.column("id"), pa.array(sorted(done), pa.string()))))
+    # The chunks still to sample (an interrupted run's shards are kept).
+    init_ray(cfg.ray)
+    plan = plan or _new_plan(out, key, gen_manifest, generator_dir, s)
+    chunks = plan_chunks(plan["counts"], class_names, plan["chunk_size"])
+    earlier = done_chunks(out, plan, chunks)
+    skip = {c.name for c in earlier}
+    todo = [c for c in chunks if c.name not in skip]
     if stop_after_rows is not None:
-        todo = todo.slice(0, stop_after_rows)
+        rows, cut = 0, 0
+        while cut < len(todo) and rows < stop_after_rows:
+            rows, cut = rows + todo[cut].stop - todo[cut].start, cut + 1
+        todo = todo[:cut]
+    n = sum(c.stop - c.start for c in todo)
 
-    # Stream the remaining plan rows through the actor pool.
+    # Sample them: each actor writes its chunks' shards and returns their entries.
+    intern = _Interner()
     t0 = time.time()
-    if todo.num_rows:
-        init_ray(cfg.ray)
-        ds = ray.data.from_arrow(todo).repartition(max(1, -(-todo.num_rows // s.batch_size)))
-        ds = ds.map_batches(
-            Sampler, fn_constructor_kwargs={"generator_dir": str(generator_dir.absolute()), "sample": to_dict(s)},
-            batch_size=s.batch_size, batch_format="numpy",
-            **actor_pool_kwargs(s.min_actors, s.max_actors, s.num_gpus_per_actor),
-        )
-        ds.write_parquet(str(partial / DATA_DIR))
+    entries = _sample_chunks(cfg, generator_dir, gen_manifest, out, plan, todo, intern) if todo else []
     seconds = time.time() - t0
-    print(f"[sample] {todo.num_rows} images in {seconds:.1f}s = {todo.num_rows / max(seconds, 1e-9):.1f} images/s "
+    print(f"[sample] {n} images in {seconds:.1f}s = {n / max(seconds, 1e-9):.1f} images/s "
           f"({s.sampler}, {s.steps} steps, w={s.guidance_scale})", flush=True)
     if stop_after_rows is not None:
-        return partial, {"sampled": todo.num_rows, "complete": False}
+        return out, {"sampled": n, "complete": False}
 
-    # Drop duplicate rows (a retried write), check completeness, then finalize.
-    written = pq.read_table(partial / DATA_DIR)
-    ids = written.column("id").to_pylist()
-    if set(ids) != set(plan.column("id").to_pylist()):
-        missing = len(set(plan.column("id").to_pylist()) - set(ids))
-        raise RuntimeError(f"{partial}: {missing} planned images missing after sampling; re-run to complete")
-    if len(ids) != len(set(ids)):
-        _, first = np.unique(np.asarray(ids, dtype=object), return_index=True)
-        written = written.take(pa.array(np.sort(first)))
-        shutil.rmtree(partial / DATA_DIR)
-        (partial / DATA_DIR).mkdir()
-        pq.write_table(written, partial / DATA_DIR / "part-00000.parquet")
-    (partial / "plan.json").unlink()
-    manifest = finalize_dataset(
-        partial, out, class_names=class_names, image_size=(gen_manifest["image_size"],) * 2,
-        channels=gen_manifest["channels"], config=to_dict(cfg),
-        extra={"stage": "sample", "sample_key": key, "generator_dir": str(generator_dir),
-               "generator_weights_hash": gen_manifest["weights_hash"], "sample": to_dict(s),
-               "sampled_this_run": todo.num_rows, "seconds_this_run": round(seconds, 2),
-               "images_per_s_this_run": round(todo.num_rows / max(seconds, 1e-9), 2)},
-    )
+    # Finish: entries of earlier attempts' shards come from Ray Data tasks over those files.
+    earlier_entries = [intern(e) for e in shard_stats(out, [shard_rel(plan["write_id"], c.name) for c in earlier],
+                                                      len(class_names))]
+    manifest = finish(cfg, out, plan["write_id"], earlier_entries + entries, extra={
+        "sampled_this_run": n, "seconds_this_run": round(seconds, 2),
+        "images_per_s_this_run": round(n / max(seconds, 1e-9), 2)})
     return out, manifest
+
+
+def finish(cfg: Config, out: str, write_id: str | None = None, entries: Iterable[dict] | None = None, *,
+           extra: dict | None = None) -> dict:
+    """Commit a fully sampled set: completeness check, id check, manifest last; returns the manifest.
+
+    ``entries`` are the shards' manifest entries (as ``write_shard`` returns them); None
+    computes them from the shards (footers checked, figures from Ray Data tasks). Only the
+    planned shard names of the plan's write id are ever read: a stray file is ignored and
+    deleted. Duplicate rows cannot exist by construction (one shard per chunk with a fixed
+    name, ids unique across chunks, a retried chunk rewrites its own shard); the id check
+    of ``commit_dataset`` (Ray tasks over id hashes) verifies it. Driver memory is
+    O(chunks) small entries, never rows.
+    """
+    from synthaug.raylocal import init_ray
+
+    out = storage.absolute(str(out))
+    plan = read_plan(out)
+    if plan is None:
+        raise DatasetError(f"{out}: no {PLAN}, so there is no unfinished sampled set here")
+    if write_id is not None and write_id != plan["write_id"]:
+        raise DatasetError(f"{out}: write id {write_id!r} is not the plan's ({plan['write_id']!r})")
+    key = sample_key({"weights_hash": plan["generator_weights_hash"], "class_names": plan["class_names"]}, cfg.sample)
+    _refuse_other(out, plan["sample_key"], key)
+    init_ray(cfg.ray)
+    class_names, wid = plan["class_names"], plan["write_id"]
+    chunks = plan_chunks(plan["counts"], class_names, plan["chunk_size"])
+    if entries is None:
+        intern = _Interner()
+        done = done_chunks(out, plan, chunks)
+        entries = [intern(e) for e in shard_stats(out, [shard_rel(wid, c.name) for c in done], len(class_names))]
+
+    # Completeness: every planned chunk has its shard, with the planned rows, all of its class.
+    by_path = {e["path"]: e for e in entries}  # a chunk's entry twice is the same file twice
+    missing, ordered = [], []
+    for c in chunks:
+        e = by_path.get(shard_rel(wid, c.name))
+        if e is None or e["rows"] != c.stop - c.start or (e["rows"] and not e["label_min"] == e["label_max"] == c.label):
+            missing.append(c)
+        else:
+            ordered.append(e)
+    if missing:
+        c = missing[0]
+        raise DatasetError(f"{out}: {len(missing)} of {len(chunks)} planned chunks missing or wrong (first: "
+                           f"{shard_rel(wid, c.name)}, class {c.class_name!r} images [{c.start}, {c.stop})); "
+                           f"re-run sampling to complete")
+    del by_path
+    planned = {posixpath.basename(shard_rel(wid, c.name)) for c in chunks}
+    for i in storage.list_files(storage.join(out, DATA_DIR, wid)):  # strays: temp files of killed writes
+        if posixpath.basename(i.path) not in planned:
+            storage.resolve(out)[0].delete_file(i.path)
+
+    manifest = commit_dataset(
+        out, ordered, class_names=class_names, image_size=(plan["image_size"],) * 2, channels=plan["channels"],
+        config=to_dict(cfg), check_ids=True, columns=COLUMNS,
+        extra={"stage": "sample", "sample_key": key, "generator_dir": plan["generator"],
+               "generator_weights_hash": plan["generator_weights_hash"], "sample": to_dict(cfg.sample),
+               "chunk_size": plan["chunk_size"], **(extra or {})})
+    storage.delete(storage.join(out, PLAN))
+    return manifest
