@@ -288,10 +288,11 @@ def test_capped_subset_is_class_balanced_seeded_and_fid_uses_every_image(digits_
     t = read_table(digits_dirs["val"], columns=["id", "label"])
     ids, lab = np.asarray(t.column("id").to_pylist(), dtype=object), np.asarray(t.column("label"))
     keys = feat.subset_keys(ids, 3)
-    want = sorted(i for k in range(10) for i in ids[lab == k][np.argsort(keys[lab == k])[:5]])
+    chosen = {i for k in range(10) for i in ids[lab == k][np.argsort(keys[lab == k])[:5]]}
+    want = [i for i in ids if i in chosen]  # in the dataset's own (manifest) order
     assert list(st.subset_ids) == want and list(np.bincount(st.subset_labels)) == [5] * 10
     other = fd.dataset_statistics(digits_dirs["val"], str(clf_dir), max_samples=50, seed=4)
-    assert set(other.subset_ids) != set(want)
+    assert set(other.subset_ids) != chosen
 
 
 # ----------------------------------------------------------------------------- offline Inception
@@ -520,3 +521,16 @@ def test_reports(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="guidance_scale"):
         report.plot_vs_guidance([{"fid": 1.0}], tmp_path / "bad.png")
+
+
+def test_sample_grid_reads_a_bounded_subset(digits_dirs, synth_dir, tmp_path):
+    from PIL import Image
+
+    from synthaug.report import first_per_class, sample_grid
+
+    got = first_per_class(digits_dirs["train"], 3)
+    assert sorted(got) == list(range(10)) and all(x.shape == (3, 3, 8, 8) for x in got.values())
+    png = Path(sample_grid(digits_dirs["train"], {1.0: synth_dir, 3.0: synth_dir}, tmp_path / "g" / "grid.png", per_class=3, scale=2))
+    img = Image.open(png)
+    # Three blocks of 3 tiles (8 px + 1 px padding) side by side, 10 class rows, scaled 2x, plus the label margins.
+    assert img.size == (24 + 2 * (3 * (3 * 9 + 1) + 2 * 4), 16 + 2 * (10 * 9 + 1))

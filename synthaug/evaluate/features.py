@@ -238,6 +238,30 @@ class _Merger:
                                  {n: cat(v) for n, v in self.feats.items()})
 
 
+def manifest_order(loc, stats: DatasetStatistics, batch_size: int = 65536) -> DatasetStatistics:
+    """The subset's rows in the dataset's own order (manifest shards, rows within them).
+
+    That is the order torch-fidelity would see (IS splits and KID subsets depend on it),
+    and a property of the dataset, not of Ray's partitioning. Streams the id column;
+    holds only the subset's positions.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(stats.subset_ids) == 0:
+        return stats
+    want = pa.array([str(i) for i in stats.subset_ids], pa.string())
+    pos, offset = {}, 0
+    for b in iter_batches(loc, columns=["id"], batch_size=batch_size):
+        hit = np.flatnonzero(np.asarray(pc.is_in(b.column("id"), value_set=want)))
+        ids = b.column("id")
+        pos.update((ids[int(i)].as_py(), offset + int(i)) for i in hit)
+        offset += b.num_rows
+    order = np.argsort([pos[str(i)] for i in stats.subset_ids], kind="stable")
+    return DatasetStatistics(stats.n, stats.sums, stats.outer, stats.subset_ids[order], stats.subset_labels[order],
+                             {k: v[order] for k, v in stats.subset.items()})
+
+
 def cache_key(manifest: dict, ex: Extractor, layers, max_samples: int, seed: int, per_class: bool) -> str:
     """Content key of a set's statistics: images, extractor, weights, count, layers, cap, seed."""
     return hash_obj({
@@ -328,7 +352,7 @@ def dataset_statistics(
         if err is e:
             raise
         raise err from None
-    stats = merger.result()
+    stats = manifest_order(loc, merger.result())
     EXTRACTED_ROWS[ex.kind] += stats.num_rows
     if stats.num_rows != manifest["num_rows"]:
         raise DatasetError(f"{loc}: read {stats.num_rows} rows, the manifest says {manifest['num_rows']}")
