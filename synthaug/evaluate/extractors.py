@@ -242,10 +242,11 @@ def resolve_extractor(kind: str, extractor_dir: str | Path | None, inception_wei
                 f"got {d!r}. Train one on the real train split first (synthaug classifier training)."
             )
         meta = json.loads(storage.read_text(storage.join(d, "classifier.json")))
-        return Extractor(kind, d, sha256_file(storage.join(d, "model.safetensors")), True, meta)
+        # An absolute location, so actors on other nodes (shared mount or URI) find the same weights.
+        return Extractor(kind, storage.absolute(d), sha256_file(storage.join(d, "model.safetensors")), True, meta)
     if kind == "inception-v3-compat":
         digest = verify_inception_weights(inception_weights, expected_sha256)
-        return Extractor(kind, str(inception_weights), digest, False)
+        return Extractor(kind, storage.absolute(inception_weights), digest, False)
     raise ExtractorError(f"config key 'evaluate.extractor': unknown extractor {kind!r}; choose from {sorted(METRIC_LAYERS)}")
 
 

@@ -228,7 +228,9 @@ def near_copy_audit(
 
     ``extractor`` is a resolved :class:`Extractor` or an in-domain classifier location;
     ``layer`` defaults to its FID layer. Feature stores go under ``cache_dir`` (any
-    location; reused by content) or a temporary local directory. Returns scalar keys
+    location; reused by content) or, with ``None``, a temporary local directory -- which
+    only works on a single node: on a multi-node cluster give shared storage or a URI, as
+    the evaluate stage does (``<work_dir>/cache/features``). Returns scalar keys
     near_copy_share, near_copy_threshold, pixel_near_copy_share, pixel_threshold,
     percentile, n_train, n_val, n_synthetic, feature_dim; ``per_class`` (class name ->
     {n_synthetic, near_copy_share, pixel_near_copy_share}, by the synthetic label); and
