@@ -111,8 +111,25 @@ class EvaluateConfig:
     extractor: str = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default) or 'inception-v3-compat' (needs a local weights file).")
     extractor_epochs: int = _f(30, "Epochs for the in-domain extractor classifier (trained on real train).")
     kid_subset_size: int = _f(100, "KID subset size; lowered with a warning when a set is smaller.")
+    max_samples: int = _f(50000, "Cap per set for IS, KID and precision/recall: a class-balanced subset chosen by (seed, id, label), as in the paper's FID@50K; its features are the only per-image data held in one process. FID uses every image (merged sums).")
+    seed: int = _f(0, "Seed of the capped subset's choice.")
+    per_class_fid: bool = _f(True, "Keep per-class feature sums for per-class FID (driver memory: classes x D^2 floats; turn off for many classes with wide features).")
     near_copy_percentile: float = _f(5.0, "Near-copy threshold: this percentile of real-val-to-train distances.")
+    near_copy_top_k: int = _f(16, "Closest synthetic/train pairs kept for the report's grid (the only audit images held).")
+    near_copy_chunk: int = _f(4096, "Rows per chunk of the near-copy search (synthetic chunks against train chunks, chunked matrix products).")
     batch_size: int = _f(64, "Feature-extraction batch size.")
+    min_actors: int = _f(1, "Feature-extraction actor pool minimum size.")
+    max_actors: int = _f(1, "Feature-extraction actor pool maximum size.")
+    num_gpus_per_actor: float = _f(0.0, "GPUs per feature-extraction actor (1 on a GPU cluster).")
+
+    def __post_init__(self) -> None:
+        for key in ("max_samples", "batch_size", "near_copy_chunk", "min_actors"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'evaluate.{key}' must be >= 1")
+        if self.max_actors < self.min_actors:
+            raise ConfigError("config keys 'evaluate.min_actors' <= 'evaluate.max_actors'")
+        if not 0.0 <= self.near_copy_percentile <= 100.0:
+            raise ConfigError("config key 'evaluate.near_copy_percentile' must be in [0, 100]")
 
 
 @dataclass(frozen=True)

@@ -137,17 +137,26 @@ def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extract
     """One synthetic set: fidelity (torch-fidelity, in-domain extractor), per-class FID, the
     near-copy audit against ``train`` and CAS (trained on ``synthetic``, tested on ``real``).
 
-    Returns flat metrics plus the nested ``_audit``, ``per_class_fid`` and
-    ``cas_per_class_top1`` that the report turns into tables and grids.
+    Features come from a Ray Data actor pool (``evaluate.min_actors/max_actors/
+    num_gpus_per_actor``); FID from merged sums of every image, IS/KID/PR from a capped
+    subset (``evaluate.max_samples``). Locations may be URIs. Returns flat metrics plus the
+    nested ``_audit``, ``per_class_fid`` and ``cas_per_class_top1`` that the report turns
+    into tables and grids.
     """
+    from synthaug import storage
     from synthaug.evaluate import cas, fidelity, memorization
 
     p = RunPaths(cfg)
-    metrics = fidelity.compute_fidelity(real, synthetic, extractor, cfg.evaluate, p.cache)
-    metrics["per_class_fid"] = fidelity.compute_per_class_fid(real, synthetic, extractor, cfg.evaluate, p.cache)
+    e = cfg.evaluate
+    cache = str(p.cache)
+    metrics = fidelity.compute_fidelity(real, synthetic, extractor, e, cache)
+    if e.per_class_fid:
+        metrics["per_class_fid"] = fidelity.compute_per_class_fid(real, synthetic, extractor, e, cache)
     if train is not None:
-        audit = memorization.near_copy_audit(train, real, synthetic, fidelity.make_feature_fn(extractor),
-                                             percentile=cfg.evaluate.near_copy_percentile)
+        audit = memorization.near_copy_audit(
+            train, real, synthetic, str(extractor), percentile=e.near_copy_percentile, top_k=e.near_copy_top_k,
+            chunk=e.near_copy_chunk, batch_size=e.batch_size, cache_dir=storage.join(cache, "features"),
+            min_actors=e.min_actors, max_actors=e.max_actors, num_gpus=e.num_gpus_per_actor)
         for k in ("near_copy_share", "near_copy_threshold", "pixel_near_copy_share", "pixel_threshold"):
             metrics[k] = audit[k]
         metrics["_audit"] = audit
@@ -160,25 +169,27 @@ def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extract
 
 def evaluate_cli(cfg: Config, real, synthetic: list, extractor, train) -> dict:
     """``synthaug evaluate``: metrics for each synthetic set into <results>/<name>/evaluate/."""
-    from synthaug import report
+    from synthaug import report, storage
+    from synthaug.artifacts import is_complete
 
     p = RunPaths(cfg)
     real = real or p.data("val")
     extractor = extractor or stage_extractor(cfg)
     if not synthetic:
         raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
+    labelled_train = p.data("train") if is_complete(p.data("train")) else None
     rows = []
     for d in synthetic:
-        m = stage_evaluate(cfg, real, d, extractor, train, labelled_train=p.data("train") if (p.data("train") / "manifest.json").is_file() else None)
+        m = stage_evaluate(cfg, real, d, extractor, train, labelled_train=labelled_train)
         flat = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
         flat["guidance_scale"] = float(read_manifest(d).get("sample", {}).get("guidance_scale", float("nan")))
         rows.append(flat)
-    out = p.results / "evaluate"
+    out = storage.join(str(p.results), "evaluate")
     for i, r in enumerate(rows):
         report.write_metrics(out, r, name=f"metrics_{i}" if len(rows) > 1 else "metrics")
     if len(rows) > 1:
         report.plot_vs_guidance([{**r, "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")} for r in rows],
-                                out / "fidelity_vs_guidance.png")
+                                storage.join(out, "fidelity_vs_guidance.png"))
     return rows[0] if len(rows) == 1 else {"evaluated": len(rows), "out": str(out)}
 
 

@@ -7,62 +7,83 @@ paired by seed, so a gain within the seed spread is reported as such.
 
 from __future__ import annotations
 
+import io
 import math
-from pathlib import Path
 
 import numpy as np
 
-from synthaug.artifacts import atomic_write_text, read_table
+from synthaug import storage
+from synthaug.artifacts import atomic_write_text, iter_batches, read_manifest
 from synthaug.config import Config
 from synthaug.data.images import decode_batch
 from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
 
 
-def sample_grid(real_dir: str | Path, synthetic: dict[float, Path], path: str | Path, per_class: int = 8,
-                scale: int = 4) -> Path:
+def first_per_class(loc, per_class: int, batch_size: int = 1024) -> dict[int, np.ndarray]:
+    """Up to ``per_class`` uint8 ``(k, 3, H, W)`` images of each class, in manifest shard order.
+
+    Streams the dataset and stops once every class is full, so at most ``classes x
+    per_class`` images are held (a bounded read, whatever the dataset's size).
+    """
+    m = read_manifest(loc)
+    want = {k: min(per_class, int(m["counts"].get(n, 0))) for k, n in enumerate(m["class_names"])}
+    got: dict[int, list] = {k: [] for k in want}
+    for b in iter_batches(loc, columns=["label", "image"], batch_size=batch_size):
+        labels = b.column("label").to_pylist()
+        images = b.column("image")
+        for i, y in enumerate(labels):
+            if y in got and len(got[y]) < want[y]:
+                got[y].append(images[i].as_py())
+        if all(len(got[k]) >= want[k] for k in want):
+            break
+    out = {}
+    for k, pngs in got.items():
+        x = decode_batch(pngs) if pngs else np.zeros((0, m["channels"], *m["image_size"]), np.uint8)
+        out[k] = np.repeat(x, 3, axis=1) if x.shape[1] == 1 else x[:, :3]  # (k, 3, H, W)
+    return out
+
+
+def sample_grid(real_dir, synthetic: dict, path, per_class: int = 8, scale: int = 4) -> str:
     """Per class (rows): ``per_class`` real train images, then ``per_class`` synthetic per guidance.
 
-    Drawn with PIL at an integer ``scale`` (nearest neighbour), so pixels stay square.
+    Each set's block is a ``torchvision.utils.make_grid``; blocks are placed side by side,
+    scaled by an integer ``scale`` (nearest neighbour, so pixels stay square) and labelled.
+    Reads only the images drawn (:func:`first_per_class`); writes through the storage layer.
     """
+    import torch
     from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
-    real = read_table(real_dir)
-    tables = [("real", real)] + [(f"w={w:g}", read_table(d)) for w, d in synthetic.items()]
-    labels = real.column("label").to_pylist()
-    names = [n for _, n in sorted(set(zip(labels, real.column("class_name").to_pylist())))]
-
-    def block(table, name) -> np.ndarray:
-        cls = table.column("class_name").to_pylist()
-        rows = [i for i, c in enumerate(cls) if c == name][:per_class]
-        imgs = decode_batch([table.column("image")[i].as_py() for i in rows]).transpose(0, 2, 3, 1)  # (k, H, W, C)
-        if imgs.shape[-1] == 1:
-            imgs = np.repeat(imgs, 3, axis=-1)
-        pad = np.full((per_class - len(imgs), *imgs.shape[1:]), 255, np.uint8)
-        return np.concatenate(list(np.concatenate([imgs, pad])), axis=1)  # (H, k*W, 3)
-
-    gap = 2
-    rows = []
-    for name in names:
-        parts = [block(t, name) for _, t in tables]
-        sep = np.full((parts[0].shape[0], gap, 3), 128, np.uint8)
-        rows.append(np.concatenate([x for p in parts for x in (p, sep)][:-1], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    h, w = grid.shape[:2]
-    img = Image.fromarray(grid).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    names = list(read_manifest(real_dir)["class_names"])
+    sets = [("real", real_dir)] + [(f"w={w:g}", d) for w, d in synthetic.items()]
+    blocks = []
+    for _, loc in sets:
+        imgs = first_per_class(loc, per_class)
+        h, w = next(x.shape[2:] for x in imgs.values())
+        tiles = []
+        for k in range(len(names)):
+            x = imgs.get(k, np.zeros((0, 3, h, w), np.uint8))
+            pad = np.full((per_class - len(x), 3, h, w), 255, np.uint8)  # a short class: white tiles
+            tiles.append(np.concatenate([x, pad]))
+        t = torch.from_numpy(np.concatenate(tiles))  # (K * per_class, 3, H, W)
+        blocks.append(make_grid(t, nrow=per_class, padding=1, pad_value=255).numpy())  # (3, Hg, Wg)
+    gap = np.full((3, blocks[0].shape[1], 4), 128, np.uint8)
+    grid = np.concatenate([x for b in blocks for x in (b, gap)][:-1], axis=2).transpose(1, 2, 0)  # (Hg, Wg, 3)
+    hh, ww = grid.shape[:2]
+    img = Image.fromarray(np.ascontiguousarray(grid)).resize((ww * scale, hh * scale), Image.Resampling.NEAREST)
     left, top = 24, 16
     canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
     canvas.paste(img, (left, top))
     draw = ImageDraw.Draw(canvas)
-    block_w = (parts[0].shape[1] + gap) * scale
-    for j, (label, _) in enumerate(tables):
+    block_w = (blocks[0].shape[2] + gap.shape[2]) * scale
+    for j, (label, _) in enumerate(sets):
         draw.text((left + j * block_w + 2, 2), label, fill="black")
-    row_h = h * scale // len(names)
+    row_h = hh * scale // len(names)
     for i, name in enumerate(names):
         draw.text((2, top + i * row_h + row_h // 3), name[:3], fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return storage.write_bytes(path, buf.getvalue())
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -76,8 +97,7 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets: dict, seconds: dict) -> dict:
     """Write ``<results>/<name>/{metrics.json, summary.md, *.png}``; returns the flat metrics."""
-    out = paths.results
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(paths.results)
     summary = sweep.attrs["summary"]
     w0 = float(cfg.sample.guidance_scale)
     head = next(r for r in fidelity_rows if r["guidance_scale"] == w0)
@@ -116,12 +136,12 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
     # Plots and grids.
     plot_vs_guidance([{"guidance_scale": r["guidance_scale"], "fid": r.get("fid"), "isc_mean": r.get("isc_mean"),
                        "isc_std": r.get("isc_std"), "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")}
-                      for r in fidelity_rows], out / "fidelity_vs_guidance.png")
-    sample_grid(paths.data("train"), dict(sorted(sets.items())), out / "samples_per_class.png")
+                      for r in fidelity_rows], storage.join(out, "fidelity_vs_guidance.png"))
+    sample_grid(paths.data("train"), dict(sorted(sets.items())), storage.join(out, "samples_per_class.png"))
     from synthaug.evaluate.memorization import save_pairs_grid
 
     if head.get("_audit", {}).get("pairs"):
-        save_pairs_grid(head["_audit"]["pairs"], out / "closest_pairs.png")
+        save_pairs_grid(head["_audit"]["pairs"], storage.join(out, "closest_pairs.png"))
 
     # Per-class table at the headline guidance.
     per_class = {}
@@ -177,5 +197,5 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         *[f"| {k} | {v} |" for k, v in seconds.items()],
         f"| **total** | {metrics['seconds_total']} |", "",
     ]
-    atomic_write_text(out / "summary.md", "\n".join(lines))
+    atomic_write_text(storage.join(out, "summary.md"), "\n".join(lines))
     return metrics

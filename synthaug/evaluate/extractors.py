@@ -16,20 +16,23 @@ Precision/recall use the same extractor as the other metrics (torch-fidelity's d
 for PR is VGG16, another download), so PR numbers are not comparable with published
 VGG16-based ones.
 
-``ContractImages`` serves a contract dataset's images to torch-fidelity as uint8 tensors.
+:func:`decode_images` turns a batch of PNGs into the uint8 tensors torch-fidelity reads, and
+:func:`extract_batch` runs an extractor on one batch: the Ray-free compute core that the
+Ray Data actors of :mod:`synthaug.evaluate.features` wrap. ``ContractImages`` serves a
+small, bounded dataset to torch-fidelity's own entry point (tests).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -37,6 +40,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
+from synthaug import storage
 from synthaug.artifacts import DatasetError, read_manifest, read_table, sha256_file
 from synthaug.data.images import decode_png
 
@@ -63,40 +67,49 @@ class ExtractorError(ValueError):
 # ----------------------------------------------------------------------------- images
 
 
-class ContractImages(Dataset):
-    """A contract dataset as uint8 ``(3, H, W)`` tensors; grayscale is repeated to 3 channels.
+def decode_images(pngs, ids, image_size, where) -> np.ndarray:
+    """PNG bytes of one batch -> uint8 ``(B, 3, H, W)``; grayscale is repeated to 3 channels.
 
     No resize happens here: the in-domain extractor sees the native size, and
     torch-fidelity's Inception resizes to 299x299 inside its forward. Every image must
-    have the manifest's size (checked from the PNG headers up front), so batches stack.
+    have the manifest's ``image_size`` (H, W), so batches stack; a bad one is named.
+    """
+    h, w = (int(v) for v in image_size)
+    out = np.empty((len(pngs), 3, h, w), np.uint8)
+    for k, (rid, data) in enumerate(zip(ids, pngs)):
+        img = decode_png(data)  # (H, W, C)
+        if img.shape[:2] != (h, w):
+            raise DatasetError(
+                f"{where}: image {rid!r} is {img.shape[0]}x{img.shape[1]}, the manifest says {h}x{w}; "
+                "a dataset must hold one image size"
+            )
+        out[k] = img.transpose(2, 0, 1)[:3] if img.shape[2] >= 3 else np.repeat(img.transpose(2, 0, 1)[:1], 3, axis=0)
+    return out
+
+
+class ContractImages(Dataset):
+    """A *bounded* contract dataset as uint8 ``(3, H, W)`` tensors, for torch-fidelity's own entry point.
+
+    It reads the whole set into memory, so it serves only tests and small comparisons
+    (e.g. against ``torch_fidelity.calculate_metrics``); the evaluate stage streams
+    through :mod:`synthaug.evaluate.features` instead.
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        table = read_table(self.path, columns=["id", "image", "label"])
+        self.path = path
+        self.manifest = read_manifest(path)
+        table = read_table(path, columns=["id", "image", "label"])
         if table.num_rows == 0:
-            raise DatasetError(f"{self.path}: empty dataset (0 rows); nothing to measure")
-        self.ids = table.column("id").to_pylist()
-        self.images = table.column("image").to_pylist()
+            raise DatasetError(f"{path}: empty dataset (0 rows); nothing to measure")
         self.labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-        h, w = self.manifest["image_size"]
-        for rid, data in zip(self.ids, self.images):
-            size = Image.open(io.BytesIO(data)).size  # (W, H) from the header, no decode
-            if size != (w, h):
-                raise DatasetError(
-                    f"{self.path}: image {rid!r} is {size[1]}x{size[0]}, the manifest says {h}x{w}; "
-                    "a dataset must hold one image size"
-                )
+        self.images = decode_images(table.column("image").to_pylist(), table.column("id").to_pylist(),
+                                    self.manifest["image_size"], path)  # (N, 3, H, W)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = torch.tensor(decode_png(self.images[i])).permute(2, 0, 1)  # (C, H, W), a writable copy
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
-        return img[:3].contiguous()
+        return torch.from_numpy(self.images[i].copy())  # (3, H, W)
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -116,7 +129,7 @@ class InDomainFeatureExtractor(FeatureExtractorBase):
         from synthaug.classify.models import load_classifier
 
         vassert(bool(feature_extractor_weights_path), f"{name}: pass the classifier directory as feature_extractor_weights_path")
-        self.model, self.meta = load_classifier(feature_extractor_weights_path)
+        self.model, self.meta = load_classifier(storage.localize(feature_extractor_weights_path))
         self.in_chans = int(self.meta["in_chans"])
         self.requires_grad_(False)
         self.eval()
@@ -157,7 +170,12 @@ if IN_DOMAIN not in FEATURE_EXTRACTORS_REGISTRY:
 
 @dataclass(frozen=True)
 class Extractor:
-    """A resolved extractor: what runs, from which verified weights, for which metrics."""
+    """A resolved extractor: what runs, from which verified weights, for which metrics.
+
+    ``weights_path`` is a location (local, mounted or ``s3://...``); :meth:`local_weights`
+    gives a local copy, cached under the weights' sha256, wherever the extractor runs
+    (driver or a Ray actor on another node).
+    """
 
     kind: str  # 'in-domain' or 'inception-v3-compat'
     weights_path: str  # classifier dir (in-domain) or weights file (inception)
@@ -173,47 +191,81 @@ class Extractor:
     def tf_name(self) -> str:
         return TF_NAMES[self.kind]
 
+    def local_weights(self) -> str:
+        """A local path of the weights (the location itself when it is local)."""
+        if self.kind == "in-domain":
+            return str(storage.localize(self.weights_path, key=f"clf-{self.weights_sha256[:32]}"))
+        return str(_localize_file(self.weights_path, self.weights_sha256))
+
+
+def _localize_file(loc: str, sha256: str) -> Path:
+    """A local copy of one file at a location, cached by its content hash."""
+    lp = storage.local_path(loc)
+    if lp is not None:
+        return lp
+    dst = storage.cache_root() / f"file-{sha256[:32]}" / storage.basename(loc)
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(storage.read_bytes(loc))
+        os.replace(tmp, dst)  # a local cache file, not a data location
+    return dst
+
 
 def verify_inception_weights(path: str | Path, expected_sha256: str = "") -> str:
-    """Check a local Inception weights file against its sha256; return the digest."""
+    """Check an Inception weights file (any location) against its sha256; return the digest."""
     how = (
         f"download it once, outside the job: curl -L -o <path> {INCEPTION_WEIGHTS_URL} "
         f"(sha256 {INCEPTION_WEIGHTS_SHA256}), and pass that path as inception_weights"
     )
     if not path:
         raise ExtractorError(f"extractor 'inception-v3-compat' needs a local weights file and never downloads; {how}")
-    p = Path(path)
-    if not p.is_file():
-        raise ExtractorError(f"Inception weights not found at {p}; {how}")
+    if not storage.is_file(path):
+        raise ExtractorError(f"Inception weights not found at {path}; {how}")
     want = (expected_sha256 or INCEPTION_WEIGHTS_SHA256).lower()
-    got = sha256_file(p)
+    got = sha256_file(path)
     if got != want:
-        raise ExtractorError(f"Inception weights at {p} have sha256 {got}, expected {want}; the file is wrong or damaged -- {how}")
+        raise ExtractorError(f"Inception weights at {path} have sha256 {got}, expected {want}; the file is wrong or damaged -- {how}")
     return got
 
 
 def resolve_extractor(kind: str, extractor_dir: str | Path | None, inception_weights: str = "", expected_sha256: str = "") -> Extractor:
-    """Check the extractor's weights exist (and, for Inception, verify them) before any work."""
+    """Check the extractor's weights exist (and, for Inception, verify them) before any work.
+
+    ``extractor_dir`` (in-domain) and ``inception_weights`` may be any storage location.
+    """
     if kind == "in-domain":
-        d = Path(extractor_dir) if extractor_dir else None
-        if d is None or not (d / "classifier.json").is_file() or not (d / "model.safetensors").is_file():
+        d = str(extractor_dir) if extractor_dir else None
+        if d is None or not storage.is_file(storage.join(d, "classifier.json")) or not storage.is_file(storage.join(d, "model.safetensors")):
             raise ExtractorError(
                 f"extractor 'in-domain' needs a saved classifier directory (classifier.json + model.safetensors); "
-                f"got {str(d)!r}. Train one on the real train split first (synthaug classifier training)."
+                f"got {d!r}. Train one on the real train split first (synthaug classifier training)."
             )
-        meta = json.loads((d / "classifier.json").read_text())
-        return Extractor(kind, str(d), sha256_file(d / "model.safetensors"), True, meta)
+        meta = json.loads(storage.read_text(storage.join(d, "classifier.json")))
+        # An absolute location, so actors on other nodes (shared mount or URI) find the same weights.
+        return Extractor(kind, storage.absolute(d), sha256_file(storage.join(d, "model.safetensors")), True, meta)
     if kind == "inception-v3-compat":
         digest = verify_inception_weights(inception_weights, expected_sha256)
-        return Extractor(kind, str(inception_weights), digest, False)
+        return Extractor(kind, storage.absolute(inception_weights), digest, False)
     raise ExtractorError(f"config key 'evaluate.extractor': unknown extractor {kind!r}; choose from {sorted(METRIC_LAYERS)}")
 
 
 def build_extractor(ex: Extractor, layers, device: str = "cpu") -> FeatureExtractorBase:
-    """The torch-fidelity extractor object, from local weights only."""
+    """The torch-fidelity extractor object, from local weights only (fetched once if remote)."""
     return create_feature_extractor(
-        ex.tf_name, sorted(set(layers)), cuda=device.startswith("cuda"), feature_extractor_weights_path=ex.weights_path, verbose=False
+        ex.tf_name, sorted(set(layers)), cuda=device.startswith("cuda"), feature_extractor_weights_path=ex.local_weights(),
+        verbose=False,
     )
+
+
+def extract_batch(fe: FeatureExtractorBase, images_u8: np.ndarray, device: str = "cpu") -> dict[str, np.ndarray]:
+    """The Ray-free compute core: uint8 ``(B, 3, H, W)`` -> layer name -> float32 ``(B, D)``."""
+    x = torch.from_numpy(np.ascontiguousarray(images_u8))  # (B, 3, H, W)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        feats = fe.convert_features_tuple_to_dict(fe(x.to(device)))
+    return {name: v.detach().to("cpu", torch.float32).numpy() for name, v in feats.items()}
 
 
 def _device(device: str | None) -> str:

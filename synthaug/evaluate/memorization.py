@@ -7,19 +7,39 @@ real *val* images to their nearest train image: real held-out images are the yar
 of "as close as two different real images of this domain get". With the default 5th
 percentile, a generator that never copies still flags about 5% of its samples if they
 are as close to train as val is -- compare the share with ``percentile``, not with 0.
+
+Any size: features are extracted once per set by the Ray Data actor pool of
+:mod:`synthaug.evaluate.features` into a feature store (Parquet, content-keyed, through
+:mod:`synthaug.storage`). The search then streams the query set in chunks against the
+train set in chunks -- chunked matrix products in torch, on this process's accelerator
+when it has one -- keeping a running minimum per query row; it never holds both feature
+matrices. Pixel space streams the datasets' images the same way. What is held: one
+query chunk and one train chunk, the val-to-train distances (one float per val row, for
+the percentile), per-class counts, and the ``top_k`` closest pairs (the only images kept).
 """
 
 from __future__ import annotations
 
+import io
+import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from synthaug.artifacts import DatasetError, read_manifest, read_table
+from synthaug import raylocal, storage
+from synthaug.artifacts import DatasetError, hash_obj, iter_batches, new_write_id, read_manifest, read_ray
 from synthaug.data.images import decode_batch, to_float
+from synthaug.evaluate.extractors import Extractor, _device, resolve_extractor
+from synthaug.evaluate.features import EXTRACTED_ROWS, MAX_HASH, FeatureActor
+
+STORE_VERSION = 1
+PIXEL_CHUNK_BYTES = 256 << 20  # float32 bytes per pixel-space chunk
 
 
 @dataclass(frozen=True)
@@ -28,8 +48,6 @@ class Pair:
 
     synthetic_id: str
     train_id: str
-    synthetic_index: int
-    train_index: int
     distance: float  # feature-space L2
     pixel_distance: float  # pixel-space L2 in [-1, 1] units to the same train image; NaN if not computed
     synthetic_label: int
@@ -42,55 +60,177 @@ class Pair:
         return {k: v for k, v in self.__dict__.items() if not k.endswith("_image")}
 
 
-def _load(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """ids, labels, uint8 (N, C, H, W) images and class names of a contract dataset."""
-    manifest = read_manifest(path)
-    table = read_table(path, columns=["id", "image", "label"])
-    if table.num_rows == 0:
-        raise DatasetError(f"{path}: empty dataset (0 rows); nothing to audit")
-    try:
-        images = decode_batch(table.column("image").to_pylist())  # (N, C, H, W)
-    except ValueError as e:
-        raise DatasetError(f"{path}: images of different sizes cannot be compared ({e})") from None
-    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-    return table.column("id").to_pylist(), labels, images, list(manifest["class_names"])
+# ----------------------------------------------------------------------------- the chunked search
+
+
+Chunk = tuple[list, np.ndarray, np.ndarray]  # ids, labels (n,), float32 vectors (n, D)
+
+
+def nearest_chunked(query: np.ndarray, ref_chunks: Iterable[Chunk], device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query row (n, D): L2 distance to, id of and label of its nearest row over all ref chunks.
+
+    Each ref chunk costs one matrix product (squared distances via ``|q|^2 + |r|^2 - 2 q r^T``);
+    the winner's distance is then recomputed from the difference, so exact copies come out
+    at exactly 0. A running minimum per query row keeps the first of equal distances.
+    """
+    q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).to(device)  # (n, D)
+    qn = (q * q).sum(1)
+    best = torch.full((len(q),), float("inf"), dtype=torch.float32, device=device)
+    best_id = np.full(len(q), None, dtype=object)
+    best_label = np.full(len(q), -1, dtype=np.int64)
+    for ids, labels, ref in ref_chunks:
+        if len(ref) == 0:
+            continue
+        r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).to(device)  # (m, D)
+        d2 = qn[:, None] + (r * r).sum(1)[None, :] - 2.0 * (q @ r.T)  # (n, m)
+        j = d2.argmin(1)
+        exact = (q - r[j]).norm(dim=1)  # (n,)
+        better = (exact < best).cpu().numpy()
+        best = torch.minimum(best, exact)
+        jj = j.cpu().numpy()[better]
+        best_id[better] = np.asarray(ids, dtype=object)[jj]
+        best_label[better] = np.asarray(labels)[jj]
+    return best.cpu().numpy().astype(np.float64), best_id, best_label
 
 
 def nearest(query: np.ndarray, ref: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``query`` (N, D), the L2 distance to and index of its nearest ``ref`` row."""
-    q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-    r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
-    dists, idx = [], []
-    for part in q.split(chunk):
-        # Exact differences, not the matmul shortcut, so exact copies come out at 0.
-        d = torch.cdist(part, r, compute_mode="donot_use_mm_for_euclid_dist")  # (n, M)
-        m = d.min(dim=1)
-        dists.append(m.values)
-        idx.append(m.indices)
-    return torch.cat(dists).numpy().astype(np.float64), torch.cat(idx).numpy()
+    """In-memory convenience: for each row of ``query`` (N, D), the distance to and index of its nearest ``ref`` row."""
+    spans = [np.arange(i, min(i + chunk, len(ref))) for i in range(0, len(ref), chunk)]
+    d, idx, _ = nearest_chunked(query, ((s, s, ref[s[0]:s[-1] + 1]) for s in spans), _device(None))
+    return d, idx.astype(np.int64)
 
 
-def _features(feature_fn: Callable, images: np.ndarray, where) -> np.ndarray:
-    f = np.asarray(feature_fn(images), dtype=np.float32)
-    if f.ndim != 2 or len(f) != len(images):
-        raise ValueError(f"feature_fn returned shape {f.shape} for {len(images)} images of {where}; expected (N, D)")
-    return f
+# ----------------------------------------------------------------------------- feature stores
+
+
+def _store_rows(batch: dict, layer: str) -> dict:
+    """Feature rows as (id, label, float32 bytes): plain Parquet types, readable without Ray."""
+    f = np.ascontiguousarray(batch[f"feat_{layer}"], np.float32)
+    return {"id": batch["id"], "label": batch["label"], "feat": np.array([row.tobytes() for row in f], dtype=object)}
+
+
+def feature_store(loc, ex: Extractor, layer: str, root, *, batch_size: int = 64, min_actors: int = 1,
+                  max_actors: int = 1, num_gpus: float = 0.0, device: str | None = None) -> str:
+    """Features of every row of ``loc`` as Parquet under ``root`` (content-keyed, reused); its location.
+
+    Written by the Ray Data actor pool; ``index.json``, written last, lists the files,
+    so a half-written store is never read.
+    """
+    import ray
+
+    manifest = read_manifest(loc)
+    key = hash_obj({"version": STORE_VERSION, "content_hash": manifest["content_hash"], "rows": manifest["num_rows"],
+                    "extractor": ex.tf_name, "weights_sha256": ex.weights_sha256, "layer": layer})[:32]
+    store = storage.join(root, f"features-{ex.kind}-{key}")
+    index = storage.join(store, "index.json")
+    if storage.is_file(index):
+        return store
+    if not ray.is_initialized():
+        raylocal.init_ray()
+    labelled = bool(manifest.get("labelled", True) and manifest.get("class_names"))
+    groups = len(manifest["class_names"]) if labelled else 1
+    ds = read_ray(loc, columns=["id", "image", "label"]).map_batches(
+        FeatureActor, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(ex=ex, layers=[layer], image_size=manifest["image_size"], where=str(loc),
+                                   thresholds=np.full(groups, MAX_HASH, np.uint64), seed=0, labelled=labelled,
+                                   device=device),
+        **raylocal.actor_pool_kwargs(min_actors, max_actors, num_gpus),
+    ).map_batches(_store_rows, fn_kwargs={"layer": layer}, batch_format="numpy")
+    wid = new_write_id()
+    fs, path = storage.resolve(storage.join(store, "data", wid))
+    try:
+        ds.write_parquet(path, filesystem=fs)
+    except Exception as e:  # noqa: BLE001 - the DatasetError naming the bad row, when there is one
+        from synthaug.evaluate.features import _unwrap
+
+        err = _unwrap(e)
+        if err is e:
+            raise
+        raise err from None
+    files = sorted(i.path for i in storage.list_files(storage.join(store, "data", wid)) if i.path.endswith(".parquet"))
+    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+    if rows != manifest["num_rows"]:
+        raise DatasetError(f"{loc}: feature store has {rows} rows, the manifest says {manifest['num_rows']}")
+    EXTRACTED_ROWS[ex.kind] += rows
+    rel = [f"data/{wid}/{storage.basename(f)}" for f in files]
+    storage.write_json(index, {"files": rel, "rows": rows, "layer": layer, "source": str(loc)})
+    return store
+
+
+def iter_store(store, chunk: int) -> Iterator[Chunk]:
+    """Stream a feature store in chunks of at most ``chunk`` rows."""
+    index = storage.read_json(storage.join(store, "index.json"))
+    fs, _ = storage.resolve(store)
+    for rel in index["files"]:
+        with fs.open_input_file(storage.resolve(storage.join(store, rel))[1]) as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["id", "label", "feat"]):
+                feats = b.column("feat").to_pylist()
+                vec = np.frombuffer(b"".join(feats), np.float32).reshape(len(feats), -1) if feats else np.zeros((0, 0), np.float32)
+                yield b.column("id").to_pylist(), np.asarray(b.column("label"), np.int64), vec
+
+
+def iter_pixels(loc, chunk: int) -> Iterator[Chunk]:
+    """Stream a dataset's images as flattened [-1, 1] pixels ``(n, C*H*W)``, in chunks."""
+    for b in iter_batches(loc, columns=["id", "label", "image"], batch_size=chunk):
+        if b.num_rows:
+            x = to_float(decode_batch(b.column("image").to_pylist()))  # (n, C, H, W)
+            yield b.column("id").to_pylist(), np.asarray(b.column("label"), np.int64), x.reshape(len(x), -1)
+
+
+def _images_by_id(loc, ids) -> dict:
+    """uint8 ``(C, H, W)`` images of a few ids, by streaming the dataset (bounded by ``len(ids)``)."""
+    want = pa.array(sorted(set(ids)), pa.string())
+    out = {}
+    for b in iter_batches(loc, columns=["id", "image"], batch_size=4096):
+        t = pa.Table.from_batches([b]).filter(pc.is_in(b.column("id"), value_set=want))
+        if t.num_rows:
+            out.update(zip(t.column("id").to_pylist(), decode_batch(t.column("image").to_pylist())))
+    return out
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+def _distances(queries: Iterable[Chunk], ref: Callable[[], Iterable[Chunk]], device: str) -> Iterator[tuple]:
+    """Per query chunk: (ids, labels, nearest distance, nearest ref id, nearest ref label)."""
+    for ids, labels, q in queries:
+        d, rid, rlab = nearest_chunked(q, ref(), device)
+        yield ids, labels, d, rid, rlab
+
+
+def _top_k(cur: dict | None, new: dict, k: int) -> dict:
+    """The k smallest distances of two candidate sets (ties by synthetic id): deterministic."""
+    if cur is not None:
+        new = {key: np.concatenate([cur[key], new[key]]) for key in new}
+    order = np.lexsort((new["syn_id"].astype(str), new["dist"]))[:k]
+    return {key: v[order] for key, v in new.items()}
 
 
 def near_copy_audit(
-    train_dir: str | Path,
-    val_dir: str | Path,
-    synth_dir: str | Path,
-    feature_fn: Callable[[np.ndarray], np.ndarray],
+    train_dir,
+    val_dir,
+    synth_dir,
+    extractor: Extractor | str,
     percentile: float = 5.0,
     *,
     pixel: bool = True,
     top_k: int = 16,
+    layer: str | None = None,
+    chunk: int = 4096,
+    batch_size: int = 64,
+    cache_dir=None,
+    min_actors: int = 1,
+    max_actors: int = 1,
+    num_gpus: float = 0.0,
+    device: str | None = None,
 ) -> dict:
     """Share of synthetic images closer to a train image than real val images get.
 
-    ``feature_fn`` maps uint8 ``(B, C, H, W)`` to ``(B, D)`` features (e.g.
-    :func:`synthaug.evaluate.fidelity.make_feature_fn`). Returns scalar keys
+    ``extractor`` is a resolved :class:`Extractor` or an in-domain classifier location;
+    ``layer`` defaults to its FID layer. Feature stores go under ``cache_dir`` (any
+    location; reused by content) or, with ``None``, a temporary local directory -- which
+    only works on a single node: on a multi-node cluster give shared storage or a URI, as
+    the evaluate stage does (``<work_dir>/cache/features``). Returns scalar keys
     near_copy_share, near_copy_threshold, pixel_near_copy_share, pixel_threshold,
     percentile, n_train, n_val, n_synthetic, feature_dim; ``per_class`` (class name ->
     {n_synthetic, near_copy_share, pixel_near_copy_share}, by the synthetic label); and
@@ -99,67 +239,92 @@ def near_copy_audit(
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
 
-    # Load the three sets.
-    tr_ids, tr_lab, tr_img, class_names = _load(train_dir)
-    _, _, va_img, _ = _load(val_dir)
-    sy_ids, sy_lab, sy_img, _ = _load(synth_dir)
-    if pixel and not (tr_img.shape[1:] == va_img.shape[1:] == sy_img.shape[1:]):
+    # Check the three sets before any work.
+    ms = {}
+    for name, loc in (("train", train_dir), ("val", val_dir), ("synthetic", synth_dir)):
+        ms[name] = read_manifest(loc)
+        if ms[name]["num_rows"] == 0:
+            raise DatasetError(f"{loc}: empty dataset (0 rows); nothing to audit")
+    shapes = {n: (int(m["channels"]), *m["image_size"]) for n, m in ms.items()}
+    if pixel and len(set(shapes.values())) > 1:
         raise DatasetError(
-            f"pixel-space audit needs one image shape: train {train_dir} {tr_img.shape[1:]}, "
-            f"val {val_dir} {va_img.shape[1:]}, synthetic {synth_dir} {sy_img.shape[1:]}; pass pixel=False"
+            f"pixel-space audit needs one image shape: train {train_dir} {shapes['train']}, "
+            f"val {val_dir} {shapes['val']}, synthetic {synth_dir} {shapes['synthetic']}; pass pixel=False"
         )
+    ex = extractor if isinstance(extractor, Extractor) else resolve_extractor("in-domain", extractor)
+    layer = layer or ex.layers["fid"]
+    dev = _device(device)
+    class_names = list(ms["train"]["class_names"])
+    tmp = None if cache_dir is not None else tempfile.mkdtemp(prefix="synthaug-audit-")
+    root = cache_dir if cache_dir is not None else tmp
+    try:
+        kw = dict(batch_size=batch_size, min_actors=min_actors, max_actors=max_actors, num_gpus=num_gpus, device=device)
+        stores = {n: feature_store(loc, ex, layer, root, **kw)
+                  for n, loc in (("train", train_dir), ("val", val_dir), ("synthetic", synth_dir))}
+        train_feats = lambda: iter_store(stores["train"], chunk)  # noqa: E731
 
-    # Feature space: threshold from val -> train, then synthetic -> train.
-    f_tr = _features(feature_fn, tr_img, train_dir)
-    d_val, _ = nearest(_features(feature_fn, va_img, val_dir), f_tr)
-    d_syn, nn = nearest(_features(feature_fn, sy_img, synth_dir), f_tr)
-    threshold = float(np.percentile(d_val, percentile))
-    copy = d_syn <= threshold
+        # Feature space: threshold from val -> train, then synthetic -> train.
+        d_val = np.concatenate([d for *_, d, _, _ in _distances(iter_store(stores["val"], chunk), train_feats, dev)])
+        threshold = float(np.percentile(d_val, percentile))
+        k = len(class_names)
+        n_cls, copies, p_copies = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
+        top, dim = None, 0
+        for ids, labels, d, rid, rlab in _distances(iter_store(stores["synthetic"], chunk), train_feats, dev):
+            np.add.at(n_cls, labels, 1)
+            np.add.at(copies, labels[d <= threshold], 1)
+            top = _top_k(top, {"dist": d, "syn_id": np.asarray(ids, dtype=object), "syn_label": labels,
+                               "train_id": rid, "train_label": rlab}, top_k)
+        dim = next((f.shape[1] for *_, f in iter_store(stores["train"], 1)), 0)
 
-    # Pixel space, same recipe on flattened [-1, 1] pixels.
-    p_syn = np.full(len(sy_img), np.nan)
-    p_copy = np.zeros(len(sy_img), bool)
-    p_threshold = float("nan")
-    if pixel:
-        flat = lambda x: to_float(x).reshape(len(x), -1)  # noqa: E731  (N, C*H*W)
-        p_val, _ = nearest(flat(va_img), flat(tr_img))
-        p_syn_nn, _ = nearest(flat(sy_img), flat(tr_img))
-        p_threshold = float(np.percentile(p_val, percentile))
-        p_copy = p_syn_nn <= p_threshold
-        # Pixel distance to the feature-space neighbour, for the pairs shown.
-        p_syn = np.linalg.norm(flat(sy_img) - flat(tr_img[nn]), axis=1)
+        # Pixel space, same recipe on flattened [-1, 1] pixels.
+        p_threshold = float("nan")
+        if pixel:
+            c, h, w = shapes["train"]
+            prow = max(1, min(chunk, PIXEL_CHUNK_BYTES // (4 * c * h * w)))
+            train_px = lambda: iter_pixels(train_dir, prow)  # noqa: E731
+            p_val = np.concatenate([d for *_, d, _, _ in _distances(iter_pixels(val_dir, prow), train_px, dev)])
+            p_threshold = float(np.percentile(p_val, percentile))
+            for _, labels, d, _, _ in _distances(iter_pixels(synth_dir, prow), train_px, dev):
+                np.add.at(p_copies, labels[d <= p_threshold], 1)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    per_class = {}
-    for k, name in enumerate(class_names):
-        sel = sy_lab == k
-        n = int(sel.sum())
-        per_class[name] = {
-            "n_synthetic": n,
-            "near_copy_share": float(copy[sel].mean()) if n else float("nan"),
-            "pixel_near_copy_share": float(p_copy[sel].mean()) if n and pixel else float("nan"),
+    # The closest pairs: fetch only their images.
+    syn_img = _images_by_id(synth_dir, list(top["syn_id"]))
+    tr_img = _images_by_id(train_dir, list(top["train_id"]))
+    pairs = []
+    for j in range(len(top["dist"])):
+        a, b = syn_img[top["syn_id"][j]], tr_img[top["train_id"][j]]
+        pd = float(np.linalg.norm(to_float(a[None]) - to_float(b[None]))) if pixel else float("nan")
+        pairs.append(Pair(str(top["syn_id"][j]), str(top["train_id"][j]), float(top["dist"][j]), pd,
+                          int(top["syn_label"][j]), int(top["train_label"][j]), a, b))
+
+    n_syn = int(n_cls.sum())
+    per_class = {
+        name: {
+            "n_synthetic": int(n_cls[i]),
+            "near_copy_share": float(copies[i] / n_cls[i]) if n_cls[i] else float("nan"),
+            "pixel_near_copy_share": float(p_copies[i] / n_cls[i]) if n_cls[i] and pixel else float("nan"),
         }
-
-    pairs = [
-        Pair(sy_ids[i], tr_ids[nn[i]], int(i), int(nn[i]), float(d_syn[i]), float(p_syn[i]),
-             int(sy_lab[i]), int(tr_lab[nn[i]]), sy_img[i], tr_img[nn[i]])
-        for i in np.argsort(d_syn, kind="stable")[:top_k]
-    ]
+        for i, name in enumerate(class_names)
+    }
     return {
-        "near_copy_share": float(copy.mean()),
+        "near_copy_share": float(copies.sum() / n_syn),
         "near_copy_threshold": threshold,
-        "pixel_near_copy_share": float(p_copy.mean()) if pixel else float("nan"),
+        "pixel_near_copy_share": float(p_copies.sum() / n_syn) if pixel else float("nan"),
         "pixel_threshold": p_threshold,
         "percentile": float(percentile),
-        "n_train": len(tr_img),
-        "n_val": len(va_img),
-        "n_synthetic": len(sy_img),
-        "feature_dim": int(f_tr.shape[1]),
+        "n_train": int(ms["train"]["num_rows"]),
+        "n_val": int(ms["val"]["num_rows"]),
+        "n_synthetic": n_syn,
+        "feature_dim": int(dim),
         "per_class": per_class,
         "pairs": pairs,
     }
 
 
-def save_pairs_grid(pairs: list[Pair], path: str | Path, per_row: int = 8) -> Path:
+def save_pairs_grid(pairs: list[Pair], path, per_row: int = 8) -> str:
     """A PNG of the closest pairs: synthetic on top, its nearest train image below, distance in the title."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
@@ -179,7 +344,6 @@ def save_pairs_grid(pairs: list[Pair], path: str | Path, per_row: int = 8) -> Pa
             ax.imshow(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             ax.set_title(title, fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return storage.write_bytes(path, buf.getvalue())

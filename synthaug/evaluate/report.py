@@ -6,9 +6,10 @@ written as ``null``, meaning "not available"; the markdown shows ``n/a``.
 
 from __future__ import annotations
 
+import io
 import math
-from pathlib import Path
 
+from synthaug import storage
 from synthaug.artifacts import atomic_write_json, atomic_write_text
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -46,13 +47,12 @@ def metrics_markdown(metrics: dict) -> str:
     return "| metric | value |\n| --- | --- |\n" + "\n".join(rows) + "\n"
 
 
-def write_metrics(out_dir: str | Path, metrics: dict, name: str = "metrics") -> tuple[Path, Path]:
-    """Write ``<name>.json`` (flat scalars, NaN as null) and ``<name>.md``; return both paths."""
+def write_metrics(out_dir, metrics: dict, name: str = "metrics") -> tuple[str, str]:
+    """Write ``<name>.json`` (flat scalars, NaN as null) and ``<name>.md`` at any location; return both."""
     _check_flat(metrics)
-    out_dir = Path(out_dir)
     clean = {k: _clean(v) for k, v in metrics.items()}
-    js = atomic_write_json(out_dir / f"{name}.json", clean)
-    md = atomic_write_text(out_dir / f"{name}.md", metrics_markdown(metrics))
+    js = atomic_write_json(storage.join(out_dir, f"{name}.json"), clean)
+    md = atomic_write_text(storage.join(out_dir, f"{name}.md"), metrics_markdown(metrics))
     return js, md
 
 
@@ -66,16 +66,22 @@ def per_class_markdown(per_class: dict[str, dict], columns: list[str] | None = N
     return head + "\n".join(rows) + "\n"
 
 
-def write_per_class(out_dir: str | Path, per_class: dict[str, dict], name: str = "per_class") -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` of a per-class breakdown."""
-    out_dir = Path(out_dir)
+def write_per_class(out_dir, per_class: dict[str, dict], name: str = "per_class") -> tuple[str, str]:
+    """Write ``<name>.json`` and ``<name>.md`` of a per-class breakdown (any location)."""
     clean = {c: {k: _clean(v) for k, v in row.items()} for c, row in per_class.items()}
-    js = atomic_write_json(out_dir / f"{name}.json", clean)
-    md = atomic_write_text(out_dir / f"{name}.md", per_class_markdown(per_class))
+    js = atomic_write_json(storage.join(out_dir, f"{name}.json"), clean)
+    md = atomic_write_text(storage.join(out_dir, f"{name}.md"), per_class_markdown(per_class))
     return js, md
 
 
-def plot_vs_guidance(rows: list[dict], path: str | Path) -> Path:
+def save_figure(fig, path, dpi: int = 120) -> str:
+    """A matplotlib figure as PNG at any location."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return storage.write_bytes(path, buf.getvalue())
+
+
+def plot_vs_guidance(rows: list[dict], path) -> str:
     """FID, IS and CAS against the guidance scale (Azizi et al. 2023, Fig. 3), one PNG.
 
     Each row: ``guidance_scale``, and any of ``fid``, ``isc_mean`` (+ ``isc_std``),
@@ -115,7 +121,4 @@ def plot_vs_guidance(rows: list[dict], path: str | Path) -> Path:
         if drawn and len(series) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
