@@ -104,3 +104,58 @@ def test_misspelled_field_fails_validation(where, old, new):
         _validate(config)
     # The error names the bad key (an unexpected property) or the missing required one.
     assert new in str(err.value.message) or old in str(err.value.message)
+
+
+# ----------------------------------------------------------------------------- what the issue asks of it
+
+
+def _node_types(config: dict) -> dict:
+    return config["available_node_types"]
+
+
+def test_every_worker_type_scales_from_zero_and_head_has_no_cpus():
+    config = _load()
+    types = _node_types(config)
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}, "the head must hold no CPUs (tasks land on workers)"
+    for name, t in types.items():
+        assert t["min_workers"] == 0, f"{name} does not scale from 0"
+
+
+def test_cpu_workers_beside_gpu_workers():
+    types = _node_types(_load())
+    cpu = [n for n, t in types.items() if t["resources"].get("CPU", 0) > 0 and t["resources"].get("GPU", 0) == 0]
+    gpu = [n for n, t in types.items() if t["resources"].get("GPU", 0) >= 1]
+    assert cpu and gpu, (cpu, gpu)
+    assert all(types[n]["max_workers"] >= 1 for n in cpu)
+
+
+def test_storage_every_node_sees():
+    """S3 through one instance profile on every node, and EFS mounted at one path on every node."""
+    config = _load()
+    types = _node_types(config)
+    profiles = {n: t["node_config"].get("IamInstanceProfile", {}).get("Arn") for n, t in types.items()}
+    assert all(profiles.values()) and len(set(profiles.values())) == 1, profiles
+    # The mount is in the global setup_commands, which head and workers both run; no node type
+    # may replace them (a per-type worker_setup_commands would drop the mount there).
+    mounts = [c for c in config["setup_commands"] if "mount -t nfs4" in c]
+    assert len(mounts) == 1 and "/mnt/shared" in mounts[0], mounts
+    assert "worker_setup_commands" not in config and "head_setup_commands" not in config
+    assert not any("worker_setup_commands" in t for t in types.values())
+
+
+def test_setup_installs_synthaug_from_the_working_tree():
+    """The nodes install the synced tree, so their dependencies are pyproject.toml's; no hand list."""
+    import tomllib
+
+    config = _load()
+    root = CLUSTER_YAML.parent
+    (remote, local), = config["file_mounts"].items()
+    assert (root / local).resolve() == root and (root / local / "pyproject.toml").is_file()
+    installs = [c for c in config["setup_commands"] if "pip install" in c]
+    assert any(c.split()[-1] == remote for c in installs), installs
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in deps}
+    for c in installs:
+        typed = {w.split("[")[0].split(">")[0].split("=")[0].strip('"').lower() for w in c.split()}
+        assert not (typed & names), f"setup types dependencies by hand: {sorted(typed & names)} in {c!r}"
+    assert not any(x in config["rsync_exclude"] for x in ("synthaug", "pyproject.toml"))
