@@ -46,6 +46,7 @@ PIXEL_KEYS = ("guidance_scale", "sampler", "steps", "ddpm_log_variance_v", "seed
 PLAN = "plan.json"
 COLUMNS = [*BASE_COLUMNS, *PROVENANCE_COLUMNS]
 CHECK_GROUP = 256  # shard footers read per Ray task when resuming
+MAX_BLOCKS = 4096  # chunk rows are spread over at most this many blocks (one chunk per block below it)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -304,7 +305,7 @@ def _sample_chunks(cfg: Config, generator_dir: str, gen_manifest: dict, out: str
     from synthaug.raylocal import actor_pool_kwargs
 
     s = cfg.sample
-    ds = ray.data.from_items([c._asdict() for c in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items([c._asdict() for c in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
     ds = ds.map_batches(
         ChunkSampler,
         fn_constructor_kwargs={"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
