@@ -225,6 +225,8 @@ def _hours(h: float) -> str:
 
 
 def _wall(hours: float) -> str:
+    if hours < 1 / 3600:
+        return "<1 s"
     if hours < 1 / 60:
         return f"{hours * 3600:.0f} s"
     if hours < 1:
