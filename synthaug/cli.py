@@ -23,6 +23,7 @@ STAGES = {
     "sweep": "Ray Tune over guidance x mixing ratio",
     "config-reference": "print the config reference (markdown)",
     "tiny-base": "save a tiny random-weight base of a generator family (diffusers layout), to try `finetune --base`",
+    "estimate": "GPU-hours and wall time per stage of a config, from GPU benchmarks or FLOP counts",
 }
 NO_CONFIG = ("config-reference", "tiny-base")  # commands that read no run config
 
@@ -42,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config (defaults: synthaug/config.py)")
         sp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.guidance_scale=1.5")
+        if name == "estimate":
+            from synthaug.estimate import GPU_PEAK_TFLOPS, IMAGENET_TRAIN_IMAGES
+
+            sp.add_argument("--gpus", type=int, default=8, help="GPUs the stages spread over")
+            sp.add_argument("--gpu-type", default="h100", choices=sorted(GPU_PEAK_TFLOPS), help="GPU model (bf16 peak)")
+            sp.add_argument("--train-images", type=int, default=IMAGENET_TRAIN_IMAGES, help="real images ingested (default ImageNet-1K train)")
+            sp.add_argument("--mfu", type=float, help="one assumed MFU for every stage (default: per stage, see synthaug/estimate.py)")
+            sp.add_argument("--bench-dir", default="results/bench", help="where GPU benchmark JSONs are read from")
         if name in ("pretrain", "finetune", "classify"):
             sp.add_argument("--data", help="input contract dataset (default: from the run layout)")
         if name in ("pretrain", "finetune", "sample"):
@@ -114,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"synthaug: error: {e}", file=sys.stderr)
         return 2
+    if args.stage == "estimate":
+        from synthaug.estimate import run as estimate
+
+        try:
+            print(estimate(cfg, args.gpus, args.gpu_type, train_images=args.train_images, mfu=args.mfu, bench_dir=args.bench_dir))
+        except ValueError as e:
+            print(f"synthaug: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     print(_plan(args.stage, cfg, args))
     if args.dry_run:
         return 0
