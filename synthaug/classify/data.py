@@ -30,25 +30,30 @@ from synthaug.config import ClassifyConfig
 from synthaug.data.images import decode_batch, to_float
 
 
-def decode_to_uint8(batch: pa.Table) -> dict:
+def _images(batch: pa.Table, chw) -> np.ndarray:
+    """uint8 (B, C, H, W); an empty batch (a block the mixture filtered out) keeps the shape."""
+    if batch.num_rows == 0 and chw is not None:
+        return np.zeros((0, *map(int, chw)), np.uint8)
+    return decode_batch(batch.column("image").to_pylist())
+
+
+def decode_to_uint8(batch: pa.Table, chw=None) -> dict:
     """Ray Data map fn: base rows -> uint8 image (B, C, H, W), label, domain (True = synthetic), key."""
     ids = batch.column("id").to_numpy(zero_copy_only=False)
     return {
-        "image": decode_batch(batch.column("image").to_pylist()),
+        "image": _images(batch, chw),
         "label": batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
         "domain": np.asarray(batch.column("source").to_pylist()) == "synthetic",
         "key": id_hashes(ids),
     }
 
 
-def _decode_val(batch: pa.Table, rank: int, world: int) -> dict:
+def _decode_val(batch: pa.Table, rank: int, world: int, chw) -> dict:
     """Ray Data map fn: this rank's val rows, decoded to float in [-1, 1]."""
     if world > 1:
         mine = (id_hashes(batch.column("id").to_numpy(zero_copy_only=False)) % np.uint64(world)) == np.uint64(rank)
         batch = batch.filter(pa.array(mine))
-    if batch.num_rows == 0:
-        return {"image": np.zeros((0, 1, 1, 1), np.float32), "label": np.zeros(0, np.int64)}
-    return {"image": to_float(decode_batch(batch.column("image").to_pylist())),
+    return {"image": to_float(_images(batch, chw)),
             "label": batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)}
 
 
@@ -66,16 +71,19 @@ def training_dataset(spec, *, seed: int, cache: bool = False):
 
     # File order: seeded, and different for each execution (epoch / pass) of the dataset.
     ds = mixture_dataset(spec, shuffle=FileShuffleConfig(seed=int(seed) % (2**31), reseed_after_execution=True))
-    ds = _ordered(ds.map_batches(decode_to_uint8, batch_format="pyarrow", batch_size=256))
+    chw = (spec.channels, *spec.image_size)
+    ds = _ordered(ds.map_batches(decode_to_uint8, fn_kwargs={"chw": chw}, batch_format="pyarrow", batch_size=256))
     return ds.materialize() if cache else ds
 
 
 def val_dataset(val_dir: str, rank: int = 0, world: int = 1):
     """This rank's share of the val split, decoded lazily (``iter_batches``: image float, label)."""
-    from synthaug.artifacts import read_ray
+    from synthaug.artifacts import read_manifest, read_ray
 
+    m = read_manifest(val_dir)
+    chw = (int(m["channels"]), *map(int, m["image_size"]))
     return read_ray(val_dir, columns=["id", "image", "label"]).map_batches(
-        _decode_val, fn_kwargs=dict(rank=int(rank), world=int(world)), batch_format="pyarrow", batch_size=256)
+        _decode_val, fn_kwargs=dict(rank=int(rank), world=int(world), chw=chw), batch_format="pyarrow", batch_size=256)
 
 
 def val_batches(ds, batch_size: int = 256) -> Iterable[dict]:
