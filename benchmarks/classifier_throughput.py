@@ -1,8 +1,9 @@
 """Classifier training throughput: Ray Train + Ray Data vs a plain PyTorch DataLoader loop.
 
 CPU mode (default): ``synthaug.classify.train.fit`` (Ray Train, 1 worker; the train set is
-a decoded, materialised Ray Dataset read with ``iter_torch_batches``, augmented by
-``TrainCollate`` in Ray Data's prefetch thread) against a plain loop that feeds the same
+the dataset's Parquet shards streamed and decoded by Ray Data each epoch -- or, with
+``--cache``, decoded once and materialised (``classify.cache``) -- read with
+``iter_torch_batches``, augmented by ``TrainCollate`` in Ray Data's prefetch thread) against a plain loop that feeds the same
 ``train_epoch`` core from a ``torch.utils.data.DataLoader`` over the same decoded images
 with the same collate (shuffled, ``num_workers=0``: augmentation in the loop's thread).
 Same model, optimiser, schedule, augmentation, batch size, steps per epoch and epochs;
@@ -42,7 +43,8 @@ import _common as C
 def make_cfg(args):
     from synthaug.config import ClassifyConfig
 
-    return ClassifyConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, seeds=(0,), num_workers=1)
+    return ClassifyConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, seeds=(0,), num_workers=1,
+                          cache=args.cache)
 
 
 # ----------------------------------------------------------------------------- plain loop
@@ -64,17 +66,21 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0, source: str =
 
     from synthaug.artifacts import read_manifest, read_table
     from synthaug.classify.augment import MixupCutmix, TrainCollate, _seed, enabled
-    from synthaug.classify.train import (_with_row_and_source, build_classifier, build_loss, build_optimizer,
-                                         build_scheduler, decode_to_uint8, evaluate, iterate, load_val, train_epoch,
+    from synthaug.classify.mixing import real_only
+    from synthaug.classify.train import (array_batches, build_classifier, build_loss, build_optimizer,
+                                         build_scheduler, decode_to_uint8, evaluate, iterate, train_epoch,
                                          training_dataset)
+    from synthaug.data.images import decode_batch, to_float
 
     torch.set_num_threads(1)  # as the Ray worker
     m = read_manifest(train_dir)
-    table = _with_row_and_source(read_table(train_dir, columns=["image", "label", "source"]))
-    dec = decode_to_uint8(table.to_pydict())  # the same uint8 arrays the Ray Dataset holds
+    table = read_table(train_dir, columns=["id", "image", "label", "source"])  # bounded: the digits benchmark set
+    dec = decode_to_uint8(table)  # the same uint8 arrays the Ray Dataset streams
     rows = [{k: dec[k][i] for k in dec} for i in range(table.num_rows)]
-    val_x, val_y = load_val(val_dir)
-    shard = training_dataset(table).streaming_split(1, equal=True)[0] if source == "ray_shard" else None
+    val = read_table(val_dir, columns=["image", "label"])
+    val_x, val_y = to_float(decode_batch(val.column("image").to_pylist())), np.asarray(val.column("label"))
+    shard = (training_dataset(real_only(str(train_dir)), seed=seed, cache=cfg.cache).streaming_split(1, equal=True)[0]
+             if source == "ray_shard" else None)
     image_size = dec["image"].shape[2:]
 
     num_classes = len(m["class_names"])
@@ -102,7 +108,7 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0, source: str =
         stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, "cpu", step=step, seed=_seed(seed, 0),
                             mixup=mixup)
         step = stats["step"]
-        top1 = evaluate(model, val_x, val_y, num_classes=num_classes)["top1"]
+        top1 = evaluate(model, array_batches(val_x, val_y), num_classes=num_classes)["top1"]
         epochs.append({"epoch": epoch + 1, "images": stats["images"], "train_seconds": stats["seconds"],
                        "images_per_s": stats["images"] / stats["seconds"], "epoch_seconds": time.perf_counter() - t0,
                        "top1": top1})
@@ -126,7 +132,7 @@ def _callback(path: Path):
 
 def ray_loop(cfg, train_dir: Path, val_dir: Path, work: Path) -> dict:
     """``fit`` on a fresh storage directory; per-epoch images/s from the worker's reports."""
-    from synthaug.artifacts import read_manifest, read_table
+    from synthaug.artifacts import read_manifest
     from synthaug.classify.train import fit
 
     run_dir = work / f"classifier-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -134,7 +140,7 @@ def ray_loop(cfg, train_dir: Path, val_dir: Path, work: Path) -> dict:
     reports = run_dir / "reports.jsonl"
     m = read_manifest(train_dir)
     t0 = time.time()
-    final = fit(cfg, read_table(train_dir), val_dir, seed=0, out_dir=run_dir, name="bench",
+    final = fit(cfg, str(train_dir), str(val_dir), seed=0, out_dir=run_dir, name="bench",
                 class_names=m["class_names"], in_chans=m["channels"], callbacks=[_callback(reports)])
     wall = time.time() - t0
     per_epoch = [json.loads(line) for line in reports.read_text().splitlines()]
@@ -159,16 +165,17 @@ def data_path(cfg, train_dir: Path, epochs: int = 10) -> dict:
 
     from synthaug.artifacts import read_manifest, read_table
     from synthaug.classify.augment import TrainCollate
-    from synthaug.classify.train import _with_row_and_source, decode_to_uint8, iterate, training_dataset
+    from synthaug.classify.mixing import real_only
+    from synthaug.classify.train import decode_to_uint8, iterate, training_dataset
 
     torch.set_num_threads(1)
     c = read_manifest(train_dir)["channels"]
-    table = _with_row_and_source(read_table(train_dir, columns=["image", "label", "source"]))
+    table = read_table(train_dir, columns=["id", "image", "label", "source"])  # bounded: the digits benchmark set
     steps = math.ceil(table.num_rows / cfg.batch_size)
-    dec = decode_to_uint8(table.to_pydict())
+    dec = decode_to_uint8(table)
     rows = [{k: dec[k][i] for k in dec} for i in range(table.num_rows)]
     size = dec["image"].shape[2:]
-    ds = training_dataset(table)
+    ds = training_dataset(real_only(str(train_dir)), seed=0, cache=cfg.cache)
     shard = ds.streaming_split(1, equal=True)[0]
 
     def loader(e):
@@ -189,6 +196,7 @@ def data_path(cfg, train_dir: Path, epochs: int = 10) -> dict:
     return {
         "batches_per_epoch": steps,
         "augment": cfg.augment,
+        "cache": cfg.cache,
         "dataloader": per_epoch(loader),
         "ray_dataset_iterate": per_epoch(lambda e: iterate(ds, steps, cfg, epoch=e, **it)),
         "streaming_split_shard_iterate_as_worker": per_epoch(lambda e: iterate(shard, steps, cfg, epoch=e, **it)),
@@ -257,7 +265,7 @@ def cpu_benchmark(args) -> None:
     C.write_result("classifier", {
         "mode": "cpu",
         "settings": {"model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "augment": cfg.augment,
-                     "data": "digits 8x8 'train_full' split, decoded once", "plain_loader": "DataLoader(TensorDataset, shuffle=True, num_workers=0)",
+                     "data": "digits 8x8 'train_full' split, " + ("decoded once (classify.cache)" if cfg.cache else "streamed from Parquet and decoded each epoch"), "plain_loader": "DataLoader(TensorDataset, shuffle=True, num_workers=0)",
                      "plain_torch_threads": 1, "plain_niceness": "set to the Ray workers' (ray_worker_threads.niceness) for the plain runs", "ray_worker_threads": threads, "ray_num_workers": 1},
         "what_is_timed": "per epoch: images / seconds inside train_epoch (iterator start included; validation, checkpoints, start-up excluded); ratio of medians over epochs 2..N",
         "ray_init_seconds": round(ray_init_s, 2),
@@ -331,6 +339,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load to drop below this before each run")
     p.add_argument("--max-wait", type=float, default=90.0, help="seconds to wait for --max-load at most")
+    p.add_argument("--cache", action="store_true", help="classify.cache: materialise the decoded train set once")
     p.add_argument("--gpu", action="store_true", help="timm resnet50 at 224, bf16 + channels_last, on CUDA (no Ray)")
     p.add_argument("--gpu-batch", type=int, default=256)
     p.add_argument("--gpu-iters", type=int, default=30)

@@ -165,6 +165,8 @@ class ClassifyConfig:
     channels_last: bool = _f(True, "channels_last memory format on GPU (ignored on CPU).")
     seeds: tuple = _f((0, 1, 2), "Seeds for the repeated classifier runs (mean +- std).")
     checkpoint_every: int = _f(10, "Checkpoint every N epochs (and at the last); metrics are reported every epoch.")
+    eval_every: int = _f(1, "Evaluate on the real val split (sharded over the workers) every N epochs and at the last; reports in between repeat the latest numbers (eval_epoch says which). Each evaluation is one Ray Data pass over val.")
+    cache: bool = _f(False, "Materialise the decoded train mixture in Ray's object store once (only for sets that fit); off: every epoch streams and decodes the Parquet shards again.")
     num_workers: int = _f(1, "Ray Train workers (DDP).")
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(1, "Ray Train FailureConfig.max_failures.")
@@ -397,6 +399,7 @@ def validate(cfg: Config) -> None:
     c = cfg.classify
     _check(c.epochs >= 1, "config key 'classify.epochs' must be >= 1")
     _check(c.checkpoint_every >= 1, "config key 'classify.checkpoint_every' must be >= 1")
+    _check(c.eval_every >= 1, "config key 'classify.eval_every' must be >= 1")
     _check(c.epoch_images >= 0, "config key 'classify.epoch_images' must be >= 0")
     _check(len(c.seeds) >= 1, "config key 'classify.seeds' must list at least one seed")
     _check(c.batch_size >= c.num_workers, "config key 'classify.batch_size' must be >= classify.num_workers")

@@ -127,7 +127,7 @@ def stage_extractor(cfg: Config) -> Path:
         return p.extractor
     m = read_manifest(train_dir)
     ccfg = replace(cfg.classify, epochs=cfg.evaluate.extractor_epochs, num_workers=1)
-    fit(ccfg, read_table(train_dir), p.data("val"), seed=0, out_dir=p.extractor.parent, name="extractor",
+    fit(ccfg, str(train_dir), str(p.data("val")), seed=0, out_dir=str(p.extractor.parent), name="extractor",
         class_names=m["class_names"], in_chans=m["channels"], ray_cfg=cfg.ray, save_model=True)
     return p.extractor
 
@@ -194,20 +194,25 @@ def evaluate_cli(cfg: Config, real, synthetic: list, extractor, train) -> dict:
 
 
 def classify_cli(cfg: Config, data, real, synthetic: list, ratio: float, synthetic_only: bool) -> dict:
-    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1."""
+    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1.
+
+    The mixtures are planned from the datasets' locations (all checks before any
+    training); the workers stream the rows.
+    """
     import numpy as np
 
-    from synthaug.classify.mixing import mix
+    from synthaug.classify.mixing import plan_mixture
     from synthaug.classify.train import fit
 
     p = RunPaths(cfg)
-    real_train = read_table(data or p.data("train"))
-    m = read_manifest(data or p.data("train"))
-    syn = read_table(synthetic[0]) if synthetic else None
+    train_dir = str(data or p.data("train"))
+    m = read_manifest(train_dir)
+    syn = str(synthetic[0]) if synthetic else None
+    specs = [plan_mixture(train_dir, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
+             for seed in cfg.classify.seeds]
     runs = []
-    for seed in cfg.classify.seeds:
-        train = mix(real_train, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
-        runs.append(fit(cfg.classify, train, real or p.data("val"), seed=int(seed), out_dir=p.work / "classify",
+    for seed, spec in zip(cfg.classify.seeds, specs):
+        runs.append(fit(cfg.classify, spec, str(real or p.data("val")), seed=int(seed), out_dir=str(p.work / "classify"),
                         name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
                         in_chans=int(m["channels"]), ray_cfg=cfg.ray))
     top1 = np.array([r["top1"] for r in runs])

@@ -2,7 +2,8 @@
 
 Sampling happens once per guidance value in an earlier stage; ``synthetic_dirs`` maps each
 guidance value to its contract dataset, and trials only read and mix. One trial is one
-classifier run: read real train + the synthetic set, ``mix(ratio, seed)``, train (the
+classifier run: ``plan_mixture(real, synthetic, ratio, seed)`` from the locations (no
+table passes through the driver or the trial), train on the streamed mixture (the
 training function called in the trial for one worker, a ``TorchTrainer`` inside the trial
 for more), report top-1/top-5 on the real val split each epoch.
 
@@ -19,7 +20,6 @@ and runs only the trials that are missing or errored.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthaug.artifacts import atomic_write_json, atomic_write_text, hash_obj, read_manifest, read_table
+from synthaug import storage
+from synthaug.artifacts import atomic_write_json, atomic_write_text, hash_obj, read_manifest
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config, to_dict
 
@@ -86,7 +87,7 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
                     f"synthetic dataset {path} (guidance {g}): class {names[label]!r} has {have} images, "
                     f"ratio {max_ratio} needs {need}"
                 )
-        dirs[float(g)] = str(Path(path).resolve())
+        dirs[float(g)] = storage.absolute(str(path))
     return dirs
 
 
@@ -94,17 +95,16 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
 
 
 def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list, in_chans: int, train_dir: str) -> None:
-    """One Tune trial: mix, then train in this process (1 worker) or through a TorchTrainer (N)."""
+    """One Tune trial: plan the mixture from locations, then train in this process (1 worker) or a TorchTrainer (N)."""
     import ray.tune
 
-    from synthaug.classify.mixing import mix
+    from synthaug.classify.mixing import plan_mixture
     from synthaug.classify.train import fit, fit_local
 
     cell, seed = config["cell"], int(config["seed"])
     ratio, guidance = float(cell["ratio"]), cell["guidance"]
-    real = read_table(real_dir)
-    synthetic = read_table(synthetic_dirs[float(guidance)]) if ratio > 0 else None
-    train = mix(real, synthetic, ratio, seed)
+    synthetic = synthetic_dirs[float(guidance)] if ratio > 0 else None
+    train = plan_mixture(real_dir, synthetic, ratio, seed)  # a small spec; the rows are streamed by the workers
     kw = dict(seed=seed, class_names=class_names, in_chans=in_chans)
     if cfg.classify.num_workers == 1:
         fit_local(cfg.classify, train, val_dir, reporter="tune", **kw)
@@ -124,19 +124,25 @@ def _grid(cfg: Config) -> list[dict]:
     return cells
 
 
-def _tuner(cfg: Config, trainable, out_dir: Path, name: str, fingerprint: dict, asha: bool):
-    """A new Tuner, or the restored one when this experiment exists (only missing trials run)."""
+def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, asha: bool):
+    """A new Tuner, or the restored one when this experiment exists (only missing trials run).
+
+    ``store`` is any location (local, shared, ``s3://``): Tune storage via ``storage.ray_storage``.
+    """
     from ray import tune
 
-    exp_dir = out_dir / name
-    stamp = out_dir / f"{name}.fingerprint.json"
-    if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
-        if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
+    ray_store = storage.ray_storage(store)
+    exp_dir = storage.join(store, name)
+    exp_path = storage.resolve(exp_dir)[1] if storage.is_uri(exp_dir) else exp_dir
+    fs_kw = {"storage_filesystem": ray_store["storage_filesystem"]} if "storage_filesystem" in ray_store else {}
+    stamp = storage.join(store, f"{name}.fingerprint.json")
+    if storage.exists(exp_dir) and tune.Tuner.can_restore(exp_path, **fs_kw):
+        if storage.is_file(stamp) and storage.read_json(stamp) != fingerprint:
             raise ValueError(
                 f"sweep {exp_dir} was started with a different grid, classifier config or inputs; "
                 "set another name (sweep.name=...) or delete the directory to start a new sweep"
             )
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, **fs_kw)
     atomic_write_json(stamp, fingerprint)
     seeds = [int(s) for s in cfg.classify.seeds]
     if asha:
@@ -153,7 +159,7 @@ def _tuner(cfg: Config, trainable, out_dir: Path, name: str, fingerprint: dict, 
         tune_config=tune_cfg,
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(out_dir),
+            **ray_store,
             failure_config=tune.FailureConfig(max_failures=cfg.classify.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -187,7 +193,7 @@ def run_sweep(
     # Check everything before any trial starts, and write the resolved config first.
     dirs = validate_inputs(cfg, real_train_dir, val_dir, synthetic_dirs)
     out_dir = Path(out_dir).resolve()
-    storage = Path(storage_dir).resolve() if storage_dir else out_dir
+    store = storage.absolute(str(storage_dir)) if storage_dir else str(out_dir)
     dump_config(cfg, out_dir, "sweep_config.yaml")
     real = read_manifest(real_train_dir)
     fingerprint = {
@@ -201,13 +207,13 @@ def run_sweep(
     use_gpu = cfg.classify.use_gpu and cfg.classify.num_workers == 1
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, cfg=cfg, real_dir=str(Path(real_train_dir).resolve()), val_dir=str(Path(val_dir).resolve()),
+            _trial, cfg=cfg, real_dir=storage.absolute(str(real_train_dir)), val_dir=storage.absolute(str(val_dir)),
             synthetic_dirs=dirs, class_names=real["class_names"], in_chans=int(real["channels"]),
-            train_dir=str(storage / f"{name}-train"),
+            train_dir=storage.join(store, f"{name}-train"),
         ),
         {"cpu": 1, "gpu": 1 if use_gpu else 0},
     )
-    results = _tuner(cfg, trainable, storage, name, fingerprint, asha).fit()
+    results = _tuner(cfg, trainable, store, name, fingerprint, asha).fit()
 
     # Collect one row per trial; fail, naming the cells, if some errored (a re-run resumes them).
     errors = [f"{r.config.get('cell')} seed {r.config.get('seed')}: {r.error}" for r in results if r.error]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synthaug.artifacts import read_manifest, read_table, write_dataset
-from synthaug.classify.train import fit, fit_local
+from synthaug.classify.train import fit
 from synthaug.config import load_config, replace
 from synthaug.data.images import encode_png
 from synthaug.evaluate.cas import cas
@@ -36,7 +36,7 @@ def test_cas_of_real_matches_real_only_and_noise_is_chance(ray_session, digits_d
     cfg = load_config(None, RECIPE)
     train, val = digits_dirs["train"], digits_dirs["val"]
     m = read_manifest(train)
-    real_only = fit(cfg.classify, read_table(train), val, seed=0, out_dir=tmp_path / "r", name="real",
+    real_only = fit(cfg.classify, str(train), val, seed=0, out_dir=tmp_path / "r", name="real",
                     class_names=m["class_names"], in_chans=1)
     same = cas(cfg.classify, _as_synthetic(train, tmp_path / "syn"), val, train, tmp_path / "c", name="same")
     assert real_only["top1"] > 50
@@ -62,7 +62,7 @@ def test_few_hundred_step_generator_samples_recognisable_digits(ray_session, dig
     m = read_manifest(digits_dirs["train_full"])
     ccfg = replace(cfg.classify, epochs=10)
     clf_dir = tmp_path / "clf"
-    fit(ccfg, read_table(digits_dirs["train_full"]), digits_dirs["val"], seed=0, out_dir=clf_dir, name="clf",
+    fit(ccfg, str(digits_dirs["train_full"]), digits_dirs["val"], seed=0, out_dir=clf_dir, name="clf",
         class_names=m["class_names"], in_chans=1, save_model=True)
     from synthaug.classify.models import load_classifier
 

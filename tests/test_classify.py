@@ -9,23 +9,24 @@ import pyarrow as pa
 import pytest
 import torch
 
-from synthaug.artifacts import BASE_COLUMNS, read_manifest, read_table
-from synthaug.classify.mixing import mix
+from synthaug.artifacts import BASE_COLUMNS, commit_dataset, new_write_id, read_manifest, read_table, write_dataset, write_shard
+from synthaug.classify import mixing
+from synthaug.classify.mixing import Mixture, keys, mixture_dataset, plan_mixture
 from synthaug.classify.augment import TrainCollate
 from synthaug.classify.domain import DomainBatchNorm2d, convert_domain_bn, set_domain
 from synthaug.classify.models import create_classifier, load_pretrained_local
-from synthaug.classify.train import evaluate, fit, fit_local
-from synthaug.config import ClassifyConfig
+from synthaug.classify.train import array_batches, evaluate, fit, fit_local
+from synthaug.config import ClassifyConfig, replace
 
 REAL_COUNTS = {"a": 4, "b": 2, "c": 3}
+NAMES = list(REAL_COUNTS)
 
 
 def _table(counts: dict[str, int], source: str, prefix: str, provenance: bool = False) -> pa.Table:
-    names = list(REAL_COUNTS)
-    rows = [(f"{prefix}-{name}-{i}", names.index(name), name) for name, n in counts.items() for i in range(n)]
+    rows = [(f"{prefix}-{name}-{i}", NAMES.index(name), name) for name, n in counts.items() for i in range(n)]
     cols = {
         "id": [r[0] for r in rows],
-        "image": pa.array([r[0].encode() for r in rows], pa.binary()),  # opaque bytes: mix never decodes
+        "image": pa.array([r[0].encode() for r in rows], pa.binary()),  # opaque bytes: mixing never decodes
         "label": pa.array([r[1] for r in rows], pa.int64()),
         "class_name": [r[2] for r in rows],
         "source": [source] * len(rows),
@@ -35,17 +36,43 @@ def _table(counts: dict[str, int], source: str, prefix: str, provenance: bool = 
     return pa.table(cols)
 
 
+def _write(table: pa.Table, path, shards: int = 1, names=NAMES) -> str:
+    """A contract dataset of ``table`` in ``shards`` shards (rows dealt round-robin)."""
+    wid = new_write_id()
+    entries = [write_shard(path, wid, f"part-{k:05d}", table.take(list(range(k, table.num_rows, shards))), len(names))
+               for k in range(shards)]
+    commit_dataset(path, entries, class_names=list(names), image_size=(8, 8), channels=1, config={},
+                   columns=table.column_names)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def real_syn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    real = _write(_table(REAL_COUNTS, "real", "r"), root / "real")
+    syn = _write(_table({k: 20 for k in REAL_COUNTS}, "synthetic", "s", provenance=True), root / "syn", shards=3)
+    return real, syn
+
+
+def mix(real, syn, ratio, seed, synthetic_only=False) -> pa.Table:
+    """The mixture's rows (bounded: a test set), sorted by id."""
+    t = mixture_dataset(plan_mixture(real, syn, ratio, seed, synthetic_only)).to_arrow_refs()
+    import ray
+
+    table = pa.concat_tables(ray.get(t))
+    return table.sort_by("id")
+
+
 def _counts(table: pa.Table) -> collections.Counter:
     return collections.Counter(zip(table.column("class_name").to_pylist(), table.column("source").to_pylist()))
 
 
-@pytest.fixture()
-def real_syn():
-    return _table(REAL_COUNTS, "real", "r"), _table({k: 20 for k in REAL_COUNTS}, "synthetic", "s", provenance=True)
+def _syn_ids(t: pa.Table) -> list:
+    return [i for i, s in zip(t.column("id").to_pylist(), t.column("source").to_pylist()) if s == "synthetic"]
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 3])
-def test_mix_counts_per_class_and_source(real_syn, ratio):
+def test_mix_counts_per_class_and_source(ray_session, real_syn, ratio):
     real, syn = real_syn
     out = mix(real, syn, ratio, seed=0)
     assert tuple(out.column_names) == BASE_COLUMNS
@@ -56,36 +83,65 @@ def test_mix_counts_per_class_and_source(real_syn, ratio):
     assert len(set(out.column("id").to_pylist())) == out.num_rows
 
 
-def test_mix_synthetic_only_and_fractional(real_syn):
+def test_mix_synthetic_only_and_fractional(ray_session, real_syn):
     real, syn = real_syn
     only = mix(real, syn, 1, seed=0, synthetic_only=True)
     assert _counts(only) == {(k, "synthetic"): n for k, n in REAL_COUNTS.items()}
-    assert mix(real, syn, 0, seed=0, synthetic_only=True).num_rows == syn.num_rows  # r = 0: all of it
+    assert mix(real, syn, 0, seed=0, synthetic_only=True).num_rows == 60  # r = 0: all of it
     # r = 0.5: per-class shares 2, 1, 1.5 -> largest remainder to round(4.5) = 4 in total.
-    half = mix(real, syn, 0.5, seed=0)
-    assert sum(n for (_, s), n in _counts(half).items() if s == "synthetic") == round(0.5 * 9)
+    half = plan_mixture(real, syn, 0.5, seed=0)
+    assert half.n_synthetic == round(0.5 * 9) and sum(half.counts.values()) == 4
+    assert sum(n for (_, s), n in _counts(mix(real, syn, 0.5, seed=0)).items() if s == "synthetic") == 4
 
 
-def test_mix_is_pure_seeded_and_nested(real_syn):
+def _reference(syn_table: pa.Table, counts: dict, seed: int) -> set:
+    """Plain in-memory rule: class c keeps its n_c rows with the smallest key hash(seed, label, id)."""
+    u = keys(syn_table.column("id"), syn_table.column("label"), seed)
+    labels = np.asarray(syn_table.column("label").to_pylist())
+    ids = np.asarray(syn_table.column("id").to_pylist(), dtype=object)
+    out = set()
+    for c, n in counts.items():
+        rows = np.flatnonzero(labels == c)
+        out |= set(ids[rows[np.argsort(u[rows], kind="stable")[:n]]])
+    return out
+
+
+@pytest.mark.parametrize("candidates", [256, 2])  # 2: forces the histogram pass (16 buckets per class)
+def test_mix_is_pure_seeded_nested_and_matches_reference(ray_session, real_syn, monkeypatch, candidates):
+    monkeypatch.setattr(mixing, "CANDIDATES_PER_CLASS", candidates)
     real, syn = real_syn
-    ids = lambda t: [i for i, s in zip(t.column("id").to_pylist(), t.column("source").to_pylist()) if s == "synthetic"]
-    assert mix(real, syn, 1, seed=3).equals(mix(real, syn, 1, seed=3))
-    assert ids(mix(real, syn, 1, seed=3)) != ids(mix(real, syn, 1, seed=4))
+    syn_table = read_table(syn)
+    a, b = mix(real, syn, 1, seed=3), mix(real, syn, 1, seed=3)
+    assert a.equals(b)
+    assert _syn_ids(a) != _syn_ids(mix(real, syn, 1, seed=4))
+    assert set(_syn_ids(a)) == _reference(syn_table, plan_mixture(real, syn, 1, 3).counts, 3)
+    big = mix(real, syn, 3, seed=3)
+    assert set(_syn_ids(big)) == _reference(syn_table, plan_mixture(real, syn, 3, 3).counts, 3)
     # A smaller ratio takes a subset of a larger one's synthetic rows (same seed).
-    assert set(ids(mix(real, syn, 1, seed=3))) <= set(ids(mix(real, syn, 3, seed=3)))
+    assert set(_syn_ids(a)) <= set(_syn_ids(big))
+    # The spec is a small JSON-able value.
+    spec = plan_mixture(real, syn, 3, 3)
+    assert Mixture.from_json(spec.to_json()) == spec
 
 
-def test_mix_bad_input(real_syn):
+def test_mix_does_not_depend_on_sharding(ray_session, real_syn, tmp_path):
+    real, syn = real_syn
+    one = _write(read_table(syn), tmp_path / "one", shards=1)
+    assert plan_mixture(real, one, 1, 7).thresholds == plan_mixture(real, syn, 1, 7).thresholds
+    assert _syn_ids(mix(real, one, 1, 7)) == _syn_ids(mix(real, syn, 1, 7))
+
+
+def test_mix_bad_input(real_syn, tmp_path):
     real, syn = real_syn
     with pytest.raises(ValueError, match="ratio must be >= 0"):
-        mix(real, syn, -0.5, seed=0)
-    other = _table({"a": 5, "b": 5}, "synthetic", "s").set_column(3, "class_name", pa.array(["a"] * 5 + ["z"] * 5))
-    with pytest.raises(ValueError, match=r"\['a', 'z'\].*\['a', 'b', 'c'\]"):
-        mix(real, other, 1, seed=0)
+        plan_mixture(real, syn, -0.5, seed=0)
+    other = _write(_table({"a": 5, "b": 5}, "synthetic", "s"), tmp_path / "other", names=["a", "z", "c"])
+    with pytest.raises(ValueError, match=r"\['a', 'c', 'z'\].*\['a', 'b', 'c'\]"):
+        plan_mixture(real, other, 1, seed=0)
     with pytest.raises(ValueError, match="class 'a'.*needs 40.*has 20"):
-        mix(real, syn, 10, seed=0)
+        plan_mixture(real, syn, 10, seed=0)
     with pytest.raises(ValueError, match="needs a synthetic set"):
-        mix(real, None, 1, seed=0)
+        plan_mixture(real, None, 1, seed=0)
 
 
 # ----------------------------------------------------------------------------- PyTorch core
@@ -94,11 +150,12 @@ def test_mix_bad_input(real_syn):
 def _u8_batch(rows, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (len(rows), 1, 8, 8), dtype=np.uint8)
-    return {"image": images, "label": np.arange(len(rows)) % 10, "domain": np.zeros(len(rows), bool), "row": np.asarray(rows)}
+    return {"image": images, "label": np.arange(len(rows)) % 10, "domain": np.zeros(len(rows), bool),
+            "key": np.asarray(rows, dtype=np.uint64) * np.uint64(2654435761)}
 
 
 def test_augmentation_is_per_sample_seeded():
-    """timm's transform, seeded by (seed, epoch, row): batch split and thread do not matter."""
+    """timm's transform, seeded by (seed, epoch, row key): batch split and thread do not matter."""
     cfg = ClassifyConfig(auto_augment="rand-m9-n2-mstd0.5", re_prob=0.5, hflip=0.5)
     batch = _u8_batch(range(10))
     whole = TrainCollate(cfg, 1, (8, 8), seed=0, epoch=3)(batch)["image"]  # (10, 1, 8, 8)
@@ -209,7 +266,7 @@ def test_evaluate_against_numpy():
         def forward(self, x):
             return logits[x[:, 0, 0, 0].long()]
 
-    m = evaluate(Fixed(), torch.arange(50.0).reshape(50, 1, 1, 1), labels, batch_size=7)
+    m = evaluate(Fixed(), array_batches(torch.arange(50.0).reshape(50, 1, 1, 1), labels, batch_size=7), num_classes=6)
     ranks = np.argsort(-logits.numpy(), axis=1)
     assert m["top1"] == pytest.approx(100 * np.mean(ranks[:, 0] == labels))
     assert m["top5"] == pytest.approx(100 * np.mean((ranks[:, :5] == labels[:, None]).any(1)))
@@ -221,21 +278,23 @@ def test_evaluate_against_numpy():
 
 
 def _digits(digits_dirs):
-    return read_table(digits_dirs["train"]), read_manifest(digits_dirs["train"])["class_names"]
+    return str(digits_dirs["train"]), read_manifest(digits_dirs["train"])["class_names"]
 
 
-def _as_mixture(digits_dirs) -> pa.Table:
-    """Real train rows plus 100 train_full rows relabelled as 'synthetic' (a stand-in mix)."""
-    real = read_table(digits_dirs["train"]).select(list(BASE_COLUMNS))
-    other = read_table(digits_dirs["train_full"]).select(list(BASE_COLUMNS)).slice(0, 100)
+def _as_mixture(digits_dirs, tmp_path) -> Mixture:
+    """Real train rows plus, at ratio 1, train_full rows relabelled as 'synthetic' (a stand-in mix)."""
+    other = read_table(digits_dirs["train_full"]).select(list(BASE_COLUMNS))
     other = other.set_column(other.schema.get_field_index("source"), "source", pa.array(["synthetic"] * other.num_rows))
-    return pa.concat_tables([real, other])
+    other = other.set_column(0, "id", pa.array(["syn-" + i for i in other.column("id").to_pylist()]))
+    m = read_manifest(digits_dirs["train"])
+    write_dataset(other, tmp_path / "stand-in", class_names=m["class_names"], image_size=(8, 8), channels=1, config={})
+    return plan_mixture(str(digits_dirs["train"]), str(tmp_path / "stand-in"), 1.0, seed=0)
 
 
-def test_fit_local_full_recipe_is_reproducible(ray_session, digits_dirs):
+def test_fit_local_full_recipe_is_reproducible(ray_session, digits_dirs, tmp_path):
     """RandAugment + erasing + Mixup/CutMix + EMA + domain BN on a mix: same seed, same numbers."""
     _, names = _digits(digits_dirs)
-    train = _as_mixture(digits_dirs)
+    train = _as_mixture(digits_dirs, tmp_path)
     cfg = ClassifyConfig(epochs=2, batch_size=32, auto_augment="rand-m9-n2-mstd0.5", re_prob=0.25, mixup_alpha=0.2,
                          cutmix_alpha=1.0, model_ema=True, domain_bn=True)
     kw = dict(class_names=names, in_chans=1, reporter="local")
@@ -244,6 +303,9 @@ def test_fit_local_full_recipe_is_reproducible(ray_session, digits_dirs):
     assert a["epochs"] == 2 and a["n_train"] == 200
     c = fit_local(cfg, train, digits_dirs["val"], seed=6, **kw)
     assert c["train_loss"] != a["train_loss"]
+    # Cached in the object store (classify.cache): the same numbers as streaming.
+    cached = fit_local(replace(cfg, cache=True), train, digits_dirs["val"], seed=5, **kw)
+    assert cached["train_loss"] == a["train_loss"] and cached["top1"] == a["top1"]
 
 
 def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
@@ -267,7 +329,8 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     assert meta["class_names"] == names and meta["image_size"] == [8, 8]
     val = read_table(digits_dirs["val"])
     x = to_float(decode_batch(val.column("image").to_pylist()))
-    assert evaluate(model, x, val.column("label").to_pylist())["top1"] == pytest.approx(second["top1"], abs=1e-4)
+    got = evaluate(model, array_batches(x, val.column("label").to_pylist()), num_classes=10)
+    assert got["top1"] == pytest.approx(second["top1"], abs=1e-4)  # the two workers' val shards, reduced
     states = sorted((tmp_path / "X").glob("checkpoint_*/state.pt"))
     assert int(torch.load(states[-1], weights_only=True)["epoch"]) == 4
 

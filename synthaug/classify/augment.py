@@ -13,7 +13,7 @@ RNG. Those are shared with every other thread of the process, and a Ray Train wo
 several (Ray's own threads draw from them too), so seeding them cannot make a run
 repeatable -- measured: two identical Ray Train runs differed. Instead, ``_install_rngs``
 points the ``random`` and ``np`` names *inside timm's data modules* at thread-local
-generators, which ``seeded`` reseeds per sample from (seed, epoch, pass, row id) and per
+generators, which ``seeded`` reseeds per sample from (seed, epoch, pass, id hash) and per
 Mixup step. A sample's augmentation then depends only on those numbers -- not on the
 batch size, the number of workers, the thread that ran it, or a restart -- and nothing
 else in the process sees a different RNG (threads that never call ``seeded`` fall through
@@ -135,9 +135,10 @@ def _to_pil(img: np.ndarray) -> Image.Image:
 
 
 class TrainCollate:
-    """Ray Data ``collate_fn``: a numpy batch {image uint8 (B, C, H, W), label, domain, row} -> tensors.
+    """Ray Data ``collate_fn``: a numpy batch {image uint8 (B, C, H, W), label, domain, key} -> tensors.
 
-    With ``cfg.augment`` off it only converts to float in [-1, 1]. ``epoch`` salts the
+    ``key`` is the row's stable per-id hash (``artifacts.id_hashes``), the per-sample seed's
+    key. With ``cfg.augment`` off it only converts to float in [-1, 1]. ``epoch`` salts the
     per-sample seeds, so each epoch sees fresh augmentations.
     """
 
@@ -157,16 +158,16 @@ class TrainCollate:
         if self.transform is None:
             x = torch.from_numpy(to_float(images))
         else:
-            x = torch.stack([self._one(img, int(row)) for img, row in zip(images, batch["row"])])
+            x = torch.stack([self._one(img, int(key)) for img, key in zip(images, batch["key"])])
         return {
             "image": x.contiguous(),  # (B, C, H, W) float32
             "label": torch.tensor(np.asarray(batch["label"]), dtype=torch.int64),
             "domain": torch.tensor(np.asarray(batch["domain"]), dtype=torch.bool),  # True = synthetic
         }
 
-    def _one(self, img: np.ndarray, row: int) -> torch.Tensor:
+    def _one(self, img: np.ndarray, key: int) -> torch.Tensor:
         pil = _to_pil(img)
-        with seeded(_seed(self.seed, self.epoch, self.pass_, row)) as rng:
+        with seeded(_seed(self.seed, self.epoch, self.pass_, key)) as rng:
             if self.hflip > 0 and rng.random() < self.hflip:
                 pil = ImageOps.mirror(pil)
             return self.transform(pil)

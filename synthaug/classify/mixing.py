@@ -1,17 +1,27 @@
-"""Real + synthetic training mixtures, as a pure function of (real, synthetic, ratio, seed).
+"""Real + synthetic training mixtures as a Ray Data operation: a plan, then a filtered read.
 
 The mixing model (Azizi et al. 2023 train on real plus a multiple of it in synthetic):
 
 * ``ratio`` r >= 0 adds ``round(r * |real|)`` synthetic images to all the real ones.
-* The synthetic part is class-balanced like the real part: class c gets r x (its real
-  count). Per-class shares are rounded by largest remainder so that they add up to
-  exactly ``round(r * |real|)`` (ties go to the lower label).
-* Class c's synthetic rows are a seeded permutation of that class's synthetic rows, cut
-  to length, so they are drawn without replacement and the rows for a smaller r are a
-  prefix of those for a larger r with the same seed (nested mixtures: a ratio sweep
-  changes only how much synthetic data there is, not which).
+* The synthetic part is class-balanced like the real part: class c gets n_c = r x (its
+  real count), rounded by largest remainder so that the shares add up to exactly
+  ``round(r * |real|)`` (ties go to the lower label).
+* Every synthetic row gets a key ``u = hash(seed, label, id)`` (``artifacts.id_hashes``).
+  Class c keeps its n_c rows with the smallest u: drawn without replacement, seeded, and
+  nested -- with the same seed, the rows for a smaller r are a subset of those for a
+  larger r (a ratio sweep changes only how much synthetic data there is, not which).
+  The choice depends only on the rows' (id, label), never on shards or row order.
 * r = 0 is the real set alone; ``synthetic_only`` keeps only the synthetic part, sized as
   for r (or every synthetic row when r = 0).
+
+Two steps, so that no process holds a dataset:
+
+1. ``plan_mixture`` (driver) checks the inputs from the manifests alone (class names,
+   enough synthetic rows per class: clear errors naming the class, before any training),
+   then finds each class's cut-off key with a bounded Ray Data computation over the
+   ``(id, label)`` columns (``thresholds``). It returns a small JSON-able ``Mixture``.
+2. ``mixture_dataset(spec)`` is the lazy Ray Dataset of the mixture's base columns: the
+   real shards plus the synthetic shards filtered by ``u <= threshold[label]``.
 
 The output keeps the contract's base columns only (``id, image, label, class_name,
 source``); provenance columns of the synthetic set stay in its own dataset.
@@ -19,10 +29,16 @@ source``); provenance columns of the synthetic set stay in its own dataset.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from synthaug.artifacts import BASE_COLUMNS
+from synthaug.artifacts import BASE_COLUMNS, id_hashes, read_manifest
 
 BASE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -32,93 +48,250 @@ BASE_SCHEMA = pa.schema([
     ("source", pa.string()),
 ])
 
-
-def class_map(table: pa.Table, where: str) -> dict[str, int]:
-    """class_name -> label of a labelled table; raises if one name has two labels."""
-    names = table.column("class_name").to_pylist()
-    labels = table.column("label").to_pylist()
-    out: dict[str, int] = {}
-    for name, label in zip(names, labels):
-        if out.setdefault(name, int(label)) != int(label):
-            raise ValueError(f"{where}: class {name!r} has labels {out[name]} and {label}")
-    return out
+ALL = -1  # threshold meaning "every row of the class"
+CANDIDATES_PER_CLASS = 256  # expected keys per class that pass 2 sends to the driver
+MAX_HISTOGRAM = 1 << 20  # counters per block in pass 1 (classes x buckets)
 
 
-def check_same_classes(real: pa.Table, synthetic: pa.Table, where: str = "synthetic set") -> None:
-    """Raise naming both lists when the synthetic classes (or their labels) differ from the real ones."""
-    r, s = class_map(real, "real set"), class_map(synthetic, where)
-    if sorted(r) != sorted(s):
-        raise ValueError(
-            f"{where}: synthetic class names {sorted(s)} do not match the real class names {sorted(r)}"
-        )
-    bad = [n for n in r if r[n] != s[n]]
-    if bad:
-        pairs = ", ".join(f"{n!r}: real {r[n]} vs synthetic {s[n]}" for n in bad)
-        raise ValueError(f"{where}: synthetic labels differ from the real ones for class {pairs}")
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """A training mixture by location: what ``mixture_dataset`` reads. JSON-able (``to_json``)."""
+
+    real: str | None  # real rows (all of them); None when synthetic_only
+    synthetic: str | None  # synthetic dataset location, None for real-only
+    thresholds: dict  # label -> max key kept (ALL: every row; absent: none)
+    counts: dict  # label -> synthetic rows kept
+    seed: int
+    ratio: float
+    synthetic_only: bool
+    n_real: int
+    class_names: tuple
+    image_size: tuple
+    channels: int
+
+    @property
+    def n_synthetic(self) -> int:
+        return int(sum(self.counts.values()))
+
+    @property
+    def num_rows(self) -> int:
+        return self.n_real + self.n_synthetic
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Mixture":
+        d = json.loads(text)
+        d["thresholds"] = {int(k): int(v) for k, v in d["thresholds"].items()}
+        d["counts"] = {int(k): int(v) for k, v in d["counts"].items()}
+        return cls(**{**d, "class_names": tuple(d["class_names"]), "image_size": tuple(d["image_size"])})
+
+
+# ----------------------------------------------------------------------------- arithmetic
 
 
 def per_class_counts(real_labels: np.ndarray, ratio: float) -> dict[int, int]:
     """Synthetic rows per label: r x real count, largest-remainder rounded to round(r |real|)."""
     labels, counts = np.unique(real_labels, return_counts=True)
-    exact = ratio * counts.astype(np.float64)
+    return _largest_remainder(dict(zip(labels.tolist(), counts.tolist())), ratio)
+
+
+def _largest_remainder(real_counts: dict[int, int], ratio: float) -> dict[int, int]:
+    labels = np.asarray(sorted(real_counts), dtype=np.int64)
+    counts = np.asarray([real_counts[int(k)] for k in labels], dtype=np.float64)
+    exact = ratio * counts
     base = np.floor(exact).astype(np.int64)
-    missing = int(round(ratio * len(real_labels))) - int(base.sum())
+    missing = int(round(ratio * counts.sum())) - int(base.sum())
     # Largest fractional part first; a stable sort gives ties to the lower label.
     order = np.argsort(-(exact - base), kind="stable")
     base[order[:max(missing, 0)]] += 1
     return {int(k): int(n) for k, n in zip(labels, base)}
 
 
+def keys(ids, labels, seed: int) -> np.ndarray:
+    """uint64 key u = hash(seed, label, id) of each row: the order in which a class's rows are drawn."""
+    ids = pa.array(ids, pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+    labels = pa.array(np.asarray(labels, dtype=np.int64)) if not isinstance(labels, (pa.Array, pa.ChunkedArray)) else labels
+    salted = pc.binary_join_element_wise(pa.scalar(str(int(seed))), pc.cast(labels, pa.string()), ids, "/")
+    return id_hashes(salted.to_numpy(zero_copy_only=False))
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _check_classes(real_m: dict, syn_m: dict, where: str) -> None:
+    r, s = list(real_m["class_names"]), list(syn_m["class_names"])
+    if sorted(r) != sorted(s):
+        raise ValueError(f"{where}: synthetic class names {sorted(s)} do not match the real class names {sorted(r)}")
+    if r != s:
+        bad = [n for i, n in enumerate(r) if s.index(n) != i]
+        pairs = ", ".join(f"{n!r}: real {r.index(n)} vs synthetic {s.index(n)}" for n in bad)
+        raise ValueError(f"{where}: synthetic labels differ from the real ones for class {pairs}")
+
+
+def plan_mixture(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_only: bool = False) -> Mixture:
+    """Check the inputs from their manifests and fix which synthetic rows the mixture keeps."""
+    ratio = float(ratio)
+    if not np.isfinite(ratio) or ratio < 0:
+        raise ValueError(f"mixing ratio must be >= 0, got {ratio}")
+    real_m = read_manifest(real)
+    if int(real_m["num_rows"]) == 0:
+        raise ValueError(f"{real}: real set is empty; a mixture needs real images to size the synthetic part")
+    names = list(real_m["class_names"])
+    uses_synthetic = ratio > 0 or synthetic_only
+    if uses_synthetic and synthetic is None:
+        raise ValueError(f"ratio {ratio} (synthetic_only={synthetic_only}) needs a synthetic set, got None")
+    syn_m = read_manifest(synthetic) if synthetic is not None and uses_synthetic else None
+    if syn_m is not None:
+        _check_classes(real_m, syn_m, f"synthetic set {synthetic}")
+    base = dict(seed=int(seed), ratio=ratio, synthetic_only=bool(synthetic_only), class_names=tuple(names),
+                image_size=tuple(int(v) for v in real_m["image_size"]), channels=int(real_m["channels"]))
+    n_real = 0 if synthetic_only else int(real_m["num_rows"])
+    real_loc = None if synthetic_only else str(real)
+    if syn_m is None:
+        return Mixture(real=real_loc, synthetic=None, thresholds={}, counts={}, n_real=n_real, **base)
+
+    have = {i: int(syn_m["counts"].get(n, 0)) for i, n in enumerate(names)}
+    if synthetic_only and ratio == 0:  # every synthetic row
+        return Mixture(real=None, synthetic=str(synthetic), thresholds={c: ALL for c, n in have.items() if n},
+                       counts={c: n for c, n in have.items() if n}, n_real=0, **base)
+    real_counts = {i: int(real_m["counts"].get(n, 0)) for i, n in enumerate(names)}
+    need = {c: n for c, n in _largest_remainder({c: n for c, n in real_counts.items() if n}, ratio).items() if n}
+    for c, n in need.items():
+        if n > have[c]:
+            raise ValueError(f"class {names[c]!r} (label {c}): ratio {ratio} needs {n} synthetic images, "
+                             f"the synthetic set {synthetic} has {have[c]}")
+    return Mixture(real=real_loc, synthetic=str(synthetic), thresholds=thresholds(synthetic, need, have, seed),
+                   counts=need, n_real=n_real, **base)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def _bits(have: dict[int, int], labels: list[int]) -> int:
+    """Histogram buckets (as bits of u) so that about CANDIDATES_PER_CLASS keys land in a class's cut bucket."""
+    biggest = max(have[c] for c in labels)
+    bits = max(0, math.ceil(math.log2(max(biggest / CANDIDATES_PER_CLASS, 1.0))))
+    cap = max(0, int(math.floor(math.log2(MAX_HISTOGRAM / max(len(labels), 1)))))
+    return min(bits, cap, 16)
+
+
+def _histogram(batch: pa.Table, seed: int, labels: list, bits: int) -> dict:
+    """Ray Data map fn: per-block counts of u's top ``bits`` bits per label, flattened (labels x buckets)."""
+    index = {c: i for i, c in enumerate(labels)}
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    u = keys(batch.column("id"), batch.column("label"), seed)
+    row = np.asarray([index.get(int(c), -1) for c in lab], dtype=np.int64)
+    ok = row >= 0
+    flat = row[ok] * (1 << bits) + (u[ok] >> np.uint64(64 - bits)).astype(np.int64)
+    return {"hist": [np.bincount(flat, minlength=len(labels) << bits).astype(np.int64)]}
+
+
+def _candidates(batch: pa.Table, seed: int, bucket: dict, bits: int) -> dict:
+    """Ray Data map fn: the keys u of label c that fall into c's cut bucket."""
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    u = keys(batch.column("id"), batch.column("label"), seed)
+    want = np.asarray([bucket.get(int(c), -1) for c in lab], dtype=np.int64)
+    top = (u >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(u), np.int64)
+    keep = (want >= 0) & (top == want)
+    return {"label": lab[keep], "u": u[keep]}
+
+
+def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed: int) -> dict[int, int]:
+    """label -> the n_c-th smallest key of that class (ALL when every row is kept).
+
+    Exact and bounded: pass 1 sums per-block histograms of the keys' top bits per class
+    (``MAX_HISTOGRAM`` counters at most); pass 2 sends the driver only the keys in each
+    class's cut bucket (about ``CANDIDATES_PER_CLASS`` per class, as keys are uniform).
+    Both passes read only the ``(id, label)`` columns.
+    """
+    from synthaug.artifacts import read_ray
+
+    out = {c: ALL for c, n in need.items() if n == have[c]}
+    labels = sorted(c for c, n in need.items() if 0 < n < have[c])
+    if not labels:
+        return out
+    bits = _bits(have, labels)
+    buckets = 1 << bits
+    ds = read_ray(synthetic, columns=["id", "label"])
+
+    # Pass 1: where each class's cut falls.
+    if bits:
+        hist = np.zeros(len(labels) * buckets, np.int64)
+        for b in ds.map_batches(_histogram, fn_kwargs=dict(seed=int(seed), labels=labels, bits=bits),
+                                batch_format="pyarrow", batch_size=None).iter_batches(batch_size=1, batch_format="numpy"):
+            hist += np.asarray(b["hist"][0], np.int64)
+        hist = hist.reshape(len(labels), buckets)
+    else:
+        hist = np.asarray([[have[c]] for c in labels], np.int64)
+    cum = np.cumsum(hist, axis=1)  # (labels, buckets)
+    bucket, below = {}, {}
+    for i, c in enumerate(labels):
+        b = int(np.searchsorted(cum[i], need[c]))  # first bucket whose running count reaches n_c
+        bucket[c], below[c] = b, int(cum[i, b - 1]) if b else 0
+
+    # Pass 2: the keys in the cut buckets; the cut is the (n_c - below)-th of them.
+    found: dict[int, list] = {c: [] for c in labels}
+    for b in ds.map_batches(_candidates, fn_kwargs=dict(seed=int(seed), bucket=bucket, bits=bits),
+                            batch_format="pyarrow", batch_size=None).iter_batches(batch_format="numpy"):
+        for c in np.unique(b["label"]):
+            found[int(c)].append(np.asarray(b["u"])[b["label"] == c])
+    for c in labels:
+        u = np.sort(np.concatenate(found[c])) if found[c] else np.zeros(0, np.uint64)
+        k = need[c] - below[c]
+        if not 0 < k <= len(u):
+            raise RuntimeError(f"mixture threshold for label {c}: {len(u)} candidate keys, need the {k}-th "
+                               f"(the synthetic set changed while planning?)")
+        out[c] = int(u[k - 1])
+    return out
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def _keep_synthetic(batch: pa.Table, spec: Mixture) -> pa.Table:
+    """Ray Data map fn: the base columns of the synthetic rows the mixture keeps."""
+    n = len(spec.class_names)
+    cut, every, kept = np.zeros(n, np.uint64), np.zeros(n, bool), np.zeros(n, bool)
+    for c, t in spec.thresholds.items():
+        kept[int(c)] = True
+        if int(t) == ALL:
+            every[int(c)] = True
+        else:
+            cut[int(c)] = np.uint64(int(t))
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    u = keys(batch.column("id"), batch.column("label"), spec.seed)
+    keep = kept[lab] & (every[lab] | (u <= cut[lab]))
+    return _base(batch.filter(pa.array(keep)))
+
+
 def _base(table: pa.Table) -> pa.Table:
     return table.select(list(BASE_COLUMNS)).cast(BASE_SCHEMA)
 
 
-def mix(
-    real: pa.Table,
-    synthetic: pa.Table | None,
-    ratio: float,
-    seed: int,
-    synthetic_only: bool = False,
-) -> pa.Table:
-    """The training table for mixing ratio ``ratio`` (see the module docstring for the model)."""
-    ratio = float(ratio)
-    if not np.isfinite(ratio) or ratio < 0:
-        raise ValueError(f"mixing ratio must be >= 0, got {ratio}")
-    if real.num_rows == 0:
-        raise ValueError("real set is empty; a mixture needs real images to size the synthetic part")
-    if synthetic is not None:
-        check_same_classes(real, synthetic)
-    uses_synthetic = ratio > 0 or synthetic_only
-    if uses_synthetic and synthetic is None:
-        raise ValueError(f"ratio {ratio} (synthetic_only={synthetic_only}) needs a synthetic set, got None")
-    if not uses_synthetic:
-        return _base(real)
-    syn = _base(synthetic)
-    if synthetic_only and ratio == 0:
-        return syn
+def mixture_dataset(spec: Mixture | Any, **read_kwargs):
+    """The mixture as a lazy Ray Dataset of the base columns (real rows, then the kept synthetic rows).
 
-    # Draw each class's share from that class's synthetic rows.
-    real_labels = np.asarray(real.column("label").to_pylist(), dtype=np.int64)
-    syn_labels = np.asarray(syn.column("label").to_pylist(), dtype=np.int64)
-    names = dict(zip(real_labels.tolist(), real.column("class_name").to_pylist()))
-    picked = []
-    for label, n in per_class_counts(real_labels, ratio).items():
-        rows = np.flatnonzero(syn_labels == label)
-        if n > rows.size:
-            raise ValueError(
-                f"class {names[label]!r} (label {label}): ratio {ratio} needs {n} synthetic images, "
-                f"the synthetic set has {rows.size}"
-            )
-        rng = np.random.default_rng([int(seed), label])  # per class: independent of other classes
-        picked.append(rows[rng.permutation(rows.size)[:n]])
-    idx = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-    chosen = syn.take(pa.array(idx, pa.int64()))
-    if synthetic_only:
-        return chosen
+    ``read_kwargs`` go to ``read_parquet`` (e.g. ``shuffle=FileShuffleConfig(seed)``).
+    """
+    from synthaug.artifacts import read_ray
 
-    mixed = pa.concat_tables([_base(real), chosen])
-    ids = mixed.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        dup = sorted(set(real.column("id").to_pylist()) & set(chosen.column("id").to_pylist()))
-        raise ValueError(f"real and synthetic sets share id(s) {dup[:5]}; ids must be unique in a mixture")
-    return mixed
+    parts = []
+    if spec.real is not None:
+        parts.append(read_ray(spec.real, columns=list(BASE_COLUMNS), **read_kwargs)
+                     .map_batches(_base, batch_format="pyarrow", batch_size=None))
+    if spec.synthetic is not None and spec.thresholds:
+        parts.append(read_ray(spec.synthetic, columns=list(BASE_COLUMNS), **read_kwargs)
+                     .map_batches(_keep_synthetic, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None))
+    if not parts:
+        raise ValueError("the mixture has no rows")
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def real_only(loc: str) -> Mixture:
+    """A contract dataset used as is (every row; ``source`` says real or synthetic per row)."""
+    m = read_manifest(loc)
+    return Mixture(real=str(loc), synthetic=None, thresholds={}, counts={}, seed=0, ratio=0.0, synthetic_only=False,
+                   n_real=int(m["num_rows"]), class_names=tuple(m["class_names"]),
+                   image_size=tuple(int(v) for v in m["image_size"]), channels=int(m["channels"]))

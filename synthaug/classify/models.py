@@ -19,7 +19,7 @@ from torch import nn
 from timm.models import register_model
 from safetensors.torch import load_file, save_file
 
-from synthaug.artifacts import atomic_write_json, commit_dir, staging_dir
+from synthaug.artifacts import atomic_write_json, publish_tree, staging_dir
 
 
 class TinyCNN(nn.Module):
@@ -160,22 +160,35 @@ def check_classifier_config(cfg, num_classes: int, in_chans: int) -> None:
             convert_domain_bn(timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans))
 
 
-def save_classifier(model: nn.Module, path: str | Path, meta: dict) -> Path:
-    """Write weights (safetensors) and ``classifier.json`` atomically."""
-    tmp = staging_dir(path)
+def save_classifier(model: nn.Module, location: str | Path, meta: dict) -> Path | str:
+    """Write weights (safetensors) and ``classifier.json`` to ``location`` (local or URI) as one tree.
+
+    Built in a local temp dir, then published (``artifacts.publish_tree``: renamed into
+    place locally, uploaded with ``classifier.json`` on an object store). Returns the
+    location (a ``Path`` when local).
+    """
+    import tempfile
+
+    from synthaug import storage
+
+    lp = storage.local_path(location)
+    # Local: build next to the target, so publishing is one rename on one filesystem.
+    tmp = staging_dir(lp) if lp is not None else Path(tempfile.mkdtemp(prefix=".classifier-"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     atomic_write_json(tmp / "classifier.json", meta)
-    return commit_dir(tmp, path)
+    out = publish_tree(tmp, lp if lp is not None else location)
+    return Path(out) if lp is not None else out
 
 
-def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a saved classifier (eval mode) and return it with its metadata."""
-    path = Path(path)
-    meta_file = path / "classifier.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path}: not a saved classifier (no classifier.json)")
-    meta = json.loads(meta_file.read_text())
+def load_classifier(location: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a saved classifier (eval mode) from a location (a local copy via ``storage.localize``)."""
+    from synthaug import storage
+
+    if not storage.is_file(storage.join(str(location), "classifier.json")):
+        raise FileNotFoundError(f"{location}: not a saved classifier (no classifier.json)")
+    path = storage.localize(str(location))
+    meta = json.loads((path / "classifier.json").read_text())
     model = create_classifier(meta["model"], meta["num_classes"], meta["in_chans"])
     if meta.get("domain_bn"):
         from synthaug.classify.domain import convert_domain_bn

@@ -2,7 +2,9 @@
 
 CAS uses the project's classifier trainer (Ray Train) with the same recipe as real-only
 training -- the same model, epochs and optimiser steps: an epoch is ``|real train|``
-images, so CAS and real-only see the same number of images.
+images, so CAS and real-only see the same number of images. Datasets are passed by
+location: the mixture (every synthetic row, ``synthetic_only``) is planned from the
+manifests and streamed by the workers.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synthaug.artifacts import read_manifest, read_table
-from synthaug.classify.mixing import mix
+from synthaug.artifacts import read_manifest
+from synthaug.classify.mixing import plan_mixture
 from synthaug.config import ClassifyConfig, RayConfig, replace
 
 
@@ -21,13 +23,11 @@ def cas(cfg: ClassifyConfig, synthetic_dir: str | Path, val_dir: str | Path, rea
     """CAS top-1/top-5 (mean and std over ``cfg.seeds``) and per-class top-1 (mean over seeds)."""
     from synthaug.classify.train import fit
 
-    real = read_table(real_train_dir)
-    synthetic = read_table(synthetic_dir)
     m = read_manifest(synthetic_dir)
-    same_recipe = replace(cfg, epoch_images=cfg.epoch_images or real.num_rows)
+    same_recipe = replace(cfg, epoch_images=cfg.epoch_images or int(read_manifest(real_train_dir)["num_rows"]))
     runs = []
     for seed in cfg.seeds:
-        train = mix(real, synthetic, ratio=0.0, seed=int(seed), synthetic_only=True)
+        train = plan_mixture(str(real_train_dir), str(synthetic_dir), ratio=0.0, seed=int(seed), synthetic_only=True)
         runs.append(fit(same_recipe, train, val_dir, seed=int(seed), out_dir=out_dir, name=f"{name}-seed{seed}",
                         class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=ray_cfg))
     top1 = np.array([r["top1"] for r in runs])

@@ -1,0 +1,122 @@
+"""The classifier's input pipelines in Ray Data: a mixture to decoded batches, val to shards.
+
+* ``training_dataset(spec, ...)``: the mixture's Parquet shards (``mixing.mixture_dataset``),
+  read in a seeded, per-execution file order, decoded to uint8 in ``map_batches``. It is
+  lazy: each epoch streams it again (one Ray Data execution per epoch), so no process
+  holds the decoded set. ``cache=True`` (``classify.cache``) materialises it once in the
+  object store instead, for sets that fit.
+* ``iterate``: an epoch's batches from a worker's streaming shard, shuffled by a local
+  buffer seeded from (seed, epoch, rank, pass) and augmented by ``TrainCollate``
+  (``iter_torch_batches(collate_fn=...)``, in Ray Data's prefetch thread).
+* ``val_dataset(val_dir, rank, world)``: this worker's share of the val split -- the rows
+  whose ``id_hashes(id) % world == rank`` -- decoded in Ray Data and streamed in batches.
+  Every row lands on exactly one worker, so the summed counts are exact.
+
+Each training row carries ``key = id_hashes(id)``: the per-sample augmentation seed comes
+from it, never from a row's position, so it does not depend on shards, order or workers.
+Row order is made deterministic (``preserve_order``) for bit-reproducible runs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from synthaug.artifacts import id_hashes
+from synthaug.classify.augment import TrainCollate, _seed
+from synthaug.config import ClassifyConfig
+from synthaug.data.images import decode_batch, to_float
+
+
+def _images(batch: pa.Table, chw) -> np.ndarray:
+    """uint8 (B, C, H, W); an empty batch (a block the mixture filtered out) keeps the shape."""
+    if batch.num_rows == 0 and chw is not None:
+        return np.zeros((0, *map(int, chw)), np.uint8)
+    return decode_batch(batch.column("image").to_pylist())
+
+
+def decode_to_uint8(batch: pa.Table, chw=None) -> dict:
+    """Ray Data map fn: base rows -> uint8 image (B, C, H, W), label, domain (True = synthetic), key."""
+    ids = batch.column("id").to_numpy(zero_copy_only=False)
+    return {
+        "image": _images(batch, chw),
+        "label": batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
+        "domain": np.asarray(batch.column("source").to_pylist()) == "synthetic",
+        "key": id_hashes(ids),
+    }
+
+
+def _decode_val(batch: pa.Table, rank: int, world: int, chw) -> dict:
+    """Ray Data map fn: this rank's val rows, decoded to float in [-1, 1]."""
+    if world > 1:
+        mine = (id_hashes(batch.column("id").to_numpy(zero_copy_only=False)) % np.uint64(world)) == np.uint64(rank)
+        batch = batch.filter(pa.array(mine))
+    return {"image": to_float(_images(batch, chw)),
+            "label": batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)}
+
+
+def _ordered(ds):
+    """Deterministic row order for this dataset's executions (reproducible runs)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def training_dataset(spec, *, seed: int, cache: bool = False):
+    """The decoded mixture as a Ray Dataset (lazy, or materialised with ``cache``)."""
+    from ray.data import FileShuffleConfig
+
+    from synthaug.classify.mixing import mixture_dataset
+
+    # File order: seeded, and different for each execution (epoch / pass) of the dataset.
+    ds = mixture_dataset(spec, shuffle=FileShuffleConfig(seed=int(seed) % (2**31), reseed_after_execution=True))
+    chw = (spec.channels, *spec.image_size)
+    ds = _ordered(ds.map_batches(decode_to_uint8, fn_kwargs={"chw": chw}, batch_format="pyarrow", batch_size=256))
+    return ds.materialize() if cache else ds
+
+
+def val_dataset(val_dir: str, rank: int = 0, world: int = 1):
+    """This rank's share of the val split, decoded lazily (``iter_batches``: image float, label)."""
+    from synthaug.artifacts import read_manifest, read_ray
+
+    m = read_manifest(val_dir)
+    chw = (int(m["channels"]), *map(int, m["image_size"]))
+    return read_ray(val_dir, columns=["id", "image", "label"]).map_batches(
+        _decode_val, fn_kwargs=dict(rank=int(rank), world=int(world), chw=chw), batch_format="pyarrow", batch_size=256)
+
+
+def val_batches(ds, batch_size: int = 256) -> Iterable[dict]:
+    """Stream a ``val_dataset`` in numpy batches (never the whole split at once)."""
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        if len(b["label"]):
+            yield b
+
+
+def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int, epoch: int, rank: int,
+            in_chans: int, image_size) -> Iterable[dict]:
+    """``steps`` batches of one epoch from a Ray Data shard or dataset, augmented by ``TrainCollate``."""
+    return _take(data, steps, dict(
+        batch_size=batch_size,
+        collate_fn=TrainCollate(cfg, in_chans, image_size, seed, epoch),
+        local_shuffle_buffer_size=max(256, 8 * batch_size),
+        local_shuffle_seed=_seed(seed, epoch, rank, 3) % (2**31),
+    ))
+
+
+def _take(data, steps: int, kwargs: dict):
+    """Exactly ``steps`` batches: passes over the shard (each reshuffled) until the count is met."""
+    done, passes = 0, 0
+    while done < steps:
+        kw = dict(kwargs, local_shuffle_seed=(kwargs["local_shuffle_seed"] + passes) % (2**31))
+        if hasattr(kw.get("collate_fn"), "for_pass"):
+            kw["collate_fn"] = kw["collate_fn"].for_pass(passes)
+        got = 0
+        for batch in data.iter_torch_batches(**kw):
+            yield batch
+            done, got = done + 1, got + 1
+            if done >= steps:
+                return
+        if got == 0:
+            return
+        passes += 1

@@ -1,0 +1,216 @@
+"""The one per-worker training loop, and the small session it reports through.
+
+``train_loop_per_worker(config)`` is the training function. Ray Train runs it on 1 or N
+workers (DDP through ``ray.train.torch.prepare_model``); a Ray Tune trial runs it directly
+in its own process. It talks to whichever through ``_Session``, picked by
+``config["_reporter"]``: ``"train"`` (``ray.train.*``), ``"tune"`` (``ray.tune.*``, as
+Ray 2.x requires inside a Tune function) or ``"local"`` (no Ray session: reports are
+only returned).
+
+Data: the train shard is a streaming Ray Data iterator (``get_dataset_shard("train")``
+under Ray Train, else ``config["_dataset"].iterator()``); see ``classify/data.py``.
+Validation is sharded: each worker streams its own share of the val split, counts hits
+with ``core.eval_counts`` for the model and its EMA in one pass, and the counts are
+summed across workers (``all_reduce``). It runs every ``classify.eval_every`` epochs and
+at the last; reports in between carry the latest evaluated numbers (NaN before the
+first) with ``eval_epoch`` saying which epoch they are from.
+
+Checkpoints (rank 0 only, every ``checkpoint_every`` epochs and at the last) are written
+by ``core.write_checkpoint``; a run resumes from the latest one (``fit`` with the same
+name and storage, or a restored Tune trial). The learning rate is a pure function of the
+update count, so a run resumed with more epochs continues on the new, longer schedule.
+
+Randomness: weight init from the seed; dropout and Mixup from (seed, epoch, rank / step);
+augmentation per sample from (seed, epoch, pass, id hash); the local shuffle from
+(seed, epoch, rank, pass); the file order from (seed, execution).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
+from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
+                                    metrics_from_counts, read_checkpoint, train_epoch, write_checkpoint)
+from synthaug.classify.data import iterate, val_batches, val_dataset
+from synthaug.classify.models import build_classifier
+from synthaug.config import ClassifyConfig
+
+
+class _Session:
+    """Data, checkpoints and reports for the loop: a Ray Train worker, a Tune trial, or local."""
+
+    def __init__(self, config: dict):
+        self.kind = config.get("_reporter", "train")
+        if self.kind not in ("train", "tune", "local"):
+            raise ValueError(f"_reporter must be 'train', 'tune' or 'local', got {self.kind!r}")
+        self.config = config
+        if self.kind == "train":
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
+        else:
+            self.rank, self.world_size = 0, 1
+            use_gpu = config["classify"].use_gpu and torch.cuda.is_available()
+            self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def train_data(self):
+        if self.kind == "train":
+            import ray.train
+
+            return ray.train.get_dataset_shard("train")
+        return self.config["_dataset"].iterator()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.kind == "train":
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(model)  # to device, DDP when world_size > 1
+        return model.to(self.device)
+
+    def get_checkpoint(self):
+        if self.kind == "train":
+            import ray.train
+
+            return ray.train.get_checkpoint()
+        if self.kind == "tune":
+            import ray.tune
+
+            return ray.tune.get_checkpoint()
+        return None
+
+    @property
+    def saves_checkpoints(self) -> bool:
+        return self.kind != "local" and self.rank == 0
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if self.kind == "train":
+            import ray.train
+
+            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
+        elif self.kind == "tune":
+            import ray.tune
+
+            ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.tune.report(metrics, checkpoint=ckpt)
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum across DDP ranks (identity on one process)."""
+    import torch.distributed as dist
+
+    values = np.asarray(values, np.float64)
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.from_numpy(values.copy())
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def _due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether 0-based ``epoch`` is an every-N epoch or the last one."""
+    return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs
+
+
+def _evaluate(models: dict, val, num_classes: int, device) -> dict:
+    """Sharded validation: local counts for every model in one streamed pass, summed over workers."""
+    counts = eval_counts(models, val_batches(val), num_classes, device)
+    names = sorted(counts)
+    total = all_reduce_sum(np.concatenate([counts[n] for n in names])).reshape(len(names), -1)
+    return {n: metrics_from_counts(total[i], num_classes) for i, n in enumerate(names)}
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Train ``config["classify"].model``; report per epoch; return rank 0's last metrics.
+
+    Config keys: ``classify`` (ClassifyConfig), ``seed``, ``num_classes``, ``in_chans``,
+    ``class_names``, ``image_size``, ``val_dir`` (a location), ``n_train``,
+    ``epoch_images``, ``_reporter`` and, outside Ray Train, ``_dataset`` (the decoded
+    train Ray Dataset).
+    """
+    from timm.utils import ModelEmaV3
+
+    cfg: ClassifyConfig = config["classify"]
+    seed, num_classes, in_chans = int(config["seed"]), int(config["num_classes"]), int(config["in_chans"])
+    session = _Session(config)
+    if session.kind != "local":
+        torch.set_num_threads(1)  # one core per worker; Ray packs workers onto few cores
+    rank, world = session.rank, session.world_size
+    meta = classifier_meta(cfg, config["class_names"], in_chans, config["image_size"])
+
+    # Build the model (same init on every rank), restore, then wrap.
+    model = build_classifier(cfg, num_classes, in_chans, seed)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+    start_epoch, step, elapsed, state = 0, 0, 0.0, None
+    ckpt = session.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = read_checkpoint(Path(d), model, ema)
+        start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
+    if cfg.channels_last and session.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = session.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    if ema is not None:
+        ema.module.to(session.device)
+
+    # Optimiser and schedule over the whole run (also when resuming with more epochs).
+    per_worker_batch = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, math.ceil((int(config["epoch_images"]) // world) / per_worker_batch))
+    optimizer = build_optimizer(bare, cfg)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler.step_update(num_updates=step)  # the (new) schedule's lr at the restored step
+    loss_fn = build_loss(cfg)
+    mixup = MixupCutmix(cfg, num_classes) if mixup_enabled(cfg) else None
+    val = val_dataset(config["val_dir"], rank, world)  # lazy: streamed at each evaluation
+
+    data = session.train_data()
+    last: dict = {}
+    evaluated = {"top1": float("nan"), "top5": float("nan"), "top1_no_ema": float("nan"),
+                 "per_class_top1": [float("nan")] * num_classes, "eval_epoch": 0}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
+        batches = iterate(data, steps_per_epoch, cfg, batch_size=per_worker_batch, seed=seed, epoch=epoch, rank=rank,
+                          in_chans=in_chans, image_size=config["image_size"])
+        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, session.device, step=step,
+                            seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last)
+        step = stats["step"]
+        loss_sum, images = all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
+
+        # Validation on every rank's share, reduced (every eval_every epochs and at the last).
+        if _due(epoch, cfg.eval_every, cfg.epochs):
+            models = {"model": bare, **({"ema": ema.module} if ema is not None else {})}
+            res = _evaluate(models, val, num_classes, session.device)
+            final = res["ema"] if ema is not None else res["model"]
+            evaluated = {**final, "top1_no_ema": res["model"]["top1"], "eval_epoch": epoch + 1}
+        elapsed += time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1, "train_loss": float(loss_sum / max(images, 1.0)), **evaluated, "epochs": epoch + 1,
+            "images_per_s": float(images / max(stats["seconds"], 1e-9)), "seconds": elapsed,
+            "n_train": int(config["n_train"]), "start_epoch": start_epoch,
+        }
+        if rank != 0:
+            session.report(metrics, None)
+            continue
+        if session.saves_checkpoints and _due(epoch, cfg.checkpoint_every, cfg.epochs):  # ~1 s through Ray
+            with tempfile.TemporaryDirectory() as d:
+                write_checkpoint(Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta)
+                session.report(metrics, d)
+        else:
+            session.report(metrics, None)
+        last = metrics
+    return last
