@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/synthaug run --config jobs/configs/default.yaml
 
-# The ray-job-submit test starts its own Ray head, so it runs after the in-process suite.
+# The ray-job-submit tests start their own Ray nodes from the CLI, so they run after the in-process suite.
 test: setup
-	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py
-	$(BIN)/python -m pytest tests/test_jobs.py
+	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py --ignore=tests/test_multinode.py
+	$(BIN)/python -m pytest tests/test_jobs.py tests/test_multinode.py
 
 bench: setup
 	$(BIN)/python benchmarks/finetune_throughput.py

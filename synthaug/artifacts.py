@@ -518,10 +518,3 @@ def is_complete(path: str | Path) -> bool:
     """True when a location holds a manifest (a finished dataset or export)."""
     return storage.is_file(storage.join(path, MANIFEST))
 
-
-def finalize_dataset(tmp: str | Path, path: str | Path, **manifest_kwargs: Any) -> dict:
-    """Deprecated shim (in-memory): commit the Parquet files under local ``tmp/data`` as dataset ``path``."""
-    table = pq.read_table(Path(tmp) / DATA_DIR)
-    manifest = write_dataset(table, path, **manifest_kwargs)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return manifest

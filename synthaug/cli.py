@@ -12,6 +12,11 @@ import argparse
 import json
 import sys
 
+from synthaug import pipeline as P
+from synthaug import storage
+from synthaug.artifacts import read_manifest
+from synthaug.config import replace
+
 STAGES = {
     "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
     "ingest": "real images -> contract datasets (train / val / pool)",
@@ -142,8 +147,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- stage adapters
+# The CLI's glue around the library stages in synthaug.pipeline: they resolve defaults
+# from the run layout, loop over seeds or sets, and write the command's report.
+
+
+def evaluate_cli(cfg, real, synthetic: list, extractor, train) -> dict:
+    """``synthaug evaluate``: metrics for each synthetic set into <results>/<name>/evaluate/."""
+    from synthaug import report
+    from synthaug.artifacts import is_complete
+
+    p = P.RunPaths(cfg)
+    real = real or p.data("val")
+    extractor = extractor or P.stage_extractor(cfg)
+    if not synthetic:
+        raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
+    labelled_train = p.data("train") if is_complete(p.data("train")) else None
+    rows = []
+    for d in synthetic:
+        m = P.stage_evaluate(cfg, real, d, extractor, train, labelled_train=labelled_train)
+        flat = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
+        flat["guidance_scale"] = float(read_manifest(d).get("sample", {}).get("guidance_scale", float("nan")))
+        rows.append(flat)
+    out = storage.join(str(p.results), "evaluate")
+    for i, r in enumerate(rows):
+        report.write_metrics(out, r, name=f"metrics_{i}" if len(rows) > 1 else "metrics")
+    if len(rows) > 1:
+        report.plot_vs_guidance([{**r, "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")} for r in rows],
+                                storage.join(out, "fidelity_vs_guidance.png"))
+    return rows[0] if len(rows) == 1 else {"evaluated": len(rows), "out": str(out)}
+
+
+def classify_cli(cfg, data, real, synthetic: list, ratio: float, synthetic_only: bool) -> dict:
+    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1.
+
+    The mixtures are planned from the datasets' locations (all checks before any
+    training); the workers stream the rows.
+    """
+    import numpy as np
+
+    from synthaug.classify.mixing import plan_mixture
+    from synthaug.classify.train import fit
+
+    p = P.RunPaths(cfg)
+    train_dir = str(data or p.data("train"))
+    m = read_manifest(train_dir)
+    syn = str(synthetic[0]) if synthetic else None
+    specs = [plan_mixture(train_dir, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
+             for seed in cfg.classify.seeds]
+    runs = []
+    for seed, spec in zip(cfg.classify.seeds, specs):
+        runs.append(fit(cfg.classify, spec, str(real or p.data("val")), seed=int(seed), out_dir=storage.join(p.work, "classify"),
+                        name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
+                        in_chans=int(m["channels"]), ray_cfg=cfg.ray))
+    top1 = np.array([r["top1"] for r in runs])
+    return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else None,
+            "seeds": len(runs), "n_train": runs[0]["n_train"]}
+
+
+def sweep_cli(cfg, _overrides) -> dict:
+    """``synthaug sweep``: sample each guidance once (reused by content hash), then Ray Tune."""
+    from synthaug.sweep import run_sweep
+
+    p = P.RunPaths(cfg)
+    sets = {}
+    for w in cfg.sweep.guidance_scales:
+        sets[float(w)], _ = P.stage_sample(replace(cfg, sample=replace(cfg.sample, guidance_scale=float(w))))
+    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, storage.join(p.results, cfg.sweep.name), name=cfg.sweep.name,
+                   storage_dir=p.ray)
+    return df.attrs["summary"]
+
+
 def _dispatch(args, cfg):
-    from synthaug import pipeline as P
 
     s = args.stage
     if s == "run":
@@ -158,11 +233,11 @@ def _dispatch(args, cfg):
         out, manifest = P.stage_sample(cfg, args.generator, args.out)
         return {"dataset": str(out), **manifest}
     if s == "evaluate":
-        return P.evaluate_cli(cfg, args.real, args.synthetic, args.extractor, args.train)
+        return evaluate_cli(cfg, args.real, args.synthetic, args.extractor, args.train)
     if s == "classify":
-        return P.classify_cli(cfg, args.data, args.real, args.synthetic, args.ratio, args.synthetic_only)
+        return classify_cli(cfg, args.data, args.real, args.synthetic, args.ratio, args.synthetic_only)
     if s == "sweep":
-        return P.sweep_cli(cfg, args.overrides)
+        return sweep_cli(cfg, args.overrides)
     raise AssertionError(s)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthaug import storage
-from synthaug.artifacts import is_complete, read_manifest, read_table
+from synthaug.artifacts import is_complete, read_manifest
 from synthaug.config import Config, dump_config, replace
 
 
@@ -88,7 +88,7 @@ class Timer:
 def stage_ingest(cfg: Config) -> dict:
     from synthaug.data import ingest
 
-    return ingest.run(cfg, RunPaths(cfg).work / "data")
+    return ingest.run(cfg, storage.join(RunPaths(cfg).work, "data"))
 
 
 def stage_pretrain(cfg: Config, data: str | Path | None = None, out: str | Path | None = None) -> dict:
@@ -106,28 +106,28 @@ def stage_finetune(cfg: Config, data: str | Path | None = None, base: str | Path
     from synthaug.generative import finetune
 
     p = RunPaths(cfg)
-    if base is None and not cfg.finetune.base and (p.generator("pretrain") / "manifest.json").is_file():
+    if base is None and not cfg.finetune.base and is_complete(p.generator("pretrain")):
         base = p.generator("pretrain")
     return finetune.run(cfg, "finetune", data or p.data("train"), out or p.generator("finetune"), p.ray, base_dir=base)
 
 
-def stage_sample(cfg: Config, generator: str | Path | None = None, out: str | Path | None = None) -> tuple[Path, dict]:
+def stage_sample(cfg: Config, generator: str | None = None, out: str | None = None) -> tuple[str, dict]:
     from synthaug.generative import sample
 
     return sample.run(cfg, generator or RunPaths(cfg).generator("finetune"), out)
 
 
-def stage_extractor(cfg: Config) -> Path:
+def stage_extractor(cfg: Config) -> str:
     """The in-domain feature extractor: a classifier trained on the whole real train split."""
     from synthaug.classify.train import fit
 
     p = RunPaths(cfg)
     train_dir = p.train_full()
-    if (p.extractor / "classifier.json").is_file():
+    if storage.is_file(storage.join(p.extractor, "classifier.json")):
         return p.extractor
     m = read_manifest(train_dir)
     ccfg = replace(cfg.classify, epochs=cfg.evaluate.extractor_epochs, num_workers=1)
-    fit(ccfg, str(train_dir), str(p.data("val")), seed=0, out_dir=str(p.extractor.parent), name="extractor",
+    fit(ccfg, str(train_dir), str(p.data("val")), seed=0, out_dir=storage.parent(p.extractor), name="extractor",
         class_names=m["class_names"], in_chans=m["channels"], ray_cfg=cfg.ray, save_model=True)
     return p.extractor
 
@@ -162,75 +162,9 @@ def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extract
         metrics["_audit"] = audit
     if labelled_train is not None:
         key = read_manifest(synthetic)["content_hash"][:12]
-        metrics.update(cas.cas(cfg.classify, synthetic, real, labelled_train, p.work / "cas", ray_cfg=cfg.ray,
+        metrics.update(cas.cas(cfg.classify, synthetic, real, labelled_train, storage.join(p.work, "cas"), ray_cfg=cfg.ray,
                                name=f"cas-{key}"))
     return metrics
-
-
-def evaluate_cli(cfg: Config, real, synthetic: list, extractor, train) -> dict:
-    """``synthaug evaluate``: metrics for each synthetic set into <results>/<name>/evaluate/."""
-    from synthaug import report, storage
-    from synthaug.artifacts import is_complete
-
-    p = RunPaths(cfg)
-    real = real or p.data("val")
-    extractor = extractor or stage_extractor(cfg)
-    if not synthetic:
-        raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
-    labelled_train = p.data("train") if is_complete(p.data("train")) else None
-    rows = []
-    for d in synthetic:
-        m = stage_evaluate(cfg, real, d, extractor, train, labelled_train=labelled_train)
-        flat = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
-        flat["guidance_scale"] = float(read_manifest(d).get("sample", {}).get("guidance_scale", float("nan")))
-        rows.append(flat)
-    out = storage.join(str(p.results), "evaluate")
-    for i, r in enumerate(rows):
-        report.write_metrics(out, r, name=f"metrics_{i}" if len(rows) > 1 else "metrics")
-    if len(rows) > 1:
-        report.plot_vs_guidance([{**r, "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")} for r in rows],
-                                storage.join(out, "fidelity_vs_guidance.png"))
-    return rows[0] if len(rows) == 1 else {"evaluated": len(rows), "out": str(out)}
-
-
-def classify_cli(cfg: Config, data, real, synthetic: list, ratio: float, synthetic_only: bool) -> dict:
-    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1.
-
-    The mixtures are planned from the datasets' locations (all checks before any
-    training); the workers stream the rows.
-    """
-    import numpy as np
-
-    from synthaug.classify.mixing import plan_mixture
-    from synthaug.classify.train import fit
-
-    p = RunPaths(cfg)
-    train_dir = str(data or p.data("train"))
-    m = read_manifest(train_dir)
-    syn = str(synthetic[0]) if synthetic else None
-    specs = [plan_mixture(train_dir, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
-             for seed in cfg.classify.seeds]
-    runs = []
-    for seed, spec in zip(cfg.classify.seeds, specs):
-        runs.append(fit(cfg.classify, spec, str(real or p.data("val")), seed=int(seed), out_dir=str(p.work / "classify"),
-                        name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
-                        in_chans=int(m["channels"]), ray_cfg=cfg.ray))
-    top1 = np.array([r["top1"] for r in runs])
-    return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else None,
-            "seeds": len(runs), "n_train": runs[0]["n_train"]}
-
-
-def sweep_cli(cfg: Config, _overrides) -> dict:
-    """``synthaug sweep``: sample each guidance once (reused by content hash), then Ray Tune."""
-    from synthaug.sweep import run_sweep
-
-    p = RunPaths(cfg)
-    sets = {}
-    for w in cfg.sweep.guidance_scales:
-        sets[float(w)], _ = stage_sample(replace(cfg, sample=replace(cfg.sample, guidance_scale=float(w))))
-    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, p.results / cfg.sweep.name, name=cfg.sweep.name,
-                   storage_dir=p.ray)
-    return df.attrs["summary"]
 
 
 # ----------------------------------------------------------------------------- the default run

@@ -1,0 +1,85 @@
+"""A two-node Ray cluster on this machine, as users run synthaug: ``ray job submit`` to a CPU-less head.
+
+The head is ``ray start --head --num-cpus=0`` (like cluster.yaml's head); a second node
+joins with ``ray start --address ...`` and holds every CPU. Each node has its own temp dir
+and ports on 127.0.0.1 (:mod:`raycli`). The tiny pipeline is submitted with
+``ray job submit --working-dir .`` exactly as the README says, with ``work_dir`` and
+``results_dir`` on the local S3-compatible server. Every task and Train worker must land
+on the second node (the head has no CPUs), so nothing may depend on the driver's local
+disk or working directory. Only the processes this test started are stopped, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+import warnings
+
+import pytest
+
+import raycli as R
+
+JOB_TIMEOUT_S = 1500
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3_server, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("two_nodes")
+    head = R.start_head(logs / "head.log", num_cpus=0)
+    nodes = [head]
+    try:
+        nodes.append(R.start_worker(head, logs / "worker.log", num_cpus=6))
+        yield head, nodes[1]
+    finally:
+        for n in reversed(nodes):
+            killed = R.stop(n)
+            if killed:
+                warnings.warn("killed after the node stopped:\n  " + "\n  ".join(killed), stacklevel=1)
+
+
+def _node_ids(head: R.Node) -> dict[str, bool]:
+    """node id -> is_head_node, from the head's state API."""
+    from ray.util.state import list_nodes
+
+    return {n.node_id: bool(n.is_head_node) for n in list_nodes(address=head.dashboard_url)}
+
+
+def test_pipeline_job_on_cpu_less_head_and_worker_node(two_nodes, s3_server, tmp_path):
+    from synthaug import artifacts, storage
+
+    head, _ = two_nodes
+    work_dir, results_dir = s3_server.root("twonode-runs"), s3_server.root("twonode-results")
+    submission_id = f"synthaug-2node-{uuid.uuid4().hex[:8]}"
+    entrypoint = [sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml",
+                  f"work_dir={work_dir}", f"results_dir={results_dir}"]
+    t0 = time.monotonic()
+    proc = R.submit(head, R.working_dir(tmp_path / "src"), submission_id, entrypoint, JOB_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    print(f"two-node job took {time.monotonic() - t0:.0f}s")
+    assert proc.returncode == 0, out[-8000:]
+    assert R.job_details(head, submission_id).status == "SUCCEEDED"
+
+    # Complete outputs, all on the object store.
+    run = storage.join(work_dir, "tiny")
+    for split in ("train", "val", "pool", "train_full"):
+        assert artifacts.is_complete(storage.join(run, "data", split)), split
+    for stage in ("pretrain", "finetune"):
+        assert artifacts.is_complete(storage.join(run, "generators", stage)), stage
+    samples = storage.list_dirs(storage.join(work_dir, "samples"))
+    assert samples and all(artifacts.is_complete(storage.join(work_dir, "samples", s)) for s in samples), samples
+    metrics = storage.read_json(storage.join(results_dir, "tiny", "metrics.json"))
+    assert metrics, "empty metrics.json"
+    assert storage.read_text(storage.join(results_dir, "tiny", "summary.md")).strip()
+
+    # Every actor that did work ran on the worker node: the head has no CPU to give.
+    from ray.util.state import list_actors
+
+    heads = {nid for nid, is_head in _node_ids(head).items() if is_head}
+    actors = [a for a in list_actors(address=head.dashboard_url, limit=10000, detail=True)
+              if a.job_id and a.class_name not in ("JobSupervisor",)]
+    assert actors, "no actors seen"
+    on_head = [a.class_name for a in actors if a.node_id in heads]
+    assert not on_head, f"actors ran on the CPU-less head: {on_head}"
+    print(json.dumps(sorted({a.class_name for a in actors})))
