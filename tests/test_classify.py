@@ -131,7 +131,7 @@ def test_mix_does_not_depend_on_sharding(ray_session, real_syn, tmp_path):
     assert _syn_ids(mix(real, one, 1, 7)) == _syn_ids(mix(real, syn, 1, 7))
 
 
-def test_mix_bad_input(real_syn, tmp_path):
+def test_mix_bad_input(ray_session, real_syn, tmp_path):
     real, syn = real_syn
     with pytest.raises(ValueError, match="ratio must be >= 0"):
         plan_mixture(real, syn, -0.5, seed=0)
