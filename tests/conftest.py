@@ -14,6 +14,13 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/s3server.py
 
+# Ray's dashboard serves its metrics on a fixed port (44227) by default; a second local
+# Ray on the same machine (another test session) then fails to start. Pick a free one.
+if "DASHBOARD_METRIC_PORT" not in os.environ:
+    import s3server
+
+    os.environ["DASHBOARD_METRIC_PORT"] = str(s3server.free_ports(1)[0])
+
 
 def _session_uses_s3(session) -> bool:
     return any("s3_server" in getattr(item, "fixturenames", ()) for item in session.items)

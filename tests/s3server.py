@@ -131,6 +131,7 @@ def _start(workdir: Path, bucket: str, timeout_s: float) -> S3Server:
         f"-volume.port={volume}", f"-volume.port.grpc={g_volume}", "-volume.max=0", "-volume.preStopSeconds=0",
         f"-filer.port={filer}", f"-filer.port.grpc={g_filer}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={g_s3}", f"-s3.config={identities}", "-s3.iam=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports (8181, 9101) we do not need
     ]
     log = open(workdir / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
