@@ -87,8 +87,12 @@ def test_slice_is_imagenet_shaped(tmp_path):
     assert pq.read_table(again).equals(t)
 
 
-def test_imagenet_smoke_runs(tmp_path, monkeypatch, capsys):
-    """The smoke config through the CLI: ingest, fine-tune and sample (real Ray, real diffusers)."""
+def test_imagenet_smoke_runs(ray_session, tmp_path, monkeypatch, capsys):
+    """The smoke config through the CLI: ingest, fine-tune and sample (real Ray, real diffusers).
+
+    Evaluate and the classifier trainings (ResNet-50 at 64 px) are not run here: they are
+    minutes more on a CPU; the configs test above keeps their keys in step.
+    """
     from synthaug.cli import main
     from synthaug.generative.tiny import save_tiny_base
 
