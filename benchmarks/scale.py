@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -318,3 +317,250 @@ def plain_features(real_file: Path, extractor_dir: str) -> float:
                          if hasattr(model, "forward_head") else model(x).numpy())
     f = np.concatenate(feats).astype(np.float64)
     return float(np.trace(np.cov(f, rowvar=False)) + f.mean())
+
+
+# ----------------------------------------------------------------------------- the library's stages
+
+
+def _cfg(work: Path, folder: Path | None, px: int, per_class: int, extra: list[str] = ()):
+    from synthaug.config import load_config
+
+    over = [f"work_dir={work}", "ingest.source=imagefolder", f"ingest.path={folder}", "ingest.mode=RGB",
+            f"ingest.image_size={px}", "ingest.k_per_class=0", f"sample.per_class={per_class}",
+            "sample.chunk_size=1000", "classify.model=synthaug_cnn_tiny", "classify.epochs=1", "classify.seeds=[0]",
+            "classify.cache=false", *extra]
+    return load_config(None, over)
+
+
+def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int) -> dict:
+    """Ray Data task: plan rows of each chunk with procedural images, written as the sampler writes them."""
+    import pyarrow as pa
+
+    from synthaug.artifacts import write_shard
+    from synthaug.data.images import encode_png
+    from synthaug.generative import sample
+
+    entries = []
+    for k, name, a, b, seed in zip(chunks["label"], chunks["class_name"], chunks["start"], chunks["stop"], chunks["seed"]):
+        plan = sample.plan_rows(int(k), str(name), int(a), int(b), int(seed))
+        rng = np.random.default_rng([int(k), int(a)])
+        imgs = [encode_png(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(plan.num_rows)]
+        n = plan.num_rows
+        table = pa.table({"id": plan.column("id"), "image": pa.array(imgs, pa.binary()), "label": plan.column("label"),
+                          "class_name": plan.column("class_name"), "source": pa.array(["synthetic"] * n),
+                          "generator": pa.array(["bench"] * n), "seed": plan.column("seed"),
+                          "guidance_scale": pa.array([1.0] * n), "sampler": pa.array(["none"] * n),
+                          "steps": pa.array([0] * n, pa.int64())})
+        entries.append(json.dumps(write_shard(out, write_id, sample.chunk_name(k, a), table, CLASSES)))
+    return {"entry": np.asarray(entries, dtype=object)}
+
+
+def make_synthetic(cfg, out: str, px: int) -> list[dict]:
+    """An unfinished sampled set of N rows at ``out`` (plan + shards), as the sampling actors leave it."""
+    import pyarrow as pa
+    import ray.data
+
+    from synthaug.generative import sample
+
+    names = [f"class{k:02d}" for k in range(CLASSES)]
+    gen = {"weights_hash": "bench-procedural", "class_names": names, "image_size": px, "channels": 3}
+    key = sample.sample_key(gen, cfg.sample)
+    plan = sample._new_plan(out, key, gen, "procedural", cfg.sample)
+    chunks = sample.plan_chunks(plan["counts"], names, plan["chunk_size"])
+    table = pa.table({"label": [c.label for c in chunks], "class_name": [c.class_name for c in chunks],
+                      "start": [c.start for c in chunks], "stop": [c.stop for c in chunks],
+                      "seed": [cfg.sample.seed] * len(chunks)})
+    ds = ray.data.from_arrow(table).repartition(len(chunks)).map_batches(
+        _synthetic_chunk, fn_kwargs={"out": out, "write_id": plan["write_id"], "px": px}, batch_size=1,
+        batch_format="numpy")
+    return [json.loads(r["entry"]) for r in ds.iter_rows()]
+
+
+def _consume(ds) -> int:
+    return sum(len(b["label"]) for b in ds.iter_batches(batch_size=4096, batch_format="numpy"))
+
+
+def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | None) -> tuple[list[dict], str]:
+    """The five stages for one N; returns the rows and the extractor location (trained once, untimed)."""
+    from synthaug import storage
+    from synthaug.artifacts import read_manifest
+    from synthaug.classify.mixing import mixture_dataset, plan_mixture
+    from synthaug.classify.train import fit
+    from synthaug.data import ingest
+    from synthaug.evaluate.features import dataset_statistics
+    from synthaug.generative import sample
+
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = _cfg(work, folder, px, n // CLASSES)
+    data = storage.join(str(work), "data")
+    rows = []
+    r, _ = measure("ingest", n, ingest.run, cfg, data)
+    rows.append(r)
+
+    syn = storage.join(str(work), "samples", "bench")
+    entries = make_synthetic(cfg, syn, px)
+    r, _ = measure("sample_finish", n, sample.finish, cfg, syn, None, entries)
+    rows.append(r)
+    del entries
+
+    train, val = storage.join(data, "train"), storage.join(data, "val")
+    r, _ = measure("mix", n, lambda: _consume(mixture_dataset(plan_mixture(train, syn, 1.0, 0))))
+    rows.append(r)
+
+    m = read_manifest(train)
+    spec = plan_mixture(train, syn, 1.0, 0)
+    r, _ = measure("classify_epoch", n, fit, cfg.classify, spec, val, seed=0, out_dir=storage.join(str(work), "clf"),
+                   name="epoch", class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray)
+    rows.append(r)
+
+    if extractor is None:  # one in-domain extractor for every N (untimed): 1 epoch on this N's train set
+        fit(cfg.classify, train, val, seed=0, out_dir=str(work.parent / "extractor"), name="extractor",
+            class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray, save_model=True)
+        extractor = str(work.parent / "extractor" / "model")
+    r, _ = measure("features", n, dataset_statistics, train, extractor, batch_size=256)
+    rows.append(r)
+    return rows, extractor
+
+
+def plain_stages(n: int, folder: Path, work: Path, px: int, extractor: str) -> list[dict]:
+    """What a user would write instead, one process, on the same data (the syn set is the library's)."""
+    from synthaug import storage
+    from synthaug.artifacts import read_manifest
+
+    syn = work / "samples" / "bench"
+    syn_shards = syn / "data" / read_manifest(str(syn))["shards"][0]["path"].split("/")[1]
+    out = work / "plain"
+    rows = []
+    for stage, fn, args in (
+        ("ingest", plain_ingest, (folder, out, px)),
+        ("sample_finish", plain_finish, (syn_shards, n // CLASSES * CLASSES)),
+        ("mix", plain_mix, (out / "train.parquet", syn_shards)),
+        ("classify_epoch", plain_epoch, (out / "train.parquet", px)),
+        ("features", plain_features, (out / "train.parquet", extractor)),
+    ):
+        r, _ = measure(stage, n, fn, *args)
+        rows.append({**r, "side": "plain"})
+    del storage
+    return rows
+
+
+# ----------------------------------------------------------------------------- CPU scaling and fixed cost
+
+
+def ingest_only(n: int, px: int, num_cpus: int) -> dict:
+    """Ingest N images on a local Ray of ``num_cpus`` logical CPUs (in its own process); images/s."""
+    from synthaug.data import ingest
+    from synthaug.raylocal import init_ray
+
+    folder = image_folder(n, px, C.WORK / "scale")
+    work = C.WORK / "scale" / f"cpus-{num_cpus}"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = _cfg(work, folder, px, 1, [f"ray.num_cpus={num_cpus}"])
+    init_ray(cfg.ray)
+    ingest.run(_cfg(work / "warm", image_folder(2000, px, C.WORK / "scale"), px, 1), str(work / "warm-data"))
+    t0 = time.perf_counter()
+    ingest.run(cfg, str(work / "data"))
+    wall = time.perf_counter() - t0
+    return {"num_cpus": num_cpus, "n": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1)}
+
+
+def cpu_scaling(n: int, px: int) -> dict:
+    runs = []
+    for cpus in (1, 2):
+        proc = subprocess.run([sys.executable, __file__, "--ingest-only", str(n), "--px", str(px), "--num-cpus", str(cpus)],
+                              capture_output=True, text=True, timeout=3600)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("INGEST ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"ingest-only with {cpus} CPUs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(line[-1][len("INGEST "):]))
+        print(f"  ingest on {cpus} CPU(s): {runs[-1]['images_per_s']} img/s", flush=True)
+    return {"runs": runs, "ratio": round(runs[1]["images_per_s"] / runs[0]["images_per_s"], 3)}
+
+
+def stage_overhead(work: Path) -> dict:
+    """Wall time of stage commands on the tiny config when they join a running local Ray head."""
+    sys.path.insert(0, str(C.ROOT / "tests"))
+    import raycli as R
+
+    from synthaug.config import RayConfig
+
+    head = R.start_head(work / "head.log", num_cpus=RayConfig().num_cpus)
+    out = {}
+    try:
+        env = R.cli_env()
+        base = [str(Path(sys.executable).with_name("synthaug"))]
+        tiny = ["--config", "jobs/configs/tiny.yaml", f"ray.address={head.address}", f"work_dir={work / 'runs'}",
+                f"results_dir={work / 'results'}"]
+        for name, cmd in (("ingest", ["ingest", *tiny]),
+                          ("classify (1 epoch)", ["classify", *tiny, "classify.epochs=1", "--ratio", "0"])):
+            t0 = time.perf_counter()
+            proc = subprocess.run(base + cmd, cwd=C.ROOT, env=env, capture_output=True, text=True, timeout=900)
+            out[name] = round(time.perf_counter() - t0, 1)
+            if proc.returncode:
+                raise RuntimeError(f"synthaug {' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            print(f"  synthaug {name}: {out[name]} s (joining a running Ray)", flush=True)
+    finally:
+        R.stop(head)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ns", type=int, nargs="+", default=[10_000, 40_000, 160_000])
+    ap.add_argument("--px", type=int, default=32)
+    ap.add_argument("--plain-ns", type=int, default=2, help="plain baselines at this many smallest N")
+    ap.add_argument("--scaling-n", type=int, default=40_000)
+    ap.add_argument("--ingest-only", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--num-cpus", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["scaling", "overhead", "plain"])
+    args = ap.parse_args()
+    if args.ingest_only:
+        print("INGEST " + json.dumps(ingest_only(args.ingest_only, args.px, args.num_cpus)), flush=True)
+        return
+
+    from synthaug.raylocal import init_ray, quiet_ray_data
+
+    load_before = C.load()
+    init_ray()
+    quiet_ray_data()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows, plain, extractor = [], [], None
+    for i, n in enumerate(sorted(args.ns)):
+        folder = image_folder(n, args.px, C.WORK / "scale")
+        print(f"N = {n}", flush=True)
+        lib_rows, extractor = library_stages(n, folder, C.WORK / "scale" / f"n{n}", args.px, extractor)
+        rows += lib_rows
+        if i < args.plain_ns and "plain" not in args.skip:
+            plain += plain_stages(n, folder, C.WORK / "scale" / f"n{n}", args.px, extractor)
+    ray.shutdown()
+    ratios = []
+    for p in plain:
+        lib = next(r for r in rows if r["stage"] == p["stage"] and r["n"] == p["n"])
+        ratios.append({"stage": p["stage"], "n": p["n"], "library_s": lib["wall_s"], "plain_s": p["wall_s"],
+                       "plain_over_library": round(p["wall_s"] / lib["wall_s"], 3)})
+    summary = summarise(rows)
+    summary["ingest_cpu_scaling"] = cpu_scaling(args.scaling_n, args.px)["ratio"] if "scaling" not in args.skip else None
+    overhead = stage_overhead(C.WORK / "scale" / "overhead") if "overhead" not in args.skip else {}
+    summary["stage_overhead_s"] = max(overhead.values()) if overhead else None
+    targets = {"driver_rss_growth": "<= 1.2", "max_process_rss_growth": "<= 1.2", "time_slope": "<= 1.1",
+               "ingest_cpu_scaling": ">= 1.7", "stage_overhead_s": "<= 20"}
+    print(C.table(rows, ["stage", "n", "wall_s", "images_per_s", "driver_rss_mb", "max_other_rss_mb"], "library stages"))
+    if ratios:
+        print(C.table(ratios, ["stage", "n", "library_s", "plain_s", "plain_over_library"],
+                      "plain single-process loop vs the library (same work; >1: the library is faster)"))
+    print(C.table([{"figure": k, "value": summary[k], "target": t} for k, t in targets.items()], ["figure", "value", "target"]))
+    plot(rows, C.RESULTS / "scale.png")
+    C.write_result("scale", {
+        **{k: summary[k] for k in targets}, "targets": targets, "summary": summary, "stage_overhead": overhead,
+        "settings": {"ns": sorted(args.ns), "px": args.px, "classes": CLASSES, "scaling_n": args.scaling_n},
+        "rows": rows, "plain_rows": plain, "plain_vs_library": ratios, "load_before": load_before,
+        "load_after": C.load(), "plot": "results/bench/scale.png"})
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,8 @@ class EvaluateConfig:
     """Fidelity metrics, CAS and the memorisation audit."""
 
     extractor: str = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default) or 'inception-v3-compat' (needs a local weights file).")
+    inception_weights: str = _f("", "With extractor 'inception-v3-compat': the local torch-fidelity Inception weights file (verified by its sha256; never downloaded).")
+    inception_sha256: str = _f("", "Expected sha256 of inception_weights; '' = the official torch-fidelity checksum.")
     extractor_epochs: int = _f(30, "Epochs for the in-domain extractor classifier (trained on real train).")
     kid_subset_size: int = _f(100, "KID subset size; lowered with a warning when a set is smaller.")
     max_samples: int = _f(50000, "Cap per set for IS, KID and precision/recall: a class-balanced subset chosen by (seed, id, label), as in the paper's FID@50K; its features are the only per-image data held in one process. FID uses every image (merged sums).")

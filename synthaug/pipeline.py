@@ -149,9 +149,10 @@ def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extract
     p = RunPaths(cfg)
     e = cfg.evaluate
     cache = str(p.cache)
-    metrics = fidelity.compute_fidelity(real, synthetic, extractor, e, cache)
+    weights = {"inception_weights": e.inception_weights, "expected_sha256": e.inception_sha256}
+    metrics = fidelity.compute_fidelity(real, synthetic, extractor, e, cache, **weights)
     if e.per_class_fid:
-        metrics["per_class_fid"] = fidelity.compute_per_class_fid(real, synthetic, extractor, e, cache)
+        metrics["per_class_fid"] = fidelity.compute_per_class_fid(real, synthetic, extractor, e, cache, **weights)
     if train is not None:
         audit = memorization.near_copy_audit(
             train, real, synthetic, str(extractor), percentile=e.near_copy_percentile, top_k=e.near_copy_top_k,
@@ -190,7 +191,8 @@ def run_all(cfg: Config) -> dict:
         dump_config(cfg, out.results)
     timer = Timer()
     timer("ingest", stage_ingest, cfg)
-    timer("pretrain", stage_pretrain, cfg)
+    if is_complete(p.data("pool")):  # a low-data run pretrains on its unlabelled pool; a full-data run has none
+        timer("pretrain", stage_pretrain, cfg)
     timer("finetune", stage_finetune, cfg)
 
     # Sample once per guidance value; the sweep and the evaluation reuse these sets.
