@@ -115,12 +115,13 @@ def ray_sampling(cfg, gen_dir: Path, actors: int) -> dict:
 
     out = C.WORK / f"sample-throughput-{actors}a-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.time()
-    path, manifest = sample.run(cfg, gen_dir, out)
+    path, manifest = sample.run(cfg, gen_dir, str(out))
     wall = time.time() - t0
-    shards = sorted((path / "data").glob("*.parquet"))
+    path = Path(path)
+    shards = [path / s["path"] for s in manifest["shards"]]  # the shards the manifest lists
     done = [(f.stat().st_mtime - t0, pq.ParquetFile(f).metadata.num_rows) for f in shards]
     one_per_batch = all(n <= cfg.sample.batch_size for _, n in done)
-    table = pq.read_table(path / "data")
+    table = pq.read_table(shards)
     shutil.rmtree(path, ignore_errors=True)
     return {"actors": actors, "seconds": wall, "images_per_s": manifest["num_rows"] / wall,
             "manifest_images_per_s": manifest["images_per_s_this_run"],

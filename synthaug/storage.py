@@ -283,15 +283,21 @@ def localize(location: str | os.PathLike, key: str | None = None) -> Path:
         return lp
     import hashlib
 
-    name = key or hashlib.sha256(str(location).encode()).hexdigest()[:16]
-    dst = cache_root() / name
-    done = dst / ".complete"
-    if key and done.is_file():
+    if not key:  # no content key: a private fresh copy (a shared one could be stale)
+        return download_dir(location, cache_root() / f"{hashlib.sha256(str(location).encode()).hexdigest()[:16]}-"
+                                                      f"{uuid.uuid4().hex[:8]}")
+    dst = cache_root() / key
+    if (dst / ".complete").is_file():
         return dst
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
     download_dir(location, tmp)
     (tmp / ".complete").write_text(str(location))
-    if dst.exists():
-        shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)  # atomic; fails if another process got there first
+    except OSError:
+        if not (dst / ".complete").is_file():  # a half copy left by a killed process: replace it
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+        else:  # another process (an actor on this node) finished the same copy: use it, never delete it
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
