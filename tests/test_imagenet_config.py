@@ -26,7 +26,7 @@ SMOKE = ROOT / "jobs" / "configs" / "imagenet-smoke.yaml"
 SMOKE_MAY_DIFFER = {
     "name", "work_dir", "ingest.path", "ingest.image_size", "finetune.base", "finetune.steps", "finetune.batch_size",
     "finetune.warmup_steps", "finetune.checkpoint_every", "finetune.num_workers", "finetune.use_gpu",
-    "finetune.mixed_precision", "finetune.gradient_checkpointing",
+    "finetune.mixed_precision", "finetune.gradient_checkpointing", "finetune.cache",
     "sample.per_class", "sample.steps", "sample.batch_size", "sample.max_actors", "sample.num_gpus_per_actor",
     "evaluate.extractor", "evaluate.extractor_epochs", "evaluate.kid_subset_size", "evaluate.batch_size",
     "classify.epochs", "classify.batch_size", "classify.warmup_epochs", "classify.checkpoint_every",
