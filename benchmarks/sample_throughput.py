@@ -249,7 +249,7 @@ def trained_extractor(dirs: dict) -> tuple[Path, str]:
     cfg = load_config(None)
     m = read_manifest(dirs["train_full"])
     ccfg = replace(cfg.classify, epochs=cfg.evaluate.extractor_epochs, num_workers=1)
-    fit(ccfg, read_table(dirs["train_full"]), dirs["val"], seed=0, out_dir=out, name="extractor",
+    fit(ccfg, str(dirs["train_full"]), str(dirs["val"]), seed=0, out_dir=out, name="extractor",
         class_names=m["class_names"], in_chans=m["channels"], save_model=True)
     return out / "model", "trained here (this run)"
 
