@@ -123,8 +123,25 @@ def _due(epoch: int, every: int, epochs: int) -> bool:
     return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == epochs
 
 
+def _sync_buffers(models: dict) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers from rank 0 at the start of each forward, and each rank then
+    updates its own copy with its batch, so after the last step the ranks' statistics
+    differ. Sharded validation must score the one model rank 0 checkpoints.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in models.values():
+        for b in m.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 def _evaluate(models: dict, val, num_classes: int, device) -> dict:
     """Sharded validation: local counts for every model in one streamed pass, summed over workers."""
+    _sync_buffers(models)
     counts = eval_counts(models, val_batches(val), num_classes, device)
     names = sorted(counts)
     total = all_reduce_sum(np.concatenate([counts[n] for n in names])).reshape(len(names), -1)
