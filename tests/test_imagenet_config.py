@@ -104,9 +104,15 @@ def test_imagenet_smoke_runs(ray_session, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(SMOKE), f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
               f"ingest.path={tmp_path / 'slice'}", f"finetune.base={tmp_path / 'base'}"]
+    # Sampling writes one shard per (class, index range) chunk, so 1000 classes x 1 image are
+    # 1000 actor calls (~0.3-0.6 s each here): the smoke run samples 10 of the classes.
+    import json
+
+    ten = {name: 1 for name in _script().imagenet_class_names()[:10]}
+    extra = {"sample": [f"sample.class_counts={json.dumps(ten)}"]}
     for stage in ("ingest", "finetune", "sample"):
         t0 = time.time()
-        assert main([stage, *common]) == 0, stage
+        assert main([stage, *common, *extra.get(stage, [])]) == 0, stage
         timings[stage] = time.time() - t0
     run = tmp_path / "runs" / "imagenet-smoke"
     from synthaug.artifacts import read_manifest
@@ -115,6 +121,6 @@ def test_imagenet_smoke_runs(ray_session, tmp_path, monkeypatch, capsys):
     assert read_manifest(run / "data" / "val")["num_rows"] == 1000
     assert (run / "generators" / "finetune" / "manifest.json").is_file()
     samples = [d for d in (tmp_path / "runs" / "samples").iterdir() if (d / "manifest.json").is_file()]
-    assert len(samples) == 1 and read_manifest(samples[0])["num_rows"] == 1000
+    assert len(samples) == 1 and read_manifest(samples[0])["num_rows"] == 10
     with capsys.disabled():
         print("\nimagenet-smoke timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
