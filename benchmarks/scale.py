@@ -17,7 +17,8 @@ RGB JPEGs (``--px`` px, 10 classes; not timed) and runs, on one local Ray:
 
 For each stage it records wall time, images/s, the peak RSS of the driver and the peak
 RSS of the largest other process of the Ray cluster (every descendant of the driver,
-sampled every 0.2 s with psutil). At the two smallest N it also times a plain
+sampled every 0.2 s with psutil); an unrecorded warm-up pass at ``--warmup-n`` comes
+first. At the two smallest N it also times, in a separate process, a plain
 single-process loop doing the same work (what a user would write instead: PIL + pyarrow
 in a for loop, pandas for the mix, a DataLoader epoch, a feature loop) and prints the
 ratio. It then measures:
@@ -464,6 +465,17 @@ def ingest_only(n: int, px: int, num_cpus: int) -> dict:
     return {"num_cpus": num_cpus, "n": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1)}
 
 
+def plain_subprocess(n: int, px: int, extractor: str) -> list[dict]:
+    """The plain baselines for one N in a fresh process (so their tables never count in the driver's RSS)."""
+    proc = subprocess.run([sys.executable, __file__, "--plain-only", str(n), "--px", str(px), "--extractor", extractor],
+                          capture_output=True, text=True, timeout=3600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAIN ")]
+    print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("  ")), flush=True)
+    if proc.returncode or not line:
+        raise RuntimeError(f"plain baselines at N={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("PLAIN "):])
+
+
 def cpu_scaling(n: int, px: int) -> dict:
     runs = []
     for cpus in (1, 2):
@@ -484,6 +496,7 @@ def stage_overhead(work: Path) -> dict:
 
     from synthaug.config import RayConfig
 
+    work.mkdir(parents=True, exist_ok=True)
     head = R.start_head(work / "head.log", num_cpus=RayConfig().num_cpus)
     out = {}
     try:
@@ -515,10 +528,19 @@ def main() -> None:
     ap.add_argument("--scaling-n", type=int, default=40_000)
     ap.add_argument("--ingest-only", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--num-cpus", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--plain-only", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--extractor", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup-n", type=int, default=1000, help="an unrecorded first pass (imports, first Ray workers)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["scaling", "overhead", "plain"])
     args = ap.parse_args()
     if args.ingest_only:
         print("INGEST " + json.dumps(ingest_only(args.ingest_only, args.px, args.num_cpus)), flush=True)
+        return
+    if args.plain_only:
+        n = args.plain_only
+        rows = plain_stages(n, image_folder(n, args.px, C.WORK / "scale"), C.WORK / "scale" / f"n{n}", args.px,
+                            args.extractor)
+        print("PLAIN " + json.dumps(rows), flush=True)
         return
 
     from synthaug.raylocal import init_ray, quiet_ray_data
@@ -530,13 +552,17 @@ def main() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows, plain, extractor = [], [], None
+    if args.warmup_n:
+        print(f"warm-up, N = {args.warmup_n} (not recorded)", flush=True)
+        _, extractor = library_stages(args.warmup_n, image_folder(args.warmup_n, args.px, C.WORK / "scale"),
+                                      C.WORK / "scale" / "warmup", args.px, None)
     for i, n in enumerate(sorted(args.ns)):
         folder = image_folder(n, args.px, C.WORK / "scale")
         print(f"N = {n}", flush=True)
         lib_rows, extractor = library_stages(n, folder, C.WORK / "scale" / f"n{n}", args.px, extractor)
         rows += lib_rows
         if i < args.plain_ns and "plain" not in args.skip:
-            plain += plain_stages(n, folder, C.WORK / "scale" / f"n{n}", args.px, extractor)
+            plain += plain_subprocess(n, args.px, extractor)
     ray.shutdown()
     ratios = []
     for p in plain:

@@ -123,10 +123,10 @@ def stage_extractor(cfg: Config) -> str:
 
     p = RunPaths(cfg)
     train_dir = p.train_full()
-    if storage.is_file(storage.join(p.extractor, "classifier.json")):
-        return p.extractor
     m = read_manifest(train_dir)
     ccfg = replace(cfg.classify, epochs=cfg.evaluate.extractor_epochs, num_workers=1)
+    # Keyed like every classifier run: an export whose classifier.json holds this key is
+    # reused; another config or another train/val set trains (and publishes) a new one.
     fit(ccfg, str(train_dir), str(p.data("val")), seed=0, out_dir=storage.parent(p.extractor), name="extractor",
         class_names=m["class_names"], in_chans=m["channels"], ray_cfg=cfg.ray, save_model=True)
     return p.extractor

@@ -14,8 +14,10 @@ table, marked ``shared_real_only=True``; the paired gains below compare against 
 Outputs in ``out_dir``: ``sweep.csv`` / ``sweep.parquet`` (one row per guidance x ratio x
 seed), ``heatmap.png`` (mean top-1 over guidance x ratio), ``accuracy_vs_ratio.png``
 (mean +- std over seeds, one line per guidance), ``summary.md`` / ``summary.json``. The
-Tune experiment lives in ``out_dir/<name>``; running again with the same name restores it
-and runs only the trials that are missing or errored.
+Tune experiment lives in ``<storage>/<name>-<key[:12]>``, keyed by :func:`experiment`
+(the grid, the classifier config and the inputs' content hashes): running the same sweep
+again restores it and runs only the trials that are missing or errored; a changed grid,
+config or input is a new experiment.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthaug import storage
-from synthaug.artifacts import atomic_write_json, atomic_write_text, hash_obj, read_manifest
+from synthaug import identity, storage
+from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from synthaug.classify.mixing import per_class_counts
-from synthaug.config import Config, dump_config, to_dict
+from synthaug.config import Config, dump_config
 
 TABLE_COLUMNS = ("guidance", "ratio", "seed", "top1", "top5", "epochs", "seconds", "trial_id", "shared_real_only")
 
@@ -135,15 +137,10 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
     exp_dir = storage.join(store, name)
     exp_path = storage.resolve(exp_dir)[1] if storage.is_uri(exp_dir) else exp_dir
     fs_kw = {"storage_filesystem": ray_store["storage_filesystem"]} if "storage_filesystem" in ray_store else {}
-    stamp = storage.join(store, f"{name}.fingerprint.json")
     if storage.exists(exp_dir) and tune.Tuner.can_restore(exp_path, **fs_kw):
-        if storage.is_file(stamp) and storage.read_json(stamp) != fingerprint:
-            raise ValueError(
-                f"sweep {exp_dir} was started with a different grid, classifier config or inputs; "
-                "set another name (sweep.name=...) or delete the directory to start a new sweep"
-            )
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, **fs_kw)
-    atomic_write_json(stamp, fingerprint)
+    atomic_write_json(storage.join(store, f"{name}.{identity.RECORD}"),
+                      {"stage": "sweep", "key": fingerprint["hash"], "inputs": fingerprint})
     seeds = [int(s) for s in cfg.classify.seeds]
     if asha:
         from ray.tune.schedulers import ASHAScheduler
@@ -164,6 +161,24 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name: str = "sweep",
+               asha: bool = False) -> tuple[str, dict]:
+    """The sweep's keyed experiment name ``<name>-<key[:12]>`` and what the key covers.
+
+    The key (``synthaug.identity``) covers the grid, the seeds, every result-changing
+    ``classify`` field and the content hashes of the real train, val and synthetic sets:
+    the same sweep resumes its experiment, a changed one starts its own.
+    """
+    fingerprint = {
+        "grid": _grid(cfg), "seeds": [int(s) for s in cfg.classify.seeds],
+        "classify": identity.config_fields("classify", cfg.classify),
+        "real": identity.dataset_hash(str(real_train_dir)), "val": identity.dataset_hash(str(val_dir)),
+        "synthetic": {str(g): identity.dataset_hash(str(p)) for g, p in synthetic_dirs.items()}, "asha": asha,
+    }
+    key = identity.artifact_key("sweep", fingerprint["classify"], {k: v for k, v in fingerprint.items() if k != "classify"})
+    return identity.run_name(name, key), {"hash": key, **fingerprint}
 
 
 def run_sweep(
@@ -196,12 +211,7 @@ def run_sweep(
     store = storage.absolute(str(storage_dir)) if storage_dir else str(out_dir)
     dump_config(cfg, out_dir, "sweep_config.yaml")
     real = read_manifest(real_train_dir)
-    fingerprint = {
-        "grid": _grid(cfg), "seeds": [int(s) for s in cfg.classify.seeds], "classify": to_dict(cfg.classify),
-        "real": real["content_hash"], "val": read_manifest(val_dir)["content_hash"],
-        "synthetic": {str(g): read_manifest(p)["content_hash"] for g, p in dirs.items()}, "asha": asha,
-    }
-    fingerprint = {"hash": hash_obj(fingerprint), **fingerprint}
+    name, fingerprint = experiment(cfg, real_train_dir, val_dir, dirs, name, asha)
 
     init_ray(cfg.ray)
     use_gpu = cfg.classify.use_gpu and cfg.classify.num_workers == 1

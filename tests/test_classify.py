@@ -317,10 +317,13 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     kw = dict(seed=0, out_dir=tmp_path, name="X", class_names=names, in_chans=1)
     first = fit(cfg, train, digits_dirs["val"], **kw)
     assert (first["start_epoch"], first["epochs"]) == (0, 2)
+    # The same config and inputs: the finished run is reused (same key), not trained again.
+    assert fit(cfg, train, digits_dirs["val"], **kw) == first
+    assert len(list(tmp_path.glob("X-*/checkpoint_*"))) == 1
 
-    # Same name and storage with more epochs: only epochs 3-4 run.
+    # More epochs change the schedule, so they are another run (another key), from epoch 0.
     second = fit(ClassifyConfig(epochs=4, batch_size=16, num_workers=2), train, digits_dirs["val"], save_model=True, **kw)
-    assert (second["start_epoch"], second["epochs"]) == (2, 4)
+    assert (second["start_epoch"], second["epochs"]) == (0, 4) and second["key"] != first["key"]
     assert second["top1"] > 30.0, second  # chance is 10%
     assert second["n_train"] == 100 and len(second["per_class_top1"]) == 10
 
@@ -331,7 +334,7 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     x = to_float(decode_batch(val.column("image").to_pylist()))
     got = evaluate(model, array_batches(x, val.column("label").to_pylist()), num_classes=10)
     assert got["top1"] == pytest.approx(second["top1"], abs=1e-4)  # the two workers' val shards, reduced
-    states = sorted((tmp_path / "X").glob("checkpoint_*/state.pt"))
+    states = sorted((tmp_path / f"X-{second['key'][:12]}").glob("checkpoint_*/state.pt"))
     assert int(torch.load(states[-1], weights_only=True)["epoch"]) == 4
 
 

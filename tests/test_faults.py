@@ -220,9 +220,9 @@ def test_classifier_survives_killed_train_worker(ray_session, digits_dirs, tmp_p
                               max_failures=1)
     train = str(digits_dirs["train"])  # a location: the workers stream its shards
     names = read_manifest(digits_dirs["train"])["class_names"]
-    run_dir = tmp_path / "runs" / "faulty"
+    runs = tmp_path / "runs"  # the run is runs/faulty-<key>
 
-    progress = lambda: _committed(run_dir, "epochs")  # noqa: E731
+    progress = lambda: max([_committed(d, "epochs") for d in runs.glob("faulty-*")], default=0)  # noqa: E731
     killer = Killer(TRAIN_WORKER, ready=lambda: progress() > 0, progress=progress)
     killer.start()
     try:

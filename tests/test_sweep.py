@@ -68,9 +68,17 @@ def test_sweep_tiny_grid_and_resume(ray_session, digits_dirs, synthetic_dirs, tm
     again = run_sweep(cfg, digits_dirs["train"], digits_dirs["val"], synthetic_dirs, tmp_path)
     pd.testing.assert_frame_equal(again, df)
 
-    # A changed grid under the same name is refused rather than silently mixed in.
-    with pytest.raises(ValueError, match="different grid"):
-        run_sweep(load_config(None, GRID + ["classify.epochs=3"]), digits_dirs["train"], digits_dirs["val"], synthetic_dirs, tmp_path)
+    # The experiment is keyed by content: a changed classifier setting or input is another
+    # experiment (never the old results), the same ones are this one.
+    from synthaug.sweep import experiment
+
+    args = (digits_dirs["train"], digits_dirs["val"], synthetic_dirs)
+    name, _ = experiment(cfg, *args)
+    assert (tmp_path / name).is_dir() and name.startswith("sweep-")
+    assert experiment(load_config(None, GRID), *args)[0] == name
+    assert experiment(load_config(None, GRID + ["classify.lr=0.0001"]), *args)[0] != name
+    assert experiment(cfg, digits_dirs["train"], digits_dirs["val"], {1.0: synthetic_dirs[3.0], 3.0: synthetic_dirs[1.0]})[0] != name
+    assert experiment(load_config(None, GRID + ["classify.max_failures=3"]), *args)[0] == name  # retries change nothing
 
 
 def test_summary_paired_gain():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synthaug import storage
+from synthaug import identity, storage
 from synthaug.classify.core import (  # noqa: F401  (the public core, re-exported for callers)
     array_batches, build_loss, build_optimizer, build_scheduler, classifier_meta, evaluate, train_epoch,
 )
@@ -31,7 +31,7 @@ from synthaug.classify.data import decode_to_uint8, iterate, training_dataset, v
 from synthaug.classify.mixing import Mixture, real_only
 from synthaug.classify.models import build_classifier, check_classifier_config, save_classifier
 from synthaug.classify.session import train_loop_per_worker
-from synthaug.config import ClassifyConfig, RayConfig, replace
+from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
@@ -66,6 +66,31 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
     }
 
 
+def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int) -> tuple[str, dict]:
+    """The content key of one classifier run, and the inputs it covers (see ``synthaug.identity``).
+
+    Inputs: the mixture by content (the real and synthetic sets' hashes, the per-class
+    thresholds and counts), the val set's hash and the pretrained weights' hash; config:
+    every ``classify`` field that changes the result (not retries, checkpoint cadence or
+    caching), the seed, the class names and channels.
+    """
+    from synthaug import identity
+    from synthaug.artifacts import sha256_file
+
+    inputs = {
+        "real": identity.dataset_hash(spec.real) if spec.real else None,
+        "synthetic": identity.dataset_hash(spec.synthetic) if spec.synthetic else None,
+        "mixture": {"thresholds": {str(k): v for k, v in sorted(spec.thresholds.items())},
+                    "counts": {str(k): v for k, v in sorted(spec.counts.items())}, "ratio": spec.ratio,
+                    "synthetic_only": spec.synthetic_only, "seed": spec.seed},
+        "val": identity.dataset_hash(str(val_dir)),
+        "pretrained": sha256_file(cfg.pretrained_path) if cfg.pretrained_path else None,
+    }
+    key = identity.artifact_key("classify", identity.config_fields("classify", cfg), inputs, seed=int(seed),
+                                class_names=list(class_names), in_chans=int(in_chans))
+    return key, inputs
+
+
 def _result(metrics: dict | None) -> dict:
     if not metrics:
         raise RuntimeError("training reported no metrics")
@@ -97,11 +122,14 @@ def fit(
 ) -> dict:
     """Train with Ray Train (``cfg.num_workers`` DDP workers); returns the final epoch's flat metrics.
 
-    ``train``: a ``Mixture`` or a dataset location. The run lives in ``out_dir/name`` (any
-    location: Ray storage through ``storage.ray_storage``); calling again with the same
-    name and storage resumes from its latest checkpoint (more ``epochs`` continue
-    training). With ``save_model`` the final model is published at ``out_dir/model`` for
-    ``load_classifier``. ``callbacks`` go to ``RunConfig`` (a Tune trial passes
+    ``train``: a ``Mixture`` or a dataset location. The run lives in
+    ``out_dir/<name>-<key[:12]>`` (any location: Ray storage through
+    ``storage.ray_storage``), keyed by :func:`run_key`: calling again with the same config
+    and inputs resumes from its latest checkpoint (a finished run returns its final
+    metrics at once); a changed hyperparameter or input is another run. The run's
+    ``artifact.json`` records its key, inputs and config. With ``save_model`` the final
+    model is published at ``out_dir/model`` for ``load_classifier`` (its
+    ``classifier.json`` carries the key). ``callbacks`` go to ``RunConfig`` (a Tune trial passes
     ``TuneReportCallback`` to forward each epoch).
     """
     import ray.train
@@ -111,8 +139,16 @@ def fit(
 
     spec = as_mixture(train)
     config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, "train")
-    init_ray(ray_cfg)
+    key, inputs = run_key(cfg, spec, val_dir, seed, class_names, in_chans)
+    name = identity.run_name(name, key)
     out_dir = storage.absolute(str(out_dir))
+    run_loc, model_loc = storage.join(out_dir, name), storage.join(out_dir, "model")
+    done = identity.read_record(run_loc)
+    if (not callbacks and done and done.get("key") == key and "metrics" in done
+            and (not save_model or identity.matches(model_loc, key, "classifier.json"))):
+        print(f"[classify] {name}: reusing the finished run (same key)", flush=True)
+        return {**done["metrics"], "key": key}
+    init_ray(ray_cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -134,12 +170,13 @@ def fit(
     if save_model:
         from safetensors.torch import load_file
 
-        meta = classifier_meta(cfg, class_names, in_chans, config["image_size"])
+        meta = {**classifier_meta(cfg, class_names, in_chans, config["image_size"]), "key": key, "inputs": inputs}
         model = build_classifier(replace(cfg, pretrained_path=""), len(class_names), in_chans, seed)
         with result.checkpoint.as_directory() as d:  # the weights that top1 was measured on
             model.load_state_dict(load_file(str(Path(d) / ("ema.safetensors" if cfg.model_ema else "model.safetensors"))))
-        save_classifier(model, storage.join(out_dir, "model"), meta)
-    return metrics
+        save_classifier(model, model_loc, meta)
+    identity.write_record(run_loc, "classify", key, inputs, to_dict(cfg), seed=int(seed), metrics=metrics)
+    return {**metrics, "key": key}
 
 
 def fit_local(

@@ -20,6 +20,7 @@ source directory for a directory source) and ``N`` the row within that file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 from dataclasses import dataclass
@@ -44,6 +45,16 @@ class Listing:
     chunks: list[pa.Table]  # one-row chunk descriptors (see module docstring)
     class_names: list[str] | None  # None: Parquet without ingest.class_names (max label + 1 classes)
     num_items: int  # images (digits, folders) or rows (Parquet)
+    fingerprint: str = ""  # what the source is: every file's name, size and mtime (digits: the dataset's own)
+
+
+def _fingerprint(infos) -> str:
+    """sha256 over (path, size, mtime) of listed files: a changed, added or removed file changes it."""
+    h = hashlib.sha256()
+    for i in infos:
+        mtime = i.mtime_ns if i.mtime_ns is not None else 0
+        h.update(f"{i.path}\0{i.size}\0{mtime}\n".encode())
+    return h.hexdigest()
 
 
 def pack_chunks(items: pa.Table, chunk_of: np.ndarray) -> list[pa.Table]:
@@ -125,7 +136,8 @@ def _list_digits(cfg: IngestConfig) -> Listing:
         "pixels": pa.array([im.tobytes() for im in imgs], pa.binary()),
     })
     chunks = pack_chunks(items, np.arange(len(imgs)) // cfg.chunk_size)
-    return Listing(chunks, [str(c) for c in d.target_names], len(imgs))
+    fingerprint = hashlib.sha256(imgs.tobytes() + d.target.astype(np.int64).tobytes()).hexdigest()
+    return Listing(chunks, [str(c) for c in d.target_names], len(imgs), fingerprint)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -139,16 +151,18 @@ def _list_imagefolder(cfg: IngestConfig) -> Listing:
     classes = storage.list_dirs(root)
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected root/<class>/<image>)")
-    parts = []
+    parts, fp = [], hashlib.sha256()
     for k, c in enumerate(classes):
-        names = sorted(n for n in (posixpath.basename(i.path) for i in storage.list_files(storage.join(root, c), recursive=False))
-                       if n.lower().endswith(IMAGE_SUFFIXES))
+        infos = [i for i in storage.list_files(storage.join(root, c), recursive=False)
+                 if posixpath.basename(i.path).lower().endswith(IMAGE_SUFFIXES)]
+        fp.update(f"{c}\0{_fingerprint(infos)}\n".encode())
+        names = sorted(posixpath.basename(i.path) for i in infos)
         if not names:
             raise DatasetError(f"{storage.join(root, c)}: empty class folder '{c}' (no .png/.jpg/.jpeg/.webp files)")
         parts.append(pa.table({"id": [f"{c}/{n}" for n in names], "label": pa.array(np.full(len(names), k), pa.int64())}))
     items = pa.concat_tables(parts)
     chunks = pack_chunks(items, np.arange(len(items)) // cfg.chunk_size)
-    return Listing(chunks, classes, len(items))
+    return Listing(chunks, classes, len(items), fp.hexdigest())
 
 
 # ----------------------------------------------------------------------------- Parquet
@@ -216,7 +230,11 @@ def _list_parquet(cfg: IngestConfig) -> Listing:
             c, acc = c + 1, 0
         chunk_of[j], acc = c, acc + n
     names = [str(c) for c in cfg.class_names] or None
-    return Listing(pack_chunks(items, chunk_of), names, int(sum(nrows)))
+    infos = []
+    for loc in dict.fromkeys(locs):
+        fs, p = storage.resolve(loc)
+        infos.append(fs.get_file_info(p))
+    return Listing(pack_chunks(items, chunk_of), names, int(sum(nrows)), _fingerprint(infos))
 
 
 def _row_groups(desc: dict, columns: list[str]) -> Iterator[tuple[str, str, int, pa.Table]]:

@@ -14,8 +14,13 @@ rows, a seeded local shuffle buffer -- read and decoded in Ray Data tasks anywhe
 the cluster; nothing is materialised unless ``cache`` asks for the decoded set in the
 object store. Steps count optimiser steps over epochs of that stream. Checkpoints
 (rank 0, every N steps) hold model, EMA, optimiser, LR schedule, step and RNG state in
-Ray Train storage at any location; a re-run of the same command resumes from the
-latest one (Train V2 finds it in the run's storage), and a restarted worker group
+Ray Train storage at any location. Runs are keyed by content (:func:`run_key`: the
+result-changing config fields, the data's content hash and the base's hash): the run is
+``<storage>/<stage>-<key[:12]>`` and the export's manifest holds the key, so a re-run of
+the same command reuses a finished export or resumes from the latest checkpoint (Train V2
+finds it in the run's storage), and a changed hyperparameter or input trains anew. The
+noise of each optimiser step is seeded from (seed, rank, step), so a resumed run ends
+with the same weights as an undisturbed one, and a restarted worker group
 re-reads the current epoch and skips the micro-batches already consumed, so the final
 step count is exact.
 """
@@ -32,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthaug import storage
-from synthaug.artifacts import DatasetError, hash_tree, read_manifest
+from synthaug import identity, storage
+from synthaug.artifacts import DatasetError, hash_tree, is_complete, read_manifest
 from synthaug.config import Config, TrainGenConfig, to_dict
 from synthaug.data.images import to_float
 from synthaug.generative import models, train_data
@@ -214,6 +219,12 @@ class TrainCore:
     def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """One micro-batch: pixels (B, C, H, W) in [-1, 1], labels (B,). True when it completed an optimiser step."""
         t, null = self.t, self.gen.null_class
+        if self._micro % t.grad_accum == 0:
+            # Noise, timesteps, label dropout and flips of each optimiser step are a pure function of
+            # (seed, rank, step), so a run resumed from a checkpoint repeats an undisturbed one exactly.
+            s = (t.seed * 1_000_003 + self.rank) * 1_000_003 + self.step
+            torch.manual_seed(s)
+            self.rng.manual_seed(s + 1)
         if self.unconditional:
             y = torch.full_like(y, null)
         elif t.label_dropout > 0:  # label dropout to the null class, for CFG
@@ -347,6 +358,25 @@ def _check_base(stage: str, t: TrainGenConfig, base: str, data_dir, class_names,
             f"{t.prediction_type!r}; set it to {base_prediction!r}")
 
 
+def base_hash(base: str) -> str:
+    """A base's content hash: an export's ``weights_hash`` (from its manifest), else the tree's hash."""
+    if not base:
+        return ""
+    if is_complete(base):
+        m = read_manifest(base)
+        if m.get("weights_hash"):
+            return str(m["weights_hash"])
+    return hash_tree(base)
+
+
+def run_key(t: TrainGenConfig, stage: str, data_manifest: dict, base: str, unconditional: bool) -> tuple[str, dict]:
+    """The content key of a generator training run and the inputs it covers (``synthaug.identity``)."""
+    inputs = {"data": data_manifest["content_hash"], "base": base_hash(base)}
+    key = identity.artifact_key(stage, identity.config_fields("train_gen", t), inputs, unconditional=bool(unconditional),
+                                class_names=list(data_manifest["class_names"]))
+    return key, inputs
+
+
 def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
         base_dir: str | Path | None = None, unconditional: bool = False) -> dict:
     """Train a generator on a contract dataset and export it (EMA weights) to ``out_dir``.
@@ -381,10 +411,18 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         raise DatasetError(f"{data_dir}: {sum(shard_rows)} rows, fewer than one micro-batch of {micro} for each of "
                            f"{t.num_workers} workers (config keys '{stage}.batch_size', '{stage}.num_workers')")
 
-    # Resume from where the newest checkpoint left off.
+    # The content key: the same config and inputs reuse the export, or resume their own run.
+    key, inputs = run_key(t, stage, data_manifest, base, unconditional)
+    out_dir = storage.absolute(str(out_dir))
+    if is_complete(out_dir) and read_manifest(out_dir).get("key") == key:
+        print(f"[{stage}] {out_dir}: reusing the export (same key {key[:12]})", flush=True)
+        return read_manifest(out_dir)
+
+    # Resume from where the newest checkpoint of this key's run left off.
     init_ray(cfg.ray)
     storage_dir = storage.absolute(storage_dir)
-    run_dir = storage.join(storage_dir, stage)
+    name = identity.run_name(stage, key)
+    run_dir = storage.join(storage_dir, name)
     offset_steps = latest_step(run_dir)
     cached = train_data.cache(shards) if t.cache else None
 
@@ -399,7 +437,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name=stage, **storage.ray_storage(storage_dir),
+            name=name, **storage.ray_storage(storage_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -424,9 +462,10 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
                 p.copy_(shadow[str(i)])
     if step != t.steps:
         raise RuntimeError(f"{stage}: finished at step {step}, expected {t.steps}")
+    identity.write_record(run_dir, stage, key, inputs, to_dict(t))
     return models.save_generator(gen, out_dir, {
-        "stage": stage, "steps": step, "unconditional": unconditional,
-        "base": base, "base_hash": hash_tree(base) if base else "",
+        "stage": stage, "key": key, "inputs": inputs, "run": run_dir, "steps": step, "unconditional": unconditional,
+        "base": base, "base_hash": inputs["base"],
         "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
         "config": to_dict(cfg), "train_seconds": round(seconds, 1),
         "resumed_from": offset_steps,

@@ -1,0 +1,90 @@
+"""Content-addressed identity: one function keys every trained or computed artifact.
+
+A key hashes two things: the config fields that change the result (a section's fields
+minus the ones listed in :data:`NOT_RESULT`, which only change how or where the work
+runs) and the content hashes of the inputs (datasets' ``content_hash``, generators'
+``weights_hash``, bases' tree hashes, a mixture's plan). The same key reuses or resumes
+an artifact; a different key starts a new one. Stages name their Ray Train / Tune runs
+``<label>-<key[:12]>`` and write :data:`RECORD` beside each artifact with its key, its
+inputs and its resolved config, so a run directory says which artifact came from what.
+
+    key = artifact_key("classify", config_fields("classify", cfg.classify), {"val": h1, "train": h2}, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from synthaug import storage
+
+RECORD = "artifact.json"  # the record beside a Ray Train run, a classifier export or a sweep
+KEY_VERSION = 1  # bump when what a key covers changes: old artifacts then stop matching
+
+# Config fields that do not change an artifact's content (only retries, reporting, caching or placement).
+NOT_RESULT: dict[str, frozenset] = {
+    "ingest": frozenset({"chunk_size"}),
+    "train_gen": frozenset({"max_failures", "checkpoint_every", "val_grid_every", "cache", "use_gpu",
+                            "gradient_checkpointing"}),
+    "classify": frozenset({"max_failures", "checkpoint_every", "cache", "seeds", "use_gpu"}),
+    "evaluate": frozenset({"batch_size", "min_actors", "max_actors", "num_gpus_per_actor", "near_copy_chunk"}),
+}
+
+
+def config_fields(kind: str, section: Any) -> dict:
+    """The fields of a config section that change the result, as a JSON-able dict."""
+    from synthaug.config import to_dict
+
+    d = to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
+    return {k: v for k, v in sorted(d.items()) if k not in NOT_RESULT.get(kind, frozenset())}
+
+
+def artifact_key(stage: str, fields: dict, inputs: dict[str, Any], **extra: Any) -> str:
+    """The sha256 (hex) of a stage's result-changing config ``fields``, its ``inputs``' content hashes and ``extra``."""
+    blob = json.dumps({"v": KEY_VERSION, "stage": stage, "config": fields, "inputs": inputs, "extra": extra},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_name(label: str, key: str) -> str:
+    """The name of a keyed Ray Train / Tune run: ``<label>-<first 12 hex of the key>``."""
+    return f"{label}-{key[:12]}"
+
+
+def dataset_hash(location: str) -> str:
+    """A contract dataset's content hash (from its manifest; an incomplete location raises)."""
+    from synthaug.artifacts import read_manifest
+
+    return str(read_manifest(location)["content_hash"])
+
+
+def write_record(location: str, stage: str, key: str, inputs: dict, config: dict, **more: Any) -> str:
+    """Write :data:`RECORD` (key, inputs, resolved config) into ``location``; returns its path."""
+    from synthaug.artifacts import atomic_write_json
+
+    return atomic_write_json(storage.join(location, RECORD),
+                             {"stage": stage, "key": key, "inputs": inputs, "config": config, **more})
+
+
+def read_record(location: str) -> dict | None:
+    """The record in ``location``, or None when there is none (or it is unreadable)."""
+    path = storage.join(location, RECORD)
+    if not storage.is_file(path):
+        return None
+    try:
+        return storage.read_json(path)
+    except (ValueError, OSError):
+        return None
+
+
+def matches(location: str, key: str, filename: str = RECORD) -> bool:
+    """True when ``location`` holds a record (or a manifest-like JSON ``filename``) whose ``key`` is ``key``."""
+    path = storage.join(location, filename)
+    if not storage.is_file(path):
+        return False
+    try:
+        return storage.read_json(path).get("key") == key
+    except (ValueError, OSError):
+        return False
