@@ -168,7 +168,7 @@ class ClassifyConfig:
     seeds: tuple = _f((0, 1, 2), "Seeds for the repeated classifier runs (mean +- std).")
     checkpoint_every: int = _f(10, "Checkpoint every N epochs (and at the last); metrics are reported every epoch.")
     eval_every: int = _f(1, "Evaluate on the real val split (sharded over the workers) every N epochs and at the last; reports in between repeat the latest numbers (eval_epoch says which). Each evaluation is one Ray Data pass over val.")
-    cache: bool = _f(False, "Materialise the decoded train mixture (and each worker's val share) in Ray's object store once (only for sets that fit); off: every epoch streams and decodes the Parquet shards again.")
+    cache: bool = _f(False, "Materialise the decoded train mixture in Ray's object store once, and keep each worker's decoded val share in its memory (only for sets that fit); off: every epoch streams and decodes the Parquet shards again.")
     num_workers: int = _f(1, "Ray Train workers (DDP).")
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(1, "Ray Train FailureConfig.max_failures.")

@@ -99,3 +99,8 @@ def digits_dirs(tmp_path_factory):
     cfg = load_config(None, ["ingest.k_per_class=10"])
     ingest.run(cfg, out)
     return {k: out / k for k in ("train", "val", "pool", "train_full")}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runlocal", action="store_true", default=False,
+                     help="also run the in-process tiny pipeline on a local path (test_pipeline.py)")

@@ -26,6 +26,7 @@ from s3server import free_ports  # noqa: F401  (one free-port helper for the tes
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+SYNTHAUG = str(Path(sys.executable).with_name("synthaug"))
 START_TIMEOUT_S = 120
 
 

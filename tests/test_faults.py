@@ -139,8 +139,8 @@ def test_finetune_survives_killed_train_worker(ray_session, digits_dirs, tmp_pat
     cfg = load_config(None, [f"finetune.steps={steps}", "finetune.batch_size=16", "finetune.checkpoint_every=10",
                              "finetune.num_workers=2", "finetune.max_failures=2", f"work_dir={tmp_path}/work"])
     storage = tmp_path / "ray"
-    run_dir = storage / "finetune"
-    progress = lambda: _committed(run_dir, "step")  # noqa: E731
+    runs = lambda: list(storage.glob("finetune-*"))  # noqa: E731  (the run is finetune-<key>)
+    progress = lambda: max([_committed(d, "step") for d in runs()], default=0)  # noqa: E731
     killer = Killer(TRAIN_WORKER, ready=lambda: progress() > 0, progress=progress)
     killer.start()
     try:
@@ -155,10 +155,15 @@ def test_finetune_survives_killed_train_worker(ray_session, digits_dirs, tmp_pat
     assert m["steps"] == steps and m["resumed_from"] == 0
     gen = models.load_generator(tmp_path / "gen", require_manifest=True)
     assert gen.class_names == [str(i) for i in range(10)]
+    (run_dir,) = runs()
     assert finetune.latest_step(run_dir) == steps
     # The restarted worker group resumed from a checkpoint rather than starting over.
     final = ray.train.Result.from_path(str(run_dir)).metrics
     assert final["step"] == steps and final["start_step"] > 0, final
+    # And ended with exactly the weights of an undisturbed run (per-step seeded noise, restored
+    # state, the data stream skipped to the checkpoint's step).
+    undisturbed = finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "gen2", tmp_path / "ray2")
+    assert undisturbed["resumed_from"] == 0 and undisturbed["weights_hash"] == m["weights_hash"]
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -1,8 +1,11 @@
 """The whole default pipeline, tiny, through the CLI a user calls (one real local Ray).
 
-It runs twice: with ``work_dir`` on a local path (results local too), and with
-``work_dir`` and ``results_dir`` on the S3 server the ``s3_server`` fixture starts on
-127.0.0.1 (every dataset, generator, checkpoint and report then lives only there).
+It runs with ``work_dir`` and ``results_dir`` on the S3 server the ``s3_server`` fixture
+starts on 127.0.0.1 (every dataset, generator, checkpoint and report then lives only
+there). The same pipeline on a local path runs in ``test_jobs.py`` (submitted with
+``ray job submit``, the reference run of the stop-and-resubmit test), and on S3 again
+across two nodes in ``test_multinode.py``; the ``local`` parameter here is kept for
+debugging (``pytest tests/test_pipeline.py -k local --runlocal``) and skipped in the suite.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ FAST = ["pretrain.steps=10", "classify.epochs=1", "evaluate.extractor_epochs=1"]
 def run_dirs(request, tmp_path, s3_server):
     """(work_dir, results_dir) on local disk, or both on the S3 server."""
     if request.param == "local":
+        if not request.config.getoption("--runlocal"):
+            pytest.skip("the local-path pipeline runs in test_jobs.py (pass --runlocal to run it here too)")
         return str(tmp_path / "runs"), str(tmp_path / "results")
     root = s3_server.root("pipeline")
     return storage.join(root, "runs"), storage.join(root, "results")

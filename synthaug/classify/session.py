@@ -193,7 +193,7 @@ def train_loop_per_worker(config: dict) -> dict:
     loss_fn = build_loss(cfg)
     mixup = MixupCutmix(cfg, num_classes) if mixup_enabled(cfg) else None
     val = val_dataset(config["val_dir"], rank, world)  # lazy: streamed at each evaluation
-    if cfg.cache:  # opt-in, like the train set: this rank's decoded val share, once, in the object store
+    if cfg.cache:  # opt-in, like the train set: this rank's decoded val share, once, in the worker's memory
         val = val.materialize()
 
     data = session.train_data()

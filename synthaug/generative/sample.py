@@ -359,6 +359,8 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
     earlier = done_chunks(out, plan, chunks)
     skip = {c.name for c in earlier}
     todo = [c for c in chunks if c.name not in skip]
+    if earlier:
+        print(f"[sample] resuming {out}: {len(earlier)} of {len(chunks)} chunks already sampled", flush=True)
     if stop_after_rows is not None:
         rows, cut = 0, 0
         while cut < len(todo) and rows < stop_after_rows:
