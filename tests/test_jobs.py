@@ -253,6 +253,6 @@ def test_changed_hyperparameter_is_a_new_run_and_same_one_is_reused(ray_head, tm
     again = run("classify", "classify.epochs=3", "classify.lr=0.003", "--ratio", "0")
     assert "reusing the finished run" in again.stdout and top1(again) == top1(fast)
     assert "reusing the datasets" in run("ingest").stdout  # same source and config: not ingested again
-    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "classify").iterdir() if p.is_dir())
+    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "classify").glob("r0-mix-seed0-*") if p.is_dir())
     assert len(runs) == 2 and all(json.loads((tmp_path / "runs" / "tiny" / "classify" / r / "artifact.json").read_text())
                                   ["key"].startswith(r.rsplit("-", 1)[1]) for r in runs), runs
