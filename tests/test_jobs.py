@@ -148,7 +148,8 @@ def _outputs(work_dir, results_dir) -> dict:
 def _file_hashes(root, pattern: str) -> dict:
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob(pattern))}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob(pattern))
+            if p.is_file()}
 
 
 def _stop_when(head, submission_id: str, condition, what: str, timeout: float = 600) -> None:
