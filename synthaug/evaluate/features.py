@@ -343,6 +343,8 @@ def dataset_statistics(
     )
     ds = ds.map_batches(block_sums, batch_size=SUM_ROWS, batch_format="numpy",
                         fn_kwargs=dict(fid_layer=fid_layer, layers=layers, per_class=grouped))
+    # A fixed order of rows, blocks and partial sums: float sums then repeat bit for bit.
+    ds.context.execution_options.preserve_order = True
     merger = _Merger(len(counts) if grouped else 1, layers)
     try:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):

@@ -27,6 +27,7 @@ downloaded from the hub unless ``allow_downloads``.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -337,6 +338,22 @@ def load_generator(path: str | Path, family: str | None = None, class_names: lis
                      loaded.components, loaded.meta)
 
 
+def _drop_source_paths(root: Path) -> None:
+    """Remove diffusers' ``_name_or_path`` (where a model was loaded from) from saved configs.
+
+    It records a location, not content: two exports with equal weights loaded from bases at
+    different paths would otherwise get different ``weights_hash`` values (and keys).
+    """
+    for f in Path(root).rglob("*.json"):
+        try:
+            cfg = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if isinstance(cfg, dict) and "_name_or_path" in cfg:
+            del cfg["_name_or_path"]
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
     """Export in diffusers layout (safetensors) to a location: built locally, published manifest last.
 
@@ -351,6 +368,7 @@ def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
     for name, part in gen.components.items():  # frozen parts, unchanged
         part.save_pretrained(str(tmp / name))
     DDPMScheduler.from_config(gen.scheduler_config).save_pretrained(str(tmp / "scheduler"))
+    _drop_source_paths(tmp)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "generator",
