@@ -16,6 +16,7 @@ from synthaug import pipeline as P
 from synthaug import storage
 from synthaug.artifacts import read_manifest
 from synthaug.config import replace
+from synthaug.errors import InputValueError
 
 STAGES = {
     "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
@@ -161,7 +162,7 @@ def evaluate_cli(cfg, real, synthetic: list, extractor, train) -> dict:
     real = real or p.data("val")
     extractor = extractor or P.stage_extractor(cfg)
     if not synthetic:
-        raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
+        raise InputValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
     labelled_train = p.data("train") if is_complete(p.data("train")) else None
     rows = []
     for d in synthetic:
