@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         err = find_input_error(e)
         if err is None or debug:
             raise
+        # Refused for its input: this attempt's config record goes too (earlier records stay).
+        if getattr(args, "attempt_record", None):
+            storage.delete(args.attempt_record)
         print(f"synthaug {args.stage}: error: {first_line(err)}", file=sys.stderr)
         return 2
 
@@ -176,10 +179,10 @@ def _main(args) -> int:
     # The record of this attempt sits beside the last successful one, which only a
     # successful run replaces: a failed run never changes an earlier run's records.
     work = RunPaths(cfg).work
-    dump_config(cfg, work, f"config.{args.stage}.attempt.yaml")
+    args.attempt_record = dump_config(cfg, work, f"config.{args.stage}.attempt.yaml")
     result = _dispatch(args, cfg)
     dump_config(cfg, work, f"config.{args.stage}.yaml")
-    storage.delete(storage.join(work, f"config.{args.stage}.attempt.yaml"))
+    storage.delete(args.attempt_record)
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
     return 0
