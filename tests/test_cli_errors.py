@@ -60,7 +60,8 @@ def _bad_inputs(tmp: Path, data: Path) -> dict[str, Path]:
     out["empty"] = empty
     corrupt = tmp / "folder_corrupt"
     (corrupt / "a").mkdir(parents=True), (corrupt / "b").mkdir()
-    _png(corrupt / "a" / "x.png"), _png(corrupt / "b" / "y.png")
+    for i in range(3):
+        _png(corrupt / "a" / f"x{i}.png"), _png(corrupt / "b" / f"y{i}.png")
     (corrupt / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     out["corrupt"] = corrupt
     # An ingest source "x.parquet" that is text.
@@ -132,7 +133,7 @@ CASES = [
     ("evaluate without --synthetic", "evaluate", [], "--synthetic"),
     ("manifest lists a missing shard", "classify", ["--dry-run", "--real", "{missing_shard}"], "missing"),
     ("synthetic classes differ from real", "classify", ["--synthetic", "{syn_other}", "--ratio", "1"], "syn_other_classes"),
-    ("corrupt image", "ingest", ["ingest.source=imagefolder", "ingest.path={corrupt}"], "bad.png"),
+    ("corrupt image", "ingest", ["ingest.source=imagefolder", "ingest.path={corrupt}", "ingest.k_per_class=0"], "bad.png"),
 ]
 
 
