@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthaug import storage
+from synthaug.errors import InputError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -47,7 +48,7 @@ UNLABELLED = -1  # label of rows in an unlabelled pool
 LANES = 4  # uint64 lanes of the content hash (256 bits)
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """A dataset is missing, incomplete or breaks the contract; names the location, row or key."""
 
 

@@ -1,21 +1,17 @@
-"""``synthaug <stage> [--config x.yaml] [key.sub=value ...] [--dry-run]``.
-
-Every stage takes the same YAML (one section per stage) plus dotted overrides; inputs
-and outputs default to the run layout in :mod:`synthaug.pipeline` and can be named
-explicitly with the stage's path flags. The resolved config is written into the run
-directory before any work; ``--dry-run`` prints the plan and exits.
-"""
+"""The ``synthaug <stage>`` command line (see DESCRIPTION for what a user reads)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from synthaug import pipeline as P
 from synthaug import storage
 from synthaug.artifacts import read_manifest
 from synthaug.config import replace
+from synthaug.errors import InputNotFound, InputValueError, find_input_error, first_line
 
 STAGES = {
     "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
@@ -31,13 +27,35 @@ STAGES = {
     "estimate": "GPU-hours and wall time per stage of a config, from GPU benchmarks or FLOP counts",
 }
 NO_CONFIG = ("config-reference", "tiny-base")  # commands that read no run config
+DESCRIPTION = """\
+synthaug STAGE [--config x.yaml] [key.sub=value ...] [--dry-run] [--debug]
+
+Every stage takes the same YAML config (one section per stage) plus dotted
+overrides. Inputs and outputs default to the run layout under work_dir/<name>
+and results_dir/<name>, and can be named with the stage's path options.
+The config and every name and path in it are checked before any work;
+--dry-run checks them, prints the plan and exits. Errors in the input print
+one line and exit with code 2 (--debug, or SYNTHAUG_DEBUG=1, shows the
+traceback).
+"""
+# The config keys each stage's plan shows (the whole config is in the run directory).
+PLAN_KEYS = {
+    "ingest": ("source", "path", "image_size", "k_per_class", "val_fraction"),
+    "pretrain": ("family", "base", "arch", "steps", "batch_size", "lr", "num_workers", "use_gpu"),
+    "finetune": ("family", "base", "arch", "steps", "batch_size", "lr", "num_workers", "use_gpu"),
+    "sample": ("per_class", "guidance_scale", "sampler", "steps", "batch_size", "max_actors"),
+    "evaluate": ("extractor", "max_samples", "batch_size", "max_actors"),
+    "classify": ("model", "epochs", "batch_size", "lr", "seeds", "num_workers", "use_gpu"),
+    "sweep": ("guidance_scales", "ratios", "max_concurrent", "name"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="synthaug", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="synthaug", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help in STAGES.items():
         sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an input error (also: SYNTHAUG_DEBUG=1)")
         if name == "tiny-base":
             sp.add_argument("--family", required=True, choices=("unet", "dit", "text2image"), help="generator family")
             sp.add_argument("--out", required=True, help="directory to create (must not hold anything yet)")
@@ -46,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         if name in NO_CONFIG:
             continue
         sp.add_argument("--config", help="YAML config (defaults: synthaug/config.py)")
-        sp.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+        sp.add_argument("--dry-run", action="store_true", help="check the config, names and paths, print the plan and exit")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.guidance_scale=1.5")
         if name == "estimate":
             from synthaug.estimate import GPU_PEAK_TFLOPS, IMAGENET_TRAIN_IMAGES
@@ -77,19 +95,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(stage: str, cfg, args) -> str:
-    from synthaug.config import to_dict
+    """A short plan for a person: stage, where it reads and writes, the keys that matter."""
     from synthaug.pipeline import RunPaths
 
     p = RunPaths(cfg)
     lines = [f"synthaug {stage}: {STAGES[stage]}", f"  work dir:    {p.work}", f"  results dir: {p.results}"]
-    for key in ("data", "base", "out", "generator", "real", "synthetic", "extractor"):
-        if getattr(args, key, None):
-            lines.append(f"  {key}: {getattr(args, key)}")
-    sections = {"run": None, "ingest": "ingest", "pretrain": "pretrain", "finetune": "finetune", "sample": "sample",
-                "evaluate": "evaluate", "classify": "classify", "sweep": "sweep"}
-    sec = sections[stage]
-    body = to_dict(cfg) if sec is None else {sec: to_dict(getattr(cfg, sec))}
-    lines.append(json.dumps(body, indent=2))
+    for key in ("data", "base", "generator", "real", "synthetic", "extractor", "train", "out", "ratio"):
+        value = getattr(args, key, None)
+        if value not in (None, [], ""):
+            lines.append(f"  --{key}: {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    for sec in (PLAN_KEYS if stage == "run" else [stage] if stage in PLAN_KEYS else []):
+        section = getattr(cfg, sec)
+        shown = " ".join(f"{k}={getattr(section, k)!r}" if isinstance(getattr(section, k), str) else f"{k}={getattr(section, k)}"
+                         for k in PLAN_KEYS[sec] if getattr(section, k) not in ("", None))
+        lines.append(f"  {sec}: {shown}")
+    lines.append(f"  (the whole resolved config is written to {storage.join(p.work, f'config.{stage}.yaml')})")
     return "\n".join(lines)
 
 
@@ -103,6 +123,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    debug = args.debug or os.environ.get("SYNTHAUG_DEBUG", "") not in ("", "0")
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"synthaug {args.stage}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BaseException as e:
+        err = find_input_error(e)
+        if err is None or debug:
+            raise
+        # Refused for its input: this attempt's config record goes too (earlier records stay).
+        if getattr(args, "attempt_record", None):
+            storage.delete(args.attempt_record)
+        print(f"synthaug {args.stage}: error: {first_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
     if args.stage == "config-reference":
         from synthaug.config import reference_markdown
 
@@ -114,34 +154,35 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = save_tiny_base(args.family, args.out, args.image_size, args.channels)
         except (FileExistsError, ImportError) as e:
-            print(f"synthaug: error: {e}", file=sys.stderr)
-            return 2
+            raise InputValueError(str(e)) from e
         print(f"synthaug tiny-base: {args.family} base (random weights) in {out}; fine-tune it with "
               f"`synthaug finetune --config c.yaml finetune.family={args.family} finetune.base={out}`")
         return 0
 
-    from synthaug.config import ConfigError, dump_config, load_config
+    from synthaug.checks import check_inputs
+    from synthaug.config import dump_config, load_config
     from synthaug.pipeline import RunPaths
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"synthaug: error: {e}", file=sys.stderr)
-        return 2
+    # Check the config, then every name and path, before any work (and for --dry-run).
+    if args.config and not os.path.isfile(args.config) and not storage.is_uri(args.config):
+        raise InputNotFound(f"--config: {args.config} does not exist")
+    cfg = load_config(args.config, args.overrides)
     if args.stage == "estimate":
         from synthaug.estimate import run as estimate
 
-        try:
-            print(estimate(cfg, args.gpus, args.gpu_type, train_images=args.train_images, mfu=args.mfu, bench_dir=args.bench_dir))
-        except ValueError as e:
-            print(f"synthaug: error: {e}", file=sys.stderr)
-            return 2
+        print(estimate(cfg, args.gpus, args.gpu_type, train_images=args.train_images, mfu=args.mfu, bench_dir=args.bench_dir))
         return 0
-    print(_plan(args.stage, cfg, args))
+    check_inputs(cfg, args.stage, args)
+    print(_plan(args.stage, cfg, args), flush=True)
     if args.dry_run:
         return 0
-    dump_config(cfg, RunPaths(cfg).work, f"config.{args.stage}.yaml")
+    # The record of this attempt sits beside the last successful one, which only a
+    # successful run replaces: a failed run never changes an earlier run's records.
+    work = RunPaths(cfg).work
+    args.attempt_record = dump_config(cfg, work, f"config.{args.stage}.attempt.yaml")
     result = _dispatch(args, cfg)
+    dump_config(cfg, work, f"config.{args.stage}.yaml")
+    storage.delete(args.attempt_record)
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
     return 0
@@ -161,7 +202,7 @@ def evaluate_cli(cfg, real, synthetic: list, extractor, train) -> dict:
     real = real or p.data("val")
     extractor = extractor or P.stage_extractor(cfg)
     if not synthetic:
-        raise ValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
+        raise InputValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
     labelled_train = p.data("train") if is_complete(p.data("train")) else None
     rows = []
     for d in synthetic:

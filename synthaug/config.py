@@ -11,17 +11,21 @@ Unknown keys, in YAML or on the command line, raise :class:`ConfigError` naming 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from synthaug.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
@@ -39,18 +43,21 @@ def _f(default: Any, help: str) -> Any:
 class IngestConfig:
     """Real images -> a contract dataset with train / val (/ pool) splits."""
 
-    source: str = _f("digits", "Where images come from: 'digits', 'imagefolder' or 'parquet'.")
+    source: Literal["digits", "imagefolder", "parquet"] = _f("digits", "Where images come from: 'digits', 'imagefolder' or 'parquet'.")
     path: str = _f("", "Image-folder root (root/<class>/<image>) or Parquet file/dir; unused for digits.")
     image_column: str = _f("image", "Parquet source: column with encoded image bytes (or {'bytes': ...} structs).")
     label_column: str = _f("label", "Parquet source: integer label column.")
     class_names: tuple = _f((), "Parquet source: class names in label order; default str(label).")
     image_size: int = _f(0, "Resize images to this square size; 0 keeps the native size (digits: 8).")
-    mode: str = _f("", "Image mode to normalise to: 'L' or 'RGB'; '' keeps the source's single mode.")
+    mode: Literal["", "L", "RGB"] = _f("", "Image mode to normalise to: 'L' or 'RGB'; '' keeps the source's single mode.")
     val_fraction: float = _f(0.3, "Share of each class held out as the real val split (stable, seeded).")
     k_per_class: int = _f(0, "Low-data regime: keep k labelled train images per class; 0 keeps all.")
     unlabelled_pool: bool = _f(True, "With k > 0, write the rest of the train split as an unlabelled pool.")
     seed: int = _f(0, "Seed of the train/val split and of the k-per-class choice.")
     chunk_size: int = _f(1000, "Images per Ray Data ingest task (one shard per task and split); results do not depend on it.")
+
+    def __post_init__(self) -> None:
+        _check_ingest(self, _prefix(self))
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,9 @@ class TrainGenConfig:
     grad_accum: int = _f(1, "Gradient-accumulation micro-steps per optimiser step.")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for sampling.")
     label_dropout: float = _f(0.1, "Probability of replacing a label by the null class (for CFG).")
-    prediction_type: str = _f("epsilon", "Diffusion target: 'epsilon' or 'v_prediction'.")
+    prediction_type: Literal["epsilon", "v_prediction"] = _f("epsilon", "Diffusion target: 'epsilon' or 'v_prediction'.")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma; 0 disables it.")
-    mixed_precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'no'.")
+    mixed_precision: Literal["auto", "bf16", "no"] = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'no'.")
     hflip: bool = _f(False, "Random horizontal flips (wrong for digits).")
     checkpoint_every: int = _f(500, "Report a checkpoint every N steps (and at the end).")
     num_workers: int = _f(1, "Ray Train workers (DDP).")
@@ -84,6 +91,9 @@ class TrainGenConfig:
     prompt_template: str = _f("a photo of a {class_name}", "text2image: the prompt of each class; the null class is the empty prompt.")
     lora_rank: int = _f(0, "text2image: LoRA rank on the UNet's attention projections; 0 fine-tunes the whole UNet.")
 
+    def __post_init__(self) -> None:
+        _check_train(self, _prefix(self))
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -92,7 +102,7 @@ class SampleConfig:
     per_class: int = _f(100, "Images to sample per class.")
     class_counts: dict = _f({}, "Per-class counts {class_name: n} overriding per_class (only these classes).")
     guidance_scale: float = _f(2.0, "CFG scale w: eps = eps_u + w (eps_c - eps_u); w = 1 is purely conditional.")
-    sampler: str = _f("ddim", "'ddpm', 'ddim' or 'dpmsolver++'.")
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = _f("ddim", "'ddpm', 'ddim' or 'dpmsolver++'.")
     steps: int = _f(50, "Denoising steps.")
     ddpm_log_variance_v: float = _f(1.0, "DDPM: variance = exp(v log beta_t + (1-v) log posterior_var).")
     batch_size: int = _f(64, "Images per denoising batch in a sampling actor.")
@@ -103,12 +113,15 @@ class SampleConfig:
     seed: int = _f(0, "Global seed; each image's seed derives from (seed, class, index).")
     compile: bool = _f(False, "torch.compile the denoiser in each sampling actor (slow first batches; part of the output's content key).")
 
+    def __post_init__(self) -> None:
+        _check_sample(self, _prefix(self))
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Fidelity metrics, CAS and the memorisation audit."""
 
-    extractor: str = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default) or 'inception-v3-compat' (needs a local weights file).")
+    extractor: Literal["in-domain", "inception-v3-compat"] = _f("in-domain", "Feature extractor for FID/KID/PR/IS: 'in-domain' (offline default) or 'inception-v3-compat' (needs a local weights file).")
     inception_weights: str = _f("", "With extractor 'inception-v3-compat': the local torch-fidelity Inception weights file (verified by its sha256; never downloaded).")
     inception_sha256: str = _f("", "Expected sha256 of inception_weights; '' = the official torch-fidelity checksum.")
     extractor_epochs: int = _f(30, "Epochs for the in-domain extractor classifier (trained on real train).")
@@ -125,13 +138,7 @@ class EvaluateConfig:
     num_gpus_per_actor: float = _f(0.0, "GPUs per feature-extraction actor (1 on a GPU cluster).")
 
     def __post_init__(self) -> None:
-        for key in ("max_samples", "batch_size", "near_copy_chunk", "min_actors"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'evaluate.{key}' must be >= 1")
-        if self.max_actors < self.min_actors:
-            raise ConfigError("config keys 'evaluate.min_actors' <= 'evaluate.max_actors'")
-        if not 0.0 <= self.near_copy_percentile <= 100.0:
-            raise ConfigError("config key 'evaluate.near_copy_percentile' must be in [0, 100]")
+        _check_evaluate(self, _prefix(self))
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,9 @@ class ClassifyConfig:
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(1, "Ray Train FailureConfig.max_failures.")
 
+    def __post_init__(self) -> None:
+        _check_classify(self, _prefix(self))
+
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -183,6 +193,9 @@ class SweepConfig:
     max_concurrent: int = _f(2, "Trials running at once.")
     name: str = _f("sweep", "Experiment name under the run's ray/ dir; re-running with the same name resumes it (another grid needs another name).")
 
+    def __post_init__(self) -> None:
+        _check_sweep(self, _prefix(self))
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -191,6 +204,9 @@ class RayConfig:
     address: str = _f("", "Ray address; '' starts (or joins, under `ray job submit`) a local Ray.")
     num_cpus: int = _f(8, "Logical CPUs for a local Ray (more than the workers need, so Ray Data never starves).")
     include_dashboard: bool = _f(True, "Dashboard on a local Ray (Train V2 cleans placement groups through it).")
+
+    def __post_init__(self) -> None:
+        _check_ray(self, _prefix(self))
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
     if isinstance(tp, str):
         tp = eval(tp, vars(typing), globals())  # resolve postponed annotations
+    if typing.get_origin(tp) is Literal:
+        # A choice: read as a string; the section's __post_init__ names the choices.
+        return "" if value is None else str(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -269,9 +288,13 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    token = _PREFIX.set(prefix)  # so the section's checks name 'finetune.steps', not 'steps'
+    try:
+        return cls(**kwargs)
+    finally:
+        _PREFIX.reset(token)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -341,13 +364,25 @@ def reference_markdown(cls: type = Config, prefix: str = "") -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-_CHOICES = {
-    "ingest.source": ("digits", "imagefolder", "parquet"),
-    "ingest.mode": ("", "L", "RGB"),
-    "sample.sampler": ("ddpm", "ddim", "dpmsolver++"),
-    "prediction_type": ("epsilon", "v_prediction"),
-    "mixed_precision": ("auto", "bf16", "no"),
-}
+_PREFIX: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthaug_config_prefix", default=None)
+# The key prefix of a section built directly (SampleConfig(...)), for the messages.
+_DEFAULT_PREFIX = {"IngestConfig": "ingest.", "TrainGenConfig": "", "SampleConfig": "sample.", "EvaluateConfig": "evaluate.",
+                   "ClassifyConfig": "classify.", "SweepConfig": "sweep.", "RayConfig": "ray."}
+
+
+def _prefix(section: Any) -> str:
+    p = _PREFIX.get()
+    return _DEFAULT_PREFIX.get(type(section).__name__, "") if p is None else p
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def choices(cls: type, key: str) -> tuple:
+    """The allowed values of a ``Literal`` field."""
+    return typing.get_args(_hints(cls)[key])
 
 
 def prompt_template_problem(template: str, key: str = "prompt_template") -> str | None:
@@ -366,56 +401,112 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that need no data; each message names the key."""
-    i, s = cfg.ingest, cfg.sample
-    _check(i.source in _CHOICES["ingest.source"], f"config key 'ingest.source': unknown source {i.source!r}; choose from {_CHOICES['ingest.source']}")
-    _check(i.mode in _CHOICES["ingest.mode"], f"config key 'ingest.mode': {i.mode!r} not in {_CHOICES['ingest.mode']}")
-    _check(0.0 < i.val_fraction < 1.0, "config key 'ingest.val_fraction' must be in (0, 1)")
-    _check(i.k_per_class >= 0, "config key 'ingest.k_per_class' must be >= 0")
-    _check(i.image_size >= 0, "config key 'ingest.image_size' must be >= 0")
-    for name in ("pretrain", "finetune"):
-        t: TrainGenConfig = getattr(cfg, name)
-        _check(t.steps >= 1, f"config key '{name}.steps' must be >= 1")
-        _check(t.batch_size >= t.num_workers, f"config key '{name}.batch_size' must be >= {name}.num_workers")
-        _check(t.num_workers >= 1, f"config key '{name}.num_workers' must be >= 1")
-        _check(0.0 <= t.label_dropout <= 1.0, f"config key '{name}.label_dropout' must be in [0, 1]")
-        _check(t.prediction_type in _CHOICES["prediction_type"], f"config key '{name}.prediction_type': {t.prediction_type!r} not in {_CHOICES['prediction_type']}")
-        _check(t.mixed_precision in _CHOICES["mixed_precision"], f"config key '{name}.mixed_precision': {t.mixed_precision!r} not in {_CHOICES['mixed_precision']}")
-        _check(t.grad_accum >= 1, f"config key '{name}.grad_accum' must be >= 1")
-        _check(t.shuffle_buffer >= 0, f"config key '{name}.shuffle_buffer' must be >= 0")
-        _check(t.val_grid_every >= 0, f"config key '{name}.val_grid_every' must be >= 0")
-        problem = prompt_template_problem(t.prompt_template, f"{name}.prompt_template")
-        _check(problem is None, problem or "")
-        _check(t.lora_rank >= 0, f"config key '{name}.lora_rank' must be >= 0")
-        _check(t.lora_rank == 0 or t.family == "text2image", f"config key '{name}.lora_rank': LoRA is implemented for family 'text2image' only, not {t.family!r}")
-    _check(s.sampler in _CHOICES["sample.sampler"], f"config key 'sample.sampler': unknown sampler {s.sampler!r}; choose from {_CHOICES['sample.sampler']}")
-    _check(s.steps >= 1, "config key 'sample.steps' must be >= 1")
-    _check(s.guidance_scale >= 0, "config key 'sample.guidance_scale' must be >= 0")
-    _check(s.per_class >= 1, "config key 'sample.per_class' must be >= 1 (N = 0 samples nothing)")
+def _check_choices(section: Any, p: str) -> None:
+    """Every ``Literal`` field holds one of its choices (types are checked by ``_coerce``)."""
+    for f in dataclasses.fields(section):
+        allowed = typing.get_args(_hints(type(section))[f.name]) if typing.get_origin(_hints(type(section))[f.name]) is Literal else None
+        if allowed is not None:
+            value = getattr(section, f.name)
+            _check(value in allowed, f"config key '{p}{f.name}': unknown {f.name} {value!r}; choose from {list(allowed)}")
+
+
+def _check_ingest(i: IngestConfig, p: str) -> None:
+    _check_choices(i, p)
+    _check(0.0 < i.val_fraction < 1.0, f"config key '{p}val_fraction' must be in (0, 1)")
+    _check(i.k_per_class >= 0, f"config key '{p}k_per_class' must be >= 0")
+    _check(i.image_size >= 0, f"config key '{p}image_size' must be >= 0")
+    _check(i.chunk_size >= 1, f"config key '{p}chunk_size' must be >= 1")
+    _check(i.source == "digits" or bool(i.path), f"config key '{p}path': source {i.source!r} needs a path")
+
+
+def _check_train(t: TrainGenConfig, p: str) -> None:
+    _check_choices(t, p)
+    _check(bool(t.family), f"config key '{p}family' must name a generator family")
+    _check(t.steps >= 1, f"config key '{p}steps' must be >= 1")
+    _check(t.num_workers >= 1, f"config key '{p}num_workers' must be >= 1")
+    _check(t.batch_size >= t.num_workers, f"config key '{p}batch_size' must be >= {p}num_workers")
+    _check(t.lr > 0, f"config key '{p}lr' must be > 0")
+    _check(0.0 <= t.label_dropout <= 1.0, f"config key '{p}label_dropout' must be in [0, 1]")
+    _check(0.0 <= t.ema_decay < 1.0, f"config key '{p}ema_decay' must be in [0, 1)")
+    _check(t.grad_accum >= 1, f"config key '{p}grad_accum' must be >= 1")
+    _check(t.warmup_steps >= 0, f"config key '{p}warmup_steps' must be >= 0")
+    _check(t.checkpoint_every >= 1, f"config key '{p}checkpoint_every' must be >= 1")
+    _check(t.max_failures >= 0, f"config key '{p}max_failures' must be >= 0")
+    _check(t.shuffle_buffer >= 0, f"config key '{p}shuffle_buffer' must be >= 0")
+    _check(t.val_grid_every >= 0, f"config key '{p}val_grid_every' must be >= 0")
+    _check(t.min_snr_gamma >= 0, f"config key '{p}min_snr_gamma' must be >= 0")
+    problem = prompt_template_problem(t.prompt_template, f"{p}prompt_template")
+    _check(problem is None, problem or "")
+    _check(t.lora_rank >= 0, f"config key '{p}lora_rank' must be >= 0")
+    _check(t.lora_rank == 0 or t.family == "text2image", f"config key '{p}lora_rank': LoRA is implemented for family 'text2image' only, not {t.family!r}")
+
+
+def _check_sample(s: SampleConfig, p: str) -> None:
+    _check_choices(s, p)
+    _check(s.steps >= 1, f"config key '{p}steps' must be >= 1")
+    _check(s.guidance_scale >= 0, f"config key '{p}guidance_scale' must be >= 0")
+    _check(s.per_class >= 1, f"config key '{p}per_class' must be >= 1 (N = 0 samples nothing)")
     for name, n in s.class_counts.items():
-        _check(isinstance(n, int) and n >= 1, f"config key 'sample.class_counts.{name}' must be an integer >= 1 (N = 0 samples nothing)")
-    _check(s.batch_size >= 1, "config key 'sample.batch_size' must be >= 1")
-    _check(s.chunk_size >= 0, "config key 'sample.chunk_size' must be >= 0 (0 = sample.batch_size)")
-    _check(1 <= s.min_actors <= s.max_actors, "config keys 'sample.min_actors' <= 'sample.max_actors', both >= 1")
-    c = cfg.classify
-    _check(c.epochs >= 1, "config key 'classify.epochs' must be >= 1")
-    _check(c.checkpoint_every >= 1, "config key 'classify.checkpoint_every' must be >= 1")
-    _check(c.eval_every >= 1, "config key 'classify.eval_every' must be >= 1")
-    _check(c.epoch_images >= 0, "config key 'classify.epoch_images' must be >= 0")
-    _check(len(c.seeds) >= 1, "config key 'classify.seeds' must list at least one seed")
-    _check(c.batch_size >= c.num_workers, "config key 'classify.batch_size' must be >= classify.num_workers")
-    _check(len(c.crop_scale) == 2 and 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1, "config key 'classify.crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1")
-    _check(len(c.crop_ratio) == 2 and 0 < c.crop_ratio[0] <= c.crop_ratio[1], "config key 'classify.crop_ratio' must be [lo, hi] with 0 < lo <= hi")
-    _check(c.color_jitter >= 0, "config key 'classify.color_jitter' must be >= 0")
+        _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+               f"config key '{p}class_counts.{name}' must be an integer >= 1 (N = 0 samples nothing)")
+    _check(s.batch_size >= 1, f"config key '{p}batch_size' must be >= 1")
+    _check(s.chunk_size >= 0, f"config key '{p}chunk_size' must be >= 0 (0 = {p}batch_size)")
+    _check(1 <= s.min_actors <= s.max_actors, f"config keys '{p}min_actors' <= '{p}max_actors', both >= 1")
+    _check(s.num_gpus_per_actor >= 0, f"config key '{p}num_gpus_per_actor' must be >= 0")
+
+
+def _check_evaluate(e: EvaluateConfig, p: str) -> None:
+    _check_choices(e, p)
+    for key in ("max_samples", "batch_size", "near_copy_chunk", "min_actors", "kid_subset_size", "near_copy_top_k"):
+        _check(getattr(e, key) >= 1, f"config key '{p}{key}' must be >= 1")
+    _check(e.max_actors >= e.min_actors, f"config keys '{p}min_actors' <= '{p}max_actors'")
+    _check(0.0 <= e.near_copy_percentile <= 100.0, f"config key '{p}near_copy_percentile' must be in [0, 100]")
+    _check(e.extractor_epochs >= 1, f"config key '{p}extractor_epochs' must be >= 1")
+    _check(e.num_gpus_per_actor >= 0, f"config key '{p}num_gpus_per_actor' must be >= 0")
+
+
+def _check_classify(c: ClassifyConfig, p: str) -> None:
+    _check(bool(c.model), f"config key '{p}model' must name a timm model")
+    _check(c.epochs >= 1, f"config key '{p}epochs' must be >= 1")
+    _check(c.checkpoint_every >= 1, f"config key '{p}checkpoint_every' must be >= 1")
+    _check(c.eval_every >= 1, f"config key '{p}eval_every' must be >= 1")
+    _check(c.epoch_images >= 0, f"config key '{p}epoch_images' must be >= 0")
+    _check(len(c.seeds) >= 1, f"config key '{p}seeds' must list at least one seed")
+    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in c.seeds), f"config key '{p}seeds' must list integers, got {list(c.seeds)}")
+    _check(c.num_workers >= 1, f"config key '{p}num_workers' must be >= 1")
+    _check(c.batch_size >= c.num_workers, f"config key '{p}batch_size' must be >= {p}num_workers")
+    _check(c.lr > 0, f"config key '{p}lr' must be > 0")
+    ok = len(c.crop_scale) == 2 and all(isinstance(x, (int, float)) for x in c.crop_scale)
+    _check(ok and 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1, f"config key '{p}crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1")
+    ok = len(c.crop_ratio) == 2 and all(isinstance(x, (int, float)) for x in c.crop_ratio)
+    _check(ok and 0 < c.crop_ratio[0] <= c.crop_ratio[1], f"config key '{p}crop_ratio' must be [lo, hi] with 0 < lo <= hi")
+    _check(c.color_jitter >= 0, f"config key '{p}color_jitter' must be >= 0")
     for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
-        _check(0.0 <= getattr(c, key) <= 1.0, f"config key 'classify.{key}' must be in [0, 1]")
-    _check(c.mixup_alpha >= 0 and c.cutmix_alpha >= 0, "config keys 'classify.mixup_alpha' and 'classify.cutmix_alpha' must be >= 0")
-    _check(0.0 < c.model_ema_decay < 1.0, "config key 'classify.model_ema_decay' must be in (0, 1)")
-    _check(c.warmup_epochs >= 0, "config key 'classify.warmup_epochs' must be >= 0")
-    w = cfg.sweep
-    _check(len(w.guidance_scales) >= 1 and len(w.ratios) >= 1, "config keys 'sweep.guidance_scales' and 'sweep.ratios' must not be empty (empty grid)")
+        _check(0.0 <= getattr(c, key) <= 1.0, f"config key '{p}{key}' must be in [0, 1]")
+    _check(c.mixup_alpha >= 0 and c.cutmix_alpha >= 0, f"config keys '{p}mixup_alpha' and '{p}cutmix_alpha' must be >= 0")
+    _check(0.0 < c.model_ema_decay < 1.0, f"config key '{p}model_ema_decay' must be in (0, 1)")
+    _check(c.warmup_epochs >= 0, f"config key '{p}warmup_epochs' must be >= 0")
+    _check(c.max_failures >= 0, f"config key '{p}max_failures' must be >= 0")
+
+
+def _check_sweep(w: SweepConfig, p: str) -> None:
+    _check(len(w.guidance_scales) >= 1 and len(w.ratios) >= 1, f"config keys '{p}guidance_scales' and '{p}ratios' must not be empty (empty grid)")
     for r in w.ratios:
-        _check(float(r) >= 0, f"config key 'sweep.ratios': ratio {r} < 0")
+        _check(isinstance(r, (int, float)) and not isinstance(r, bool), f"config key '{p}ratios': {r!r} is not a number")
+        _check(float(r) >= 0, f"config key '{p}ratios': ratio {r} < 0")
     for g in w.guidance_scales:
-        _check(float(g) >= 0, f"config key 'sweep.guidance_scales': guidance {g} < 0")
+        _check(isinstance(g, (int, float)) and not isinstance(g, bool), f"config key '{p}guidance_scales': {g!r} is not a number")
+        _check(float(g) >= 0, f"config key '{p}guidance_scales': guidance {g} < 0")
+    _check(w.max_concurrent >= 1, f"config key '{p}max_concurrent' must be >= 1")
+    _check(bool(w.name) and "/" not in w.name, f"config key '{p}name' must be a non-empty name without '/'")
+
+
+def _check_ray(r: RayConfig, p: str) -> None:
+    _check(r.num_cpus >= 1, f"config key '{p}num_cpus' must be >= 1")
+
+
+def validate(cfg: Config) -> None:
+    """Checks across sections (each section checks itself in its ``__post_init__``)."""
+    _check(bool(cfg.name) and "/" not in cfg.name, "config key 'name' must be a non-empty name without '/'")
+    _check(bool(cfg.work_dir), "config key 'work_dir' must not be empty")
+    _check(bool(cfg.results_dir), "config key 'results_dir' must not be empty")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthaug.config import Config
+from synthaug.errors import InputValueError
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts).
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "b200": 2250.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0}
@@ -148,7 +149,7 @@ def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENE
              mfu: dict | None = None, bench_dir: str | Path = "results/bench", fid_samples: int = 50_000) -> list[Row]:
     """The rows of the estimate for ``cfg`` on ``gpu_type`` (per GPU; divide by GPUs for wall time)."""
     if gpu_type not in GPU_PEAK_TFLOPS:
-        raise ValueError(f"--gpu-type {gpu_type!r}: choose from {sorted(GPU_PEAK_TFLOPS)}")
+        raise InputValueError(f"--gpu-type {gpu_type!r}: choose from {sorted(GPU_PEAK_TFLOPS)}")
     mfu = {**DEFAULT_MFU, **(mfu or {})}
     peak = GPU_PEAK_TFLOPS[gpu_type] * 1e12
     size = cfg.ingest.image_size or 256
@@ -168,7 +169,7 @@ def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENE
     # Fine-tune: every training image is encoded by the VAE, then one forward + backward.
     denoiser = {"text2image": "sd-unet", "dit": "dit-xl-2"}.get(f.family)
     if denoiser is None:
-        raise ValueError(f"config key 'finetune.family': estimate covers 'text2image' and 'dit', not {f.family!r}")
+        raise InputValueError(f"config key 'finetune.family': estimate covers 'text2image' and 'dit', not {f.family!r}")
     fwd = gflops(denoiser, size)
     passes = 4 if f.gradient_checkpointing else 3
     add(f"fine-tune {f.family} ({denoiser}, {f.steps} steps x {f.batch_size})", "finetune", denoiser,
@@ -240,10 +241,10 @@ def run(cfg: Config, gpus: int, gpu_type: str, *, train_images: int = IMAGENET_T
         bench_dir: str | Path = "results/bench") -> str:
     """``synthaug estimate``: the table as text."""
     if gpus < 1:
-        raise ValueError("--gpus must be >= 1")
+        raise InputValueError("--gpus must be >= 1")
     over = {k: mfu for k in DEFAULT_MFU} if mfu else None
     if mfu is not None and not 0 < mfu <= 1:
-        raise ValueError("--mfu must be in (0, 1]")
+        raise InputValueError("--mfu must be in (0, 1]")
     rows = estimate(cfg, gpu_type, train_images=train_images, mfu=over, bench_dir=bench_dir)
     assert all(r.images > 0 and math.isfinite(r.gpu_hours) for r in rows)
     return table(rows, gpus, gpu_type, over)

@@ -2,7 +2,8 @@
 
 Run layout (``work_dir`` is git-ignored; ``results_dir`` holds what a reader looks at)::
 
-    <work_dir>/<name>/config.yaml            the resolved config, dumped before any work
+    <work_dir>/<name>/config.yaml            the resolved config of the last successful run
+    <work_dir>/<name>/config.attempt.yaml    an attempt's config, written before any work (removed on success)
     <work_dir>/<name>/data/{train,val,pool,train_full}/   ingest (contract datasets)
     <work_dir>/<name>/generators/{pretrain,finetune}/     generator exports
     <work_dir>/<name>/ray/                   Ray Train / Tune storage (checkpoints)
@@ -176,19 +177,20 @@ def run_all(cfg: Config) -> dict:
 
     The report and the sweep draw their plots with matplotlib into local files, so when
     ``results_dir`` is an object store they are written into a local temporary directory
-    and uploaded under ``<results_dir>/<name>/`` once the run is done (``config.yaml`` is
-    written there first, before any work, which also checks that the location is writable).
+    and uploaded under ``<results_dir>/<name>/`` once the run is done (``config.attempt.yaml`` is
+    written there first, before any work, which also checks that the location is writable;
+    ``config.yaml`` once the run succeeded).
     """
     from synthaug import report
     from synthaug.sweep import run_sweep
 
     p = RunPaths(cfg)
-    dump_config(cfg, p.work)
-    dump_config(cfg, p.results)
+    # This attempt's config first (which also checks the locations are writable);
+    # config.yaml, the record of the run that made the outputs, only once it succeeded.
+    dump_config(cfg, p.work, "config.attempt.yaml")
+    dump_config(cfg, p.results, "config.attempt.yaml")
     staging = tempfile.mkdtemp(prefix="synthaug-results-") if storage.local_path(p.results) is None else None
     out = RunPaths(replace(cfg, results_dir=staging)) if staging else p  # where reports are drawn
-    if staging:
-        dump_config(cfg, out.results)
     timer = Timer()
     timer("ingest", stage_ingest, cfg)
     if is_complete(p.data("pool")):  # a low-data run pretrains on its unlabelled pool; a full-data run has none
@@ -212,7 +214,11 @@ def run_all(cfg: Config) -> dict:
     sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, storage.join(out.results, "sweep"),
                   name=cfg.sweep.name, storage_dir=p.ray)
     metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds)
+    dump_config(cfg, out.results)
     if staging:
         storage.upload_dir(out.results, p.results)
         shutil.rmtree(staging, ignore_errors=True)
+    dump_config(cfg, p.work)
+    for d in (p.work, p.results):
+        storage.delete(storage.join(d, "config.attempt.yaml"))
     return metrics

@@ -22,6 +22,7 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 
 
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -41,7 +42,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # worker processes) for every execution of a read: measured here 15-35 s per epoch's read
     # of a 4-file dataset against ~1 s with the V1 reader, which does the same work in tasks.
     os.environ.setdefault(PARQUET_V2_ENV, "0")
-    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV)
+    # Train V2 patches print() in its workers to log through Train's logger, whose console
+    # handler writes the line again when Ray has wrapped the worker's stdout: every
+    # `[pretrain] step ...` line reached the driver twice. Plain print: once.
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV)
     keys += tuple(k for k in STORAGE_ENV if os.environ.get(k))
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     _data_context()

@@ -31,8 +31,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from synthaug.errors import InputError
 
-class StorageError(OSError):
+
+class StorageError(InputError, OSError):
     """A storage location is malformed or unreachable; names the location."""
 
 

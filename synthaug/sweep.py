@@ -33,6 +33,7 @@ from synthaug import identity, storage
 from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
+from synthaug.errors import InputValueError
 
 TABLE_COLUMNS = ("guidance", "ratio", "seed", "top1", "top5", "epochs", "seconds", "trial_id", "shared_real_only")
 
@@ -52,17 +53,17 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
     """Check the grid and every input before any trial; returns guidance -> absolute synthetic dir."""
     w, c = cfg.sweep, cfg.classify
     if not w.guidance_scales or not w.ratios or not c.seeds:
-        raise ValueError(
+        raise InputValueError(
             "empty sweep grid: 'sweep.guidance_scales', 'sweep.ratios' and 'classify.seeds' must each "
             f"list at least one value (got {list(w.guidance_scales)}, {list(w.ratios)}, {list(c.seeds)})"
         )
     for r in w.ratios:
         if not float(r) >= 0:
-            raise ValueError(f"config key 'sweep.ratios': ratio {r} < 0")
+            raise InputValueError(f"config key 'sweep.ratios': ratio {r} < 0")
     real = read_manifest(real_train_dir)
     val = read_manifest(val_dir)
     if val["class_names"] != real["class_names"]:
-        raise ValueError(f"val_dir {val_dir}: class names {val['class_names']} != real train's {real['class_names']}")
+        raise InputValueError(f"val_dir {val_dir}: class names {val['class_names']} != real train's {real['class_names']}")
     max_ratio = max(float(r) for r in w.ratios)
     dirs: dict[float, str] = {}
     for g in w.guidance_scales:
@@ -70,13 +71,13 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
             break  # real-only grid: no synthetic set is read
         path = _lookup(synthetic_dirs, g)
         if path is None:
-            raise ValueError(
+            raise InputValueError(
                 f"no synthetic dataset for guidance {g} (config key 'sweep.guidance_scales'); "
                 f"synthetic_dirs has keys {sorted(float(k) for k in synthetic_dirs)}"
             )
         m = read_manifest(path)  # raises naming the dir when missing or incomplete
         if m["class_names"] != real["class_names"]:
-            raise ValueError(
+            raise InputValueError(
                 f"synthetic dataset {path} (guidance {g}): class names {m['class_names']} do not match "
                 f"the real class names {real['class_names']}"
             )
@@ -85,7 +86,7 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
         for label, need in per_class_counts(labels, max_ratio).items():
             have = m["counts"].get(names[label], 0)
             if need > have:
-                raise ValueError(
+                raise InputValueError(
                     f"synthetic dataset {path} (guidance {g}): class {names[label]!r} has {have} images, "
                     f"ratio {max_ratio} needs {need}"
                 )

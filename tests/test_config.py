@@ -67,13 +67,13 @@ def test_reference_lists_every_section():
 def test_cli_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     rc = main(["sample", "--dry-run", f"work_dir={tmp_path}/w", "sample.steps=5"])
     out = capsys.readouterr().out
-    assert rc == 0 and "synthaug sample" in out and '"steps": 5' in out
+    assert rc == 0 and "synthaug sample" in out and "steps=5" in out
     assert not (tmp_path / "w").exists()
 
 
 def test_cli_overrides_may_follow_options(tmp_path, capsys):
     rc = main(["classify", "--dry-run", "--ratio", "2", "classify.epochs=3", f"work_dir={tmp_path}/w"])
-    assert rc == 0 and '"epochs": 3' in capsys.readouterr().out
+    assert rc == 0 and "epochs=3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["classify", "--dry-run", "--ratio", "2", "--bogus"])
 

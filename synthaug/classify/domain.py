@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 
 import torch
+
+from synthaug.errors import InputValueError
 from torch import nn
 
 
@@ -47,7 +49,7 @@ def convert_domain_bn(model: nn.Module) -> nn.Module:
                 setattr(module, child_name, DomainBatchNorm2d(child))
                 replaced += 1
     if replaced == 0:
-        raise ValueError("config key 'classify.domain_bn': the model has no BatchNorm2d layers to split by domain")
+        raise InputValueError("config key 'classify.domain_bn': the model has no BatchNorm2d layers to split by domain")
     return model
 
 

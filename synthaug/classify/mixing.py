@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from synthaug.artifacts import BASE_COLUMNS, id_hashes, read_manifest
+from synthaug.errors import InputValueError
 
 BASE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -123,25 +124,25 @@ def keys(ids, labels, seed: int) -> np.ndarray:
 def _check_classes(real_m: dict, syn_m: dict, where: str) -> None:
     r, s = list(real_m["class_names"]), list(syn_m["class_names"])
     if sorted(r) != sorted(s):
-        raise ValueError(f"{where}: synthetic class names {sorted(s)} do not match the real class names {sorted(r)}")
+        raise InputValueError(f"{where}: synthetic class names {sorted(s)} do not match the real class names {sorted(r)}")
     if r != s:
         bad = [n for i, n in enumerate(r) if s.index(n) != i]
         pairs = ", ".join(f"{n!r}: real {r.index(n)} vs synthetic {s.index(n)}" for n in bad)
-        raise ValueError(f"{where}: synthetic labels differ from the real ones for class {pairs}")
+        raise InputValueError(f"{where}: synthetic labels differ from the real ones for class {pairs}")
 
 
 def plan_mixture(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_only: bool = False) -> Mixture:
     """Check the inputs from their manifests and fix which synthetic rows the mixture keeps."""
     ratio = float(ratio)
     if not np.isfinite(ratio) or ratio < 0:
-        raise ValueError(f"mixing ratio must be >= 0, got {ratio}")
+        raise InputValueError(f"mixing ratio must be >= 0, got {ratio}")
     real_m = read_manifest(real)
     if int(real_m["num_rows"]) == 0:
-        raise ValueError(f"{real}: real set is empty; a mixture needs real images to size the synthetic part")
+        raise InputValueError(f"{real}: real set is empty; a mixture needs real images to size the synthetic part")
     names = list(real_m["class_names"])
     uses_synthetic = ratio > 0 or synthetic_only
     if uses_synthetic and synthetic is None:
-        raise ValueError(f"ratio {ratio} (synthetic_only={synthetic_only}) needs a synthetic set, got None")
+        raise InputValueError(f"ratio {ratio} (synthetic_only={synthetic_only}) needs a synthetic set, got None")
     syn_m = read_manifest(synthetic) if synthetic is not None and uses_synthetic else None
     if syn_m is not None:
         _check_classes(real_m, syn_m, f"synthetic set {synthetic}")
@@ -160,7 +161,7 @@ def plan_mixture(real: str, synthetic: str | None, ratio: float, seed: int, synt
     need = {c: n for c, n in _largest_remainder({c: n for c, n in real_counts.items() if n}, ratio).items() if n}
     for c, n in need.items():
         if n > have[c]:
-            raise ValueError(f"class {names[c]!r} (label {c}): ratio {ratio} needs {n} synthetic images, "
+            raise InputValueError(f"class {names[c]!r} (label {c}): ratio {ratio} needs {n} synthetic images, "
                              f"the synthetic set {synthetic} has {have[c]}")
     return Mixture(real=real_loc, synthetic=str(synthetic), thresholds=thresholds(synthetic, need, have, seed),
                    counts=need, n_real=n_real, **base)
@@ -285,7 +286,7 @@ def mixture_dataset(spec: Mixture | Any, **read_kwargs):
         parts.append(read_ray(spec.synthetic, columns=list(BASE_COLUMNS), **read_kwargs)
                      .map_batches(_keep_synthetic, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None))
     if not parts:
-        raise ValueError("the mixture has no rows")
+        raise InputValueError("the mixture has no rows")
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

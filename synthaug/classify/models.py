@@ -20,6 +20,7 @@ from timm.models import register_model
 from safetensors.torch import load_file, save_file
 
 from synthaug.artifacts import atomic_write_json, publish_tree, staging_dir
+from synthaug.errors import InputNotFound, InputValueError
 
 
 class TinyCNN(nn.Module):
@@ -73,7 +74,7 @@ def check_model_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"config key 'classify.model': unknown timm model {name!r}{hint}")
+    raise InputValueError(f"config key 'classify.model': unknown timm model {name!r}{hint}")
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained_path: str = "") -> nn.Module:
@@ -113,7 +114,7 @@ def load_pretrained_local(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config key 'classify.pretrained_path': {path} is not a file")
+        raise InputNotFound(f"config key 'classify.pretrained_path': {path} is not a file")
     state = _read_weights(path)
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -122,7 +123,7 @@ def load_pretrained_local(model: nn.Module, path: str | Path) -> nn.Module:
     out, skipped = {}, []
     for key, value in state.items():
         if key not in own:
-            raise ValueError(f"{path}: key {key!r} is not in {type(model).__name__} (another architecture?)")
+            raise InputValueError(f"{path}: key {key!r} is not in {type(model).__name__} (another architecture?)")
         want = own[key].shape
         if value.shape == want:
             out[key] = value
@@ -131,10 +132,10 @@ def load_pretrained_local(model: nn.Module, path: str | Path) -> nn.Module:
         elif value.ndim == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
             out[key] = _adapt_input_conv(int(want[1]), value)
         else:
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, the model wants {tuple(want)}")
+            raise InputValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, the model wants {tuple(want)}")
     missing = [k for k in own if k not in out and k not in skipped and k not in head_keys]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise InputValueError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(out, strict=False)
     return model
 
@@ -154,7 +155,7 @@ def check_classifier_config(cfg, num_classes: int, in_chans: int) -> None:
 
     check_model_name(cfg.model)
     if cfg.pretrained_path and not Path(cfg.pretrained_path).is_file():
-        raise FileNotFoundError(f"config key 'classify.pretrained_path': {cfg.pretrained_path} is not a file")
+        raise InputNotFound(f"config key 'classify.pretrained_path': {cfg.pretrained_path} is not a file")
     if cfg.domain_bn:
         with torch.device("meta"):  # shapes only, no memory
             convert_domain_bn(timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans))
@@ -186,7 +187,7 @@ def load_classifier(location: str | Path) -> tuple[nn.Module, dict]:
     from synthaug import storage
 
     if not storage.is_file(storage.join(str(location), "classifier.json")):
-        raise FileNotFoundError(f"{location}: not a saved classifier (no classifier.json)")
+        raise InputNotFound(f"{location}: not a saved classifier (no classifier.json)")
     path = storage.localize(str(location))
     meta = json.loads((path / "classifier.json").read_text())
     model = create_classifier(meta["model"], meta["num_classes"], meta["in_chans"])

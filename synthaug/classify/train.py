@@ -32,6 +32,7 @@ from synthaug.classify.mixing import Mixture, real_only
 from synthaug.classify.models import build_classifier, check_classifier_config, save_classifier
 from synthaug.classify.session import train_loop_per_worker
 from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
+from synthaug.errors import InputValueError
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
@@ -51,9 +52,9 @@ def as_mixture(train: Mixture | str | Path) -> Mixture:
 
 def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int, reporter: str) -> dict:
     if spec.num_rows == 0:
-        raise ValueError("train set is empty")
+        raise InputValueError("train set is empty")
     if list(spec.class_names) != list(class_names):
-        raise ValueError(f"train set class names {list(spec.class_names)} differ from class_names {list(class_names)}")
+        raise InputValueError(f"train set class names {list(spec.class_names)} differ from class_names {list(class_names)}")
     check_classifier_config(cfg, len(class_names), in_chans)  # fail before any worker starts
     # One epoch = epoch_images images, by default the real rows: a 1:3 mix then gets the same
     # optimiser steps as real-only, so a ratio's effect is not a training-length effect.

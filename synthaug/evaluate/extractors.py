@@ -43,6 +43,7 @@ from torch_fidelity.utils import create_feature_extractor
 from synthaug import storage
 from synthaug.artifacts import DatasetError, read_manifest, read_table, sha256_file
 from synthaug.data.images import decode_png
+from synthaug.errors import InputError
 
 IN_DOMAIN = "synthaug-in-domain"  # torch-fidelity registry name of the in-domain extractor
 INCEPTION = "inception-v3-compat"  # torch-fidelity's own registry name
@@ -60,7 +61,7 @@ METRIC_LAYERS = {
 TF_NAMES = {"in-domain": IN_DOMAIN, "inception-v3-compat": INCEPTION}
 
 
-class ExtractorError(ValueError):
+class ExtractorError(InputError, ValueError):
     """A feature extractor cannot be built: missing or unverified weights, or a bad classifier dir."""
 
 

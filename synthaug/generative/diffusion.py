@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synthaug.errors import InputValueError
+
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
@@ -78,7 +80,7 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if sampler not in SAMPLERS:
-        raise ValueError(f"config key 'sample.sampler': unknown sampler {sampler!r}; choose from {SAMPLERS}")
+        raise InputValueError(f"config key 'sample.sampler': unknown sampler {sampler!r}; choose from {SAMPLERS}")
     if sampler == "ddim":
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=False)
     if sampler == "dpmsolver++":
@@ -129,9 +131,9 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
     (to compare constructions; not with ``sampler='ddpm'``, whose step is synthaug's own).
     """
     if steps < 1:
-        raise ValueError("config key 'sample.steps' must be >= 1")
+        raise InputValueError("config key 'sample.steps' must be >= 1")
     if guidance_scale < 0:
-        raise ValueError("config key 'sample.guidance_scale' must be >= 0")
+        raise InputValueError("config key 'sample.guidance_scale' must be >= 0")
     if scheduler is not None and sampler == "ddpm":
         raise ValueError("sample_images: a custom scheduler replaces the 'ddim' / 'dpmsolver++' step, not 'ddpm'")
     sched = scheduler if scheduler is not None else make_scheduler(sampler, gen.scheduler_config)

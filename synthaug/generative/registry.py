@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+from synthaug.errors import InputError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -31,7 +33,7 @@ BUILTIN: dict[str, str] = {
 }
 
 
-class GeneratorError(ValueError):
+class GeneratorError(InputError, ValueError):
     """A generator directory or family is wrong; the message names it."""
 
 
