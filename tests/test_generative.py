@@ -221,17 +221,10 @@ def test_sampling_never_reads_stray_shards_and_redoes_bad_ones(gens, tmp_path):
     assert not (data / wid / "stray.parquet").exists()
 
 
-def test_sampling_finish_on_object_store(gens, tmp_path, request):
+def test_sampling_finish_on_object_store(s3_server, gens, tmp_path):
     """The whole run, resume and finish on an s3:// location (a real local S3 server)."""
-    try:
-        server = request.getfixturevalue("s3_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("no s3_server fixture")
-    base = server if isinstance(server, str) else (server.get("uri") if isinstance(server, dict) else None)
-    if not base or not str(base).startswith("s3://"):
-        pytest.skip(f"s3_server fixture gives {server!r}, not an s3:// location")
+    loc = s3_server.root("sample")  # s3://bucket/sample-<uuid>
     cfg = load_config(None, TINY)
-    loc = f"{str(base).rstrip('/')}/sample-{tmp_path.name}"
     out, info = sample.run(cfg, gens["ft"], loc, stop_after_rows=12)
     assert out == loc and info["complete"] is False
     out, m = sample.run(cfg, gens["ft"], loc)
