@@ -432,7 +432,10 @@ def test_bad_inputs(digits_dirs, synth_dir, clf_dir, tmp_path):
     # No usable extractor.
     with pytest.raises(fd.ExtractorError, match="classifier"):
         fd.compute_fidelity(digits_dirs["val"], few, tmp_path / "no_clf", cfg)
-    with pytest.raises(fd.ExtractorError, match="unknown extractor"):
+    # An unknown extractor is refused when the config section is built (typed choices).
+    from synthaug.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.extractor.*unknown extractor 'clip'"):
         fd.compute_fidelity(digits_dirs["val"], few, clf_dir, EvaluateConfig(extractor="clip"))
 
 
