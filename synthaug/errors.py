@@ -60,13 +60,7 @@ _LINE = re.compile(r"(?:^|[\s.:(])(\w+Error|InputNotFound): (.+)$")
 
 def find_input_error(exc: BaseException) -> InputError | None:
     """The InputError behind ``exc`` (itself, a cause, a Ray worker's error), or None."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _iter(exc):
         if isinstance(e, InputError):
             cause = getattr(e, "cause", None)
             if isinstance(cause, InputError):
@@ -74,9 +68,8 @@ def find_input_error(exc: BaseException) -> InputError | None:
             if type(e).__module__.startswith("ray"):
                 return InputValueError(_message(e))
             return e
-        todo.extend(_children(e))
     # Last resort: only the text survived (a worker's traceback, formatted).
-    for e in [exc, *(e for e in _iter(exc) if e is not exc)]:
+    for e in _iter(exc):
         for line in reversed(str(e).splitlines()):
             m = _LINE.search(line.strip())
             if m and m.group(1) in INPUT_ERROR_NAMES:
@@ -85,6 +78,7 @@ def find_input_error(exc: BaseException) -> InputError | None:
 
 
 def _iter(exc: BaseException):
+    """``exc`` and every exception reachable from it (causes, contexts, Ray's wrapped errors), breadth first, once each."""
     seen: set[int] = set()
     todo = [exc]
     while todo:

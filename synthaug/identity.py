@@ -68,9 +68,9 @@ def write_record(location: str, stage: str, key: str, inputs: dict, config: dict
                              {"stage": stage, "key": key, "inputs": inputs, "config": config, **more})
 
 
-def read_record(location: str) -> dict | None:
-    """The record in ``location``, or None when there is none (or it is unreadable)."""
-    path = storage.join(location, RECORD)
+def read_record(location: str, filename: str = RECORD) -> dict | None:
+    """The record (or another JSON ``filename``) in ``location``, or None when there is none or it is unreadable."""
+    path = storage.join(location, filename)
     if not storage.is_file(path):
         return None
     try:
@@ -81,10 +81,4 @@ def read_record(location: str) -> dict | None:
 
 def matches(location: str, key: str, filename: str = RECORD) -> bool:
     """True when ``location`` holds a record (or a manifest-like JSON ``filename``) whose ``key`` is ``key``."""
-    path = storage.join(location, filename)
-    if not storage.is_file(path):
-        return False
-    try:
-        return storage.read_json(path).get("key") == key
-    except (ValueError, OSError):
-        return False
+    return (read_record(location, filename) or {}).get("key") == key

@@ -379,10 +379,11 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
     listing = sources.list_source(ic)
     key = ingest_key(ic, listing.fingerprint)
     splits = _output_splits(ic)
-    done = {s: storage.join(out, s) for s in splits}
-    if all(is_complete(d) and read_manifest(d).get("key") == key for d in done.values()):
+    locations = {s: storage.join(out, s) for s in splits}
+    done = {s: read_manifest(d) if is_complete(d) else {} for s, d in locations.items()}
+    if all(m.get("key") == key for m in done.values()):
         print(f"[ingest] {out}: reusing the datasets (same source and config, key {key[:12]})", flush=True)
-        return {s: read_manifest(d) for s, d in done.items()}
+        return done
 
     # The split pre-pass over ids and labels (tasks).
     init_ray(cfg.ray)

@@ -414,9 +414,10 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     # The content key: the same config and inputs reuse the export, or resume their own run.
     key, inputs = run_key(t, stage, data_manifest, base, unconditional)
     out_dir = storage.absolute(str(out_dir))
-    if is_complete(out_dir) and read_manifest(out_dir).get("key") == key:
+    done = read_manifest(out_dir) if is_complete(out_dir) else None
+    if done is not None and done.get("key") == key:
         print(f"[{stage}] {out_dir}: reusing the export (same key {key[:12]})", flush=True)
-        return read_manifest(out_dir)
+        return done
 
     # Resume from where the newest checkpoint of this key's run left off.
     init_ray(cfg.ray)
