@@ -88,6 +88,7 @@ class TrainGenConfig:
     seed: int = _f(0, "Training seed.")
     shuffle_buffer: int = _f(1024, "Rows in each worker's local shuffle buffer (decoded uint8 images); epochs also permute the shard order.")
     cache: bool = _f(False, "Cache the decoded training set in the Ray object store (opt-in, for sets that fit in it).")
+    latent_cache: bool = _f(False, "Latent families: encode the dataset through the VAE once into a keyed contract dataset (<work>/latents/), so epochs do not re-encode.")
     prompt_template: str = _f("a photo of a {class_name}", "text2image: the prompt of each class; the null class is the empty prompt.")
     lora_rank: int = _f(0, "text2image: LoRA rank on the UNet's attention projections; 0 fine-tunes the whole UNet.")
 
@@ -439,6 +440,7 @@ def _check_train(t: TrainGenConfig, p: str) -> None:
     _check(problem is None, problem or "")
     _check(t.lora_rank >= 0, f"config key '{p}lora_rank' must be >= 0")
     _check(t.lora_rank == 0 or t.family == "text2image", f"config key '{p}lora_rank': LoRA is implemented for family 'text2image' only, not {t.family!r}")
+    _check(not (t.latent_cache and t.family == "unet"), f"config key '{p}latent_cache': family 'unet' has no VAE (it trains in pixel space)")
 
 
 def _check_sample(s: SampleConfig, p: str) -> None:

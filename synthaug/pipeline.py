@@ -7,6 +7,7 @@ Run layout (``work_dir`` is git-ignored; ``results_dir`` holds what a reader loo
     <work_dir>/<name>/data/{train,val,pool,train_full}/   ingest (contract datasets)
     <work_dir>/<name>/generators/{pretrain,finetune}/     generator exports
     <work_dir>/<name>/ray/                   Ray Train / Tune storage (checkpoints)
+    <work_dir>/<name>/latents/<key>/         latent caches of the latent families (``*.latent_cache``)
     <work_dir>/<name>/extractor/             in-domain feature extractor (classifier)
     <work_dir>/samples/<key>/                sampled sets, keyed by content (shared by runs)
     <results_dir>/<name>/                    metrics.json, summary.md, plots, grids, sweep table

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 
 from synthaug.artifacts import id_hashes
-from synthaug.classify.augment import TrainCollate, _seed
 from synthaug.config import ClassifyConfig
 from synthaug.data.images import decode_batch, to_float
 
@@ -124,6 +123,10 @@ def val_batches(ds, batch_size: int = 256) -> Iterable[dict]:
 def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int, epoch: int, rank: int,
             in_chans: int, image_size) -> Iterable[dict]:
     """``steps`` batches of one epoch from a Ray Data shard or dataset, augmented by ``TrainCollate``."""
+    # torch (via augment) is imported here, in the Train worker, not where this module is
+    # unpickled: Ray Data's read tasks and Train's controller import it for decode_to_uint8.
+    from synthaug.classify.augment import TrainCollate, _seed
+
     return _take(data, steps, dict(
         batch_size=batch_size,
         collate_fn=TrainCollate(cfg, in_chans, image_size, seed, epoch),

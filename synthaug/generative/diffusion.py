@@ -25,9 +25,15 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 def diffusion_loss(gen, x0: torch.Tensor, labels: torch.Tensor, noise_scheduler, *, prediction_type: str = "epsilon",
-                   min_snr_gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard denoising loss on clean images ``x0`` (B, C, H, W) in [-1, 1] with class ``labels`` (B,)."""
-    x0 = gen.encode(x0)  # (B, *gen.latent_shape); the same tensor for pixel-space families
+                   min_snr_gamma: float = 0.0, generator: torch.Generator | None = None,
+                   encoded: bool = False) -> torch.Tensor:
+    """Standard denoising loss on clean images ``x0`` (B, C, H, W) in [-1, 1] with class ``labels`` (B,).
+
+    ``encoded``: ``x0`` is already in the diffusion space (B, *gen.latent_shape), e.g. drawn
+    from a latent cache's moments.
+    """
+    if not encoded:
+        x0 = gen.encode(x0)  # (B, *gen.latent_shape); the same tensor for pixel-space families
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)

@@ -41,7 +41,8 @@ from synthaug import identity, storage
 from synthaug.artifacts import DatasetError, hash_tree, is_complete, read_manifest
 from synthaug.config import Config, TrainGenConfig, to_dict
 from synthaug.data.images import to_float
-from synthaug.generative import models, train_data
+from synthaug.errors import InputValueError
+from synthaug.generative import latent_cache, models, registry, train_data
 from synthaug.generative.diffusion import diffusion_loss, lr_schedule
 
 STATE_FILE = "train_state.json"
@@ -178,11 +179,13 @@ class TrainCore:
     """
 
     def __init__(self, t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int, *,
-                 device: torch.device | str = "cpu", rank: int = 0, unconditional: bool = False):
+                 device: torch.device | str = "cpu", rank: int = 0, unconditional: bool = False,
+                 moments: bool = False):
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
         self.t, self.rank, self.unconditional = t, rank, unconditional
+        self.moments = moments  # micro-batches are latent-cache VAE moments, not pixels
         self.device = torch.device(device)
         torch.manual_seed(t.seed)
         self.gen = _load(t, base, class_names, image_size, channels)
@@ -217,7 +220,12 @@ class TrainCore:
         self.gen.model.train()
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """One micro-batch: pixels (B, C, H, W) in [-1, 1], labels (B,). True when it completed an optimiser step."""
+        """One micro-batch: pixels (B, C, H, W) in [-1, 1], labels (B,). True when it completed an optimiser step.
+
+        With ``moments``, ``x`` is (B, 2 or 4, c, h, w) from a latent cache: the image's VAE
+        moments, then the mirrored image's; a flip picks the second pair, and the latent is
+        drawn as the VAE would draw it (the same random numbers, in the same order).
+        """
         t, null = self.t, self.gen.null_class
         if self._micro % t.grad_accum == 0:
             # Noise, timesteps, label dropout and flips of each optimiser step are a pure function of
@@ -232,10 +240,19 @@ class TrainCore:
             y = torch.where(drop, torch.full_like(y, null), y)
         if t.hflip:
             flip = (torch.rand(x.shape[0], generator=self.rng) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if self.moments:
+                x = torch.where(flip[:, None, None, None, None], x[:, 2:4], x[:, 0:2])
+            else:
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        elif self.moments:
+            x = x[:, 0:2]
+        if self.moments:
+            from synthaug.generative.latent_cache import sample_moments
+
+            x = sample_moments(self.gen.components["vae"], x)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = diffusion_loss(self.gen, x, y, self.noise_sched, prediction_type=t.prediction_type,
-                                  min_snr_gamma=t.min_snr_gamma, generator=None)
+                                  min_snr_gamma=t.min_snr_gamma, generator=None, encoded=self.moments)
         (loss / t.grad_accum).backward()
         self.images += x.shape[0]
         self._micro += 1
@@ -289,8 +306,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("SYNTHAUG_TORCH_THREADS", "1"))))
     device = ray.train.torch.get_device()
+    latent_shape = config.get("latent_shape")
     core = TrainCore(t, config["base_dir"], config["class_names"], config["image_size"], config["channels"],
-                     device=device, rank=rank, unconditional=config["unconditional"])
+                     device=device, rank=rank, unconditional=config["unconditional"], moments=latent_shape is not None)
 
     # Resume from the latest checkpoint (a re-run, or a restarted worker group).
     restored: dict = {}
@@ -305,13 +323,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # This rank's stream, from the micro-batch after the last one the checkpoint consumed.
     micro = t.batch_size // world
-    source = train_data.ray_source(config["shards"], config.get("cached"))
+    source = train_data.ray_source(config["shards"], config.get("cached"), latent_shape)
     batches = train_data.stream(source, config["shard_rows"], t.seed, rank, world, micro, t.shuffle_buffer,
                                 start=core.step * t.grad_accum)
     t0 = time.time()
 
     for x, y in batches if core.step < t.steps else ():
-        x = torch.from_numpy(to_float(x)).to(device)  # (B, C, H, W) in [-1, 1]
+        x = torch.from_numpy(x if latent_shape else to_float(x)).to(device)  # (B, C, H, W) in [-1, 1], or moments
         if not core.micro_step(x, torch.from_numpy(y).to(device)):
             continue
         step = core.step
@@ -378,7 +396,7 @@ def run_key(t: TrainGenConfig, stage: str, data_manifest: dict, base: str, uncon
 
 
 def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
-        base_dir: str | Path | None = None, unconditional: bool = False) -> dict:
+        base_dir: str | Path | None = None, unconditional: bool = False, latents_dir: str | None = None) -> dict:
     """Train a generator on a contract dataset and export it (EMA weights) to ``out_dir``.
 
     ``stage`` picks the config section ('pretrain' or 'finetune'); ``unconditional``
@@ -405,6 +423,8 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         models.new_generator(t.family, t.arch, class_names, image_size, channels)  # raises on bad sizes
     if not data_manifest.get("labelled", True) and not unconditional:
         raise DatasetError(f"{data_dir}: unlabelled dataset; class-conditional training needs labels")
+    if t.latent_cache and "vae" not in registry.get(t.family).components:
+        raise InputValueError(f"config key '{stage}.latent_cache': family {t.family!r} has no VAE to encode with")
     shards, shard_rows = train_data.shard_locations(data_dir, data_manifest)
     micro = t.batch_size // t.num_workers
     if train_data.per_epoch(sum(shard_rows), t.num_workers, micro) == 0:
@@ -425,14 +445,21 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     name = identity.run_name(stage, key)
     run_dir = storage.join(storage_dir, name)
     offset_steps = latest_step(run_dir)
-    cached = train_data.cache(shards) if t.cache else None
+    latent_shape = None
+    if t.latent_cache:  # encode once (or reuse the keyed cache); the stream reads its moments
+        ckey = latent_cache.cache_key(data_manifest, base, t.hflip)
+        loc = storage.absolute(latents_dir or storage.join(storage.parent(storage_dir), "latents", ckey[0][:12]))
+        lm = latent_cache.build(data_dir, base, loc, hflip=t.hflip, use_gpu=t.use_gpu, key=ckey)
+        latent_shape = lm["latent_shape"]
+        shards, shard_rows = train_data.shard_locations(loc, lm)
+    cached = train_data.cache(shards, latent_shape) if t.cache else None
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
             "image_size": image_size, "channels": channels, "unconditional": unconditional,
-            "shards": shards, "shard_rows": shard_rows, "cached": cached,
+            "shards": shards, "shard_rows": shard_rows, "cached": cached, "latent_shape": latent_shape,
             "grid_dir": storage.join(run_dir, "val_grids"),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

@@ -76,11 +76,11 @@ def _shift(vae: nn.Module) -> float:
 @torch.no_grad()
 def vae_encode(gen: Generator, x: torch.Tensor) -> torch.Tensor:
     """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+    from synthaug.generative.latent_cache import sample_moments, vae_moments
+
+    # latent_dist.sample(), written out so that the latent cache draws exactly what this draws.
     vae = gen.components["vae"]
-    if x.shape[1] != vae.config.in_channels:  # grayscale: repeat the channel
-        x = x.expand(-1, vae.config.in_channels, -1, -1)
-    z = vae.encode(x.to(vae.dtype)).latent_dist.sample()
-    return ((z - _shift(vae)) * vae.config.scaling_factor).float()
+    return sample_moments(vae, vae_moments(vae, x))
 
 
 @torch.no_grad()

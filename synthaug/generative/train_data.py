@@ -16,7 +16,8 @@ Every step is a function of (seed, epoch, rank, world size) and the manifest, no
 Ray Data's block sizes or timing, so a restarted worker group can skip exactly the
 micro-batches it had consumed (re-reading and discarding them), and a plain loop over
 :func:`local_source` sees the same batches as a 1-worker Ray run over :func:`ray_source`.
-Images stay uint8 (B, C, H, W) until the trainer converts the micro-batch.
+Images stay uint8 (B, C, H, W) until the trainer converts the micro-batch; a latent cache's
+rows come as float32 VAE moments (``latent_shape``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,19 @@ Batch = tuple[np.ndarray, np.ndarray]  # uint8 (B, C, H, W), int64 (B,)
 Source = Callable[[list[int]], Iterable[Batch]]  # shard indices, in order -> their decoded rows, in order
 
 
-def decode(batch: dict) -> dict:
-    """Ray Data ``map_batches``: PNG bytes -> uint8 (B, C, H, W) and int64 labels."""
-    return {"x": decode_batch(batch["image"]), "y": np.asarray(batch["label"], dtype=np.int64)}
+def decode(batch: dict, latent_shape=None) -> dict:
+    """Ray Data ``map_batches``: PNG bytes -> uint8 (B, C, H, W) and int64 labels.
+
+    With ``latent_shape`` (a latent cache, :mod:`synthaug.generative.latent_cache`) the
+    bytes are VAE moments: float32 (B, *latent_shape).
+    """
+    if latent_shape is not None:
+        from synthaug.generative.latent_cache import decode_moments
+
+        x = decode_moments(batch["image"], latent_shape)
+    else:
+        x = decode_batch(batch["image"])
+    return {"x": x, "y": np.asarray(batch["label"], dtype=np.int64)}
 
 
 def per_epoch(total_rows: int, world: int, micro: int) -> int:
@@ -140,13 +151,13 @@ def shard_locations(data_loc: str, manifest: dict) -> tuple[list[str], list[int]
     return [storage.join(data_loc, s["path"]) for s in manifest["shards"]], [int(s["rows"]) for s in manifest["shards"]]
 
 
-def read_shards(locations: list[str]):
+def read_shards(locations: list[str], latent_shape=None):
     """Shards (same storage) as one Ray Dataset of decoded rows, in the order given (no shuffle)."""
     import ray.data
 
     fs, _ = storage.resolve(locations[0])
     ds = ray.data.read_parquet([storage.resolve(loc)[1] for loc in locations], filesystem=fs)
-    ds = ds.select_columns(COLUMNS).map_batches(decode, batch_format="numpy")
+    ds = ds.select_columns(COLUMNS).map_batches(decode, batch_format="numpy", fn_kwargs={"latent_shape": latent_shape})
     ds.context.execution_options.preserve_order = True  # the rows in file order, whatever the task timing
     ds.context.enable_progress_bars = False  # one pipeline per rank and epoch: bars would flood the worker logs
     return ds
@@ -157,7 +168,7 @@ def _numpy_batches(ds) -> Iterator[Batch]:
         yield b["x"], b["y"]
 
 
-def ray_source(locations: list[str], cached: list | None = None) -> Source:
+def ray_source(locations: list[str], cached: list | None = None, latent_shape=None) -> Source:
     """Reads the given shards through Ray Data, or with ``cached`` (:func:`cache`) fetches their decoded blocks."""
 
     def source(order: list[int]) -> Iterator[Batch]:
@@ -171,21 +182,21 @@ def ray_source(locations: list[str], cached: list | None = None) -> Source:
                     b = ray.get(ref)
                     yield b["x"], b["y"]
         else:
-            yield from _numpy_batches(read_shards([locations[i] for i in order]))
+            yield from _numpy_batches(read_shards([locations[i] for i in order], latent_shape))
 
     return source
 
 
-def cache(locations: list[str]) -> list[list]:
+def cache(locations: list[str], latent_shape=None) -> list[list]:
     """Every shard decoded once into the Ray object store: per shard, its blocks' refs in row order.
 
     The blocks are made by Ray tasks; the driver holds only the references (which keep
     them alive while it runs). For sets that fit in the object store.
     """
-    return [read_shards([loc]).materialize().to_numpy_refs() for loc in locations]
+    return [read_shards([loc], latent_shape).materialize().to_numpy_refs() for loc in locations]
 
 
-def local_source(locations: list[str], batch_size: int = 256) -> Source:
+def local_source(locations: list[str], batch_size: int = 256, latent_shape=None) -> Source:
     """Reads and decodes the given shards in this process (Ray-free; the plain loop's source)."""
     import pyarrow.parquet as pq
 
@@ -194,7 +205,8 @@ def local_source(locations: list[str], batch_size: int = 256) -> Source:
             fs, path = storage.resolve(locations[i])
             with fs.open_input_file(path) as f:
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
-                    d = decode({"image": rb.column("image").to_pylist(), "label": rb.column("label").to_numpy()})
+                    d = decode({"image": rb.column("image").to_pylist(), "label": rb.column("label").to_numpy()},
+                               latent_shape)
                     yield d["x"], d["y"]
 
     return source
