@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -111,6 +112,23 @@ def _plan(stage: str, cfg, args) -> str:
         lines.append(f"  {sec}: {shown}")
     lines.append(f"  (the whole resolved config is written to {storage.join(p.work, f'config.{stage}.yaml')})")
     return "\n".join(lines)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The console script and job entrypoints: :func:`main`, then a prompt exit.
+
+    Once the command's results are written and printed, Ray is shut down and the process
+    ends without Python's interpreter teardown (measured here: about 1-2 s of module and
+    thread finalisation with torch, timm and Ray loaded, on every stage command).
+    """
+    rc = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    os._exit(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
