@@ -181,3 +181,16 @@ def test_cli_without_pool_is_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("synthaug pseudolabel: error: --pool:")
+
+
+def test_report_rows_pair_by_seed():
+    import pandas as pd
+
+    from synthaug.report import _paired_row, _verdict, headline_ratio
+
+    real = pd.Series({0: 90.0, 1: 92.0, 2: 94.0})
+    row = _paired_row(real, [{"seed": 2, "top1": 97.0}, {"seed": 0, "top1": 92.0}, {"seed": 1, "top1": 95.0}])
+    assert row["mean"] == pytest.approx(94.667, abs=1e-3) and row["n_paired"] == 3
+    assert row["gain_mean"] == pytest.approx(8 / 3) and row["gain_std"] == pytest.approx(np.std([2, 3, 3], ddof=1))
+    assert _verdict(row) == "beyond seed noise"
+    assert headline_ratio([0, 3, 1]) == 1.0 and headline_ratio([0, 3, 2]) == 2.0 and headline_ratio([0]) == 0.0

@@ -110,6 +110,7 @@ class TeacherActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         probs = self.probabilities(batch.column("image").to_pylist())  # (B, K)
+        batch = batch.select([c for c in batch.column_names if c not in ("confidence", "teacher_prob", "teacher")])
         if self.mode == "pseudo":
             label = probs.argmax(1).astype(np.int64)
             score = probs[np.arange(len(label)), label]
@@ -258,7 +259,8 @@ def filter_synthetic(cfg: Config, teacher: dict, synthetic: str, out: str) -> di
              **{k: syn_m[k] for k in ("sample", "generator") if k in syn_m}}
     m = write_dataset(ds, out, class_names=list(syn_m["class_names"]), image_size=tuple(syn_m["image_size"]),
                       channels=int(syn_m["channels"]), config={"filter": to_dict(cfg.filter)}, extra=extra,
-                      columns=[*syn_m.get("columns", BASE_COLUMNS), "teacher_prob", "teacher"])
+                      columns=[*(c for c in syn_m.get("columns", BASE_COLUMNS) if c not in ("teacher_prob", "teacher")),
+                               "teacher_prob", "teacher"])
     return m
 
 
