@@ -14,7 +14,7 @@ from synthaug.config import replace
 from synthaug.errors import InputNotFound, InputValueError, find_input_error, first_line
 
 STAGES = {
-    "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
+    "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, pseudo-label, report",
     "ingest": "real images -> contract datasets (train / val / pool)",
     "pretrain": "unconditional generator pretraining on the unlabelled pool (Ray Train)",
     "finetune": "class-conditional generator fine-tuning (Ray Train)",

@@ -238,8 +238,9 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         + (" — one seed: noise cannot be judged." if len(diffs) < 2 else
            " — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
         "",
-        *[f"Paired gain of {label} over real only: **{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} points** over "
-          f"{r['n_paired']} seeds — {_verdict(r)}." for label, r in pl_rows],
+        *[line for label, r in pl_rows for line in (
+            f"Paired gain of {label} over real only: **{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} points** over "
+            f"{r['n_paired']} seeds — {_verdict(r)}.", "")],
         *([f"Pseudo-labels: a teacher trained on the labelled set (real only, seed {cfg.pseudolabel.teacher_seed}, "
            f"top-1 {_fmt(pseudo['teacher_top1'])}) labelled the unlabelled pool; kept "
            + ("rows with top probability >= " + format(cfg.pseudolabel.threshold, "g") if cfg.pseudolabel.select == "threshold"
