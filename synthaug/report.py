@@ -183,7 +183,8 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
             metrics[f"pseudo_label_top1_{k}" if k in ("mean", "std") else f"pseudo_label_{k}"] = v
         if "combined" in pseudo:
             row = _paired_row(real, pseudo["combined"])
-            pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, w={w0:g})", row))
+            filt = f", filtered at tau={cfg.filter.tau:g}" if filtered else ""
+            pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, w={w0:g}{filt})", row))
             for k, v in row.items():
                 metrics[f"pseudo_plus_synthetic_top1_{k}" if k in ("mean", "std") else f"pseudo_plus_synthetic_{k}"] = v
     kept = {}
