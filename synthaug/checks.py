@@ -27,6 +27,8 @@ _USES = {
     "evaluate": {"evaluate", "classify"},  # the in-domain extractor and CAS are classifiers
     "classify": {"classify"},
     "sweep": {"sample", "classify", "sweep"},
+    "pseudolabel": {"classify"},  # the teacher and the students are classifiers
+    "filter": {"classify"},
     "estimate": set(),
 }
 
@@ -140,6 +142,14 @@ def check_args(cfg: Config, stage: str, args: Any) -> None:
         ex = get("extractor")
         if ex and not storage.is_file(storage.join(ex, "classifier.json")):
             raise InputNotFound(f"--extractor: {ex} is not a saved classifier (no classifier.json)")
+    if stage == "pseudolabel":
+        pool = get("pool") or p.data("pool")
+        if not storage.exists(pool):
+            raise InputNotFound(f"--pool: {pool} does not exist (ingest writes data/pool with ingest.k_per_class > 0 "
+                                "and ingest.unlabelled_pool: true; or name one with --pool)")
+        _dataset(pool, "--pool")
+    if stage in ("pseudolabel", "filter") and get("data"):
+        _dataset(get("data"), "--data")
     if stage == "classify":
         ratio = get("ratio")
         if ratio is not None and not (ratio >= 0 and ratio != float("inf")):

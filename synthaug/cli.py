@@ -15,7 +15,7 @@ from synthaug.config import replace
 from synthaug.errors import InputNotFound, InputValueError, find_input_error, first_line
 
 STAGES = {
-    "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, report",
+    "run": "the whole default pipeline: ingest, pretrain, finetune, sample, evaluate, classify, sweep, pseudo-label, report",
     "ingest": "real images -> contract datasets (train / val / pool)",
     "pretrain": "unconditional generator pretraining on the unlabelled pool (Ray Train)",
     "finetune": "class-conditional generator fine-tuning (Ray Train)",
@@ -23,6 +23,8 @@ STAGES = {
     "evaluate": "FID / IS / KID / PR (torch-fidelity), near-copy audit, CAS",
     "classify": "train classifiers on a real / synthetic mix (Ray Train)",
     "sweep": "Ray Tune over guidance x mixing ratio",
+    "pseudolabel": "the pseudo-label baseline: a real-only teacher labels the unlabelled pool; students train on both",
+    "filter": "keep synthetic images the real-only teacher gives their class a probability >= filter.tau",
     "config-reference": "print the config reference (markdown)",
     "tiny-base": "save a tiny random-weight base of a generator family (diffusers layout), to try `finetune --base`",
     "estimate": "GPU-hours and wall time per stage of a config, from GPU benchmarks or FLOP counts",
@@ -48,6 +50,8 @@ PLAN_KEYS = {
     "evaluate": ("extractor", "max_samples", "batch_size", "max_actors"),
     "classify": ("model", "epochs", "batch_size", "lr", "seeds", "num_workers", "use_gpu"),
     "sweep": ("guidance_scales", "ratios", "max_concurrent", "name"),
+    "pseudolabel": ("select", "threshold", "top_fraction", "teacher_seed", "with_synthetic"),
+    "filter": ("tau",),
 }
 
 
@@ -75,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--train-images", type=int, default=IMAGENET_TRAIN_IMAGES, help="real images ingested (default ImageNet-1K train)")
             sp.add_argument("--mfu", type=float, help="one assumed MFU for every stage (default: per stage, see synthaug/estimate.py)")
             sp.add_argument("--bench-dir", default="results/bench", help="where GPU benchmark JSONs are read from")
-        if name in ("pretrain", "finetune", "classify"):
+        if name in ("pretrain", "finetune", "classify", "pseudolabel", "filter"):
             sp.add_argument("--data", help="input contract dataset (default: from the run layout)")
         if name in ("pretrain", "finetune", "sample"):
             sp.add_argument("--out", help="output directory (default: from the run layout)")
@@ -83,9 +87,13 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--base", help="local base generator directory (diffusers layout)")
         if name == "sample":
             sp.add_argument("--generator", help="exported generator directory")
-        if name in ("evaluate", "classify"):
+        if name in ("evaluate", "classify", "pseudolabel", "filter"):
             sp.add_argument("--real", help="real val/reference contract dataset")
             sp.add_argument("--synthetic", nargs="*", default=[], help="synthetic contract dataset(s)")
+        if name == "pseudolabel":
+            sp.add_argument("--pool", help="unlabelled pool contract dataset (default: the run's data/pool)")
+            sp.add_argument("--ratio", type=float, default=1.0,
+                            help="with --synthetic: synthetic:real ratio of the pseudo-label + synthetic students")
         if name == "evaluate":
             sp.add_argument("--extractor", help="saved in-domain classifier dir (default: train one)")
             sp.add_argument("--train", help="real train set for the near-copy audit")
@@ -101,7 +109,7 @@ def _plan(stage: str, cfg, args) -> str:
 
     p = RunPaths(cfg)
     lines = [f"synthaug {stage}: {STAGES[stage]}", f"  work dir:    {p.work}", f"  results dir: {p.results}"]
-    for key in ("data", "base", "generator", "real", "synthetic", "extractor", "train", "out", "ratio"):
+    for key in ("data", "base", "generator", "real", "synthetic", "extractor", "train", "out", "ratio", "pool"):
         value = getattr(args, key, None)
         if value not in (None, [], ""):
             lines.append(f"  --{key}: {' '.join(map(str, value)) if isinstance(value, list) else value}")
@@ -277,6 +285,58 @@ def sweep_cli(cfg, _overrides) -> dict:
     return df.attrs["summary"]
 
 
+def _top1(runs: list[dict]) -> tuple[float, float | None]:
+    import numpy as np
+
+    t = np.array([r["top1"] for r in runs])
+    return float(t.mean()), (float(t.std(ddof=1)) if len(t) > 1 else None)
+
+
+def pseudolabel_cli(cfg, data, real, pool, synthetic: list, ratio: float) -> dict:
+    """``synthaug pseudolabel``: teacher, pseudo-labelled pool, students; paired with real-only by seed.
+
+    Real-only runs are those of ``synthaug classify --ratio 0`` (same keys, same place),
+    so either command reuses the other's.
+    """
+    from synthaug.classify.pseudolabel import real_only_runs
+
+    p = P.RunPaths(cfg)
+    train, val = str(data or p.data("train")), str(real or p.data("val"))
+    teacher = P.stage_teacher(cfg, train, val)
+    res = P.stage_pseudolabel(cfg, train, val, pool, teacher=teacher, synthetic=synthetic[0] if synthetic else None,
+                              ratio=ratio)
+    real_runs = {r["seed"]: r["top1"] for r in real_only_runs(cfg, train, val, storage.join(p.work, "classify"))}
+    out = {"dataset": res["dataset"], "n_pseudo": res["n_pseudo"], "pool_rows": res["pool_rows"],
+           "kept_share": res["kept_share"], "teacher_top1": res["teacher_top1"]}
+    out["real_only_top1_mean"], out["real_only_top1_std"] = _top1([{"top1": v} for v in real_runs.values()])
+    for name in ("students", "combined"):
+        if name not in res:
+            continue
+        tag = "pseudo_label" if name == "students" else "pseudo_plus_synthetic"
+        out[f"{tag}_top1_mean"], out[f"{tag}_top1_std"] = _top1(res[name])
+        diffs = [{"top1": r["top1"] - real_runs[r["seed"]]} for r in res[name]]
+        out[f"{tag}_gain_mean"], out[f"{tag}_gain_std"] = _top1(diffs)
+    return out
+
+
+def filter_cli(cfg, data, real, synthetic: list) -> dict:
+    """``synthaug filter``: each --synthetic set filtered by the teacher; the share kept per class."""
+    from synthaug.classify.pseudolabel import kept_per_class
+
+    if not synthetic:
+        raise InputValueError("synthaug filter: give at least one --synthetic <dataset dir>")
+    if cfg.filter.tau <= 0:
+        raise InputValueError("synthaug filter: config key 'filter.tau' is 0 (off); set e.g. filter.tau=0.5")
+    p = P.RunPaths(cfg)
+    teacher = P.stage_teacher(cfg, str(data or p.data("train")), str(real or p.data("val")))
+    out = {}
+    for d in synthetic:
+        loc, m = P.stage_filter(cfg, d, teacher)
+        out[str(d)] = {"filtered": loc, "kept": m["num_rows"], "kept_per_class": kept_per_class(m)}
+    print(json.dumps(out, indent=2, default=str))
+    return {"sets": len(out), "kept": sum(v["kept"] for v in out.values())}
+
+
 def _dispatch(args, cfg):
 
     s = args.stage
@@ -297,6 +357,10 @@ def _dispatch(args, cfg):
         return classify_cli(cfg, args.data, args.real, args.synthetic, args.ratio, args.synthetic_only)
     if s == "sweep":
         return sweep_cli(cfg, args.overrides)
+    if s == "pseudolabel":
+        return pseudolabel_cli(cfg, args.data, args.real, args.pool, args.synthetic, args.ratio)
+    if s == "filter":
+        return filter_cli(cfg, args.data, args.real, args.synthetic)
     raise AssertionError(s)
 
 

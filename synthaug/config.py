@@ -1,7 +1,7 @@
 """Typed, frozen configs for every stage, loaded from YAML with command-line overrides.
 
 One YAML file holds one section per stage (``ingest``, ``pretrain``, ``finetune``,
-``sample``, ``evaluate``, ``classify``, ``sweep``, ``ray``) plus top-level run fields.
+``sample``, ``evaluate``, ``classify``, ``pseudolabel``, ``filter``, ``sweep``, ``ray``) plus top-level run fields.
 Each section is a frozen dataclass; every field carries a one-line ``help`` that the
 README's config reference is generated from (``synthaug config-reference``).
 
@@ -186,6 +186,35 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class PseudoLabelConfig:
+    """The pseudo-label baseline: a teacher trained on the labelled set labels the unlabelled pool."""
+
+    enabled: bool = _f(True, "`synthaug run`: run the pseudo-label baseline when the run has an unlabelled pool (its row in the summary).")
+    select: Literal["threshold", "top_fraction"] = _f("threshold", "Which pool rows to keep: 'threshold' (top probability >= threshold) or 'top_fraction' (per predicted class, that share of its rows, most confident first).")
+    threshold: float = _f(0.8, "select 'threshold': keep a pool row when the teacher's top class probability is >= this.")
+    top_fraction: float = _f(0.5, "select 'top_fraction': per predicted class, keep this share of its rows (most confident first, ties by id hash).")
+    teacher_seed: int = _f(0, "Seed of the teacher: the real-only classifier (classify.*, labelled set) that labels the pool and filters synthetic images; the same run as `synthaug classify --ratio 0` with that seed.")
+    with_synthetic: bool = _f(False, "Also train on labelled + pseudo-labelled + synthetic (sample.guidance_scale, the headline ratio) and report it.")
+    batch_size: int = _f(256, "Images per teacher inference batch (Ray Data actor pool); results do not depend on it.")
+    min_actors: int = _f(1, "Teacher inference actor pool minimum size.")
+    max_actors: int = _f(1, "Teacher inference actor pool maximum size.")
+    num_gpus_per_actor: float = _f(0.0, "GPUs per teacher inference actor (1 on a GPU cluster).")
+
+    def __post_init__(self) -> None:
+        _check_pseudolabel(self, _prefix(self))
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Confidence filtering of synthetic sets by the teacher (pseudolabel.teacher_seed) before mixing."""
+
+    tau: float = _f(0.0, "Keep a synthetic image only if the teacher gives its intended class a probability >= tau; 0 = off (every image kept). The filtered set is a keyed dataset that the sweep and the mixtures use; the share kept per class is in the summary.")
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.tau <= 1.0, f"config key '{_prefix(self)}tau' must be in [0, 1] (0 = off)")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Ray Tune grid over guidance scale x mixing ratio (x seed)."""
 
@@ -224,6 +253,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Sampling stage."})
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "Evaluation stage."})
     classify: ClassifyConfig = field(default_factory=ClassifyConfig, metadata={"help": "Classifier stage."})
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig, metadata={"help": "Pseudo-label baseline."})
+    filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "Confidence filtering of synthetic sets."})
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": "Sweep stage."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray connection."})
 
@@ -368,7 +399,8 @@ def reference_markdown(cls: type = Config, prefix: str = "") -> str:
 _PREFIX: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthaug_config_prefix", default=None)
 # The key prefix of a section built directly (SampleConfig(...)), for the messages.
 _DEFAULT_PREFIX = {"IngestConfig": "ingest.", "TrainGenConfig": "", "SampleConfig": "sample.", "EvaluateConfig": "evaluate.",
-                   "ClassifyConfig": "classify.", "SweepConfig": "sweep.", "RayConfig": "ray."}
+                   "ClassifyConfig": "classify.", "PseudoLabelConfig": "pseudolabel.",
+                   "FilterConfig": "filter.", "SweepConfig": "sweep.", "RayConfig": "ray."}
 
 
 def _prefix(section: Any) -> str:
@@ -489,6 +521,15 @@ def _check_classify(c: ClassifyConfig, p: str) -> None:
     _check(0.0 < c.model_ema_decay < 1.0, f"config key '{p}model_ema_decay' must be in (0, 1)")
     _check(c.warmup_epochs >= 0, f"config key '{p}warmup_epochs' must be >= 0")
     _check(c.max_failures >= 0, f"config key '{p}max_failures' must be >= 0")
+
+
+def _check_pseudolabel(c: PseudoLabelConfig, p: str) -> None:
+    _check_choices(c, p)
+    _check(0.0 <= c.threshold <= 1.0, f"config key '{p}threshold' must be in [0, 1]")
+    _check(0.0 < c.top_fraction <= 1.0, f"config key '{p}top_fraction' must be in (0, 1]")
+    _check(c.batch_size >= 1, f"config key '{p}batch_size' must be >= 1")
+    _check(1 <= c.min_actors <= c.max_actors, f"config keys '{p}min_actors' <= '{p}max_actors', both >= 1")
+    _check(c.num_gpus_per_actor >= 0, f"config key '{p}num_gpus_per_actor' must be >= 0")
 
 
 def _check_sweep(w: SweepConfig, p: str) -> None:

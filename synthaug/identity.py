@@ -30,6 +30,10 @@ NOT_RESULT: dict[str, frozenset] = {
                             "gradient_checkpointing"}),
     "classify": frozenset({"max_failures", "checkpoint_every", "cache", "seeds", "use_gpu"}),
     "evaluate": frozenset({"batch_size", "min_actors", "max_actors", "num_gpus_per_actor", "near_copy_chunk"}),
+    # Whether the baseline runs and how inference is placed; the selection (select, threshold or
+    # top_fraction) and the teacher (teacher_seed, through the teacher's own key) change the set.
+    "pseudolabel": frozenset({"enabled", "with_synthetic", "batch_size", "min_actors", "max_actors",
+                              "num_gpus_per_actor", "teacher_seed"}),
 }
 
 

@@ -9,6 +9,9 @@ Run layout (``work_dir`` is git-ignored; ``results_dir`` holds what a reader loo
     <work_dir>/<name>/ray/                   Ray Train / Tune storage (checkpoints)
     <work_dir>/<name>/latents/<key>/         latent caches of the latent families (``*.latent_cache``)
     <work_dir>/<name>/extractor/             in-domain feature extractor (classifier)
+    <work_dir>/<name>/classify/              classifier runs; classify/model is the teacher (real-only, labelled set)
+    <work_dir>/<name>/pseudolabel/sets/<key>/  pseudo-labelled pool rows (contract dataset); student runs beside
+    <work_dir>/<name>/filtered/<key>/        synthetic sets filtered by the teacher's confidence (contract datasets)
     <work_dir>/samples/<key>/                sampled sets, keyed by content (shared by runs)
     <results_dir>/<name>/                    metrics.json, summary.md, plots, grids, sweep table
 """
@@ -170,11 +173,65 @@ def stage_evaluate(cfg: Config, real: str | Path, synthetic: str | Path, extract
     return metrics
 
 
+def stage_teacher(cfg: Config, train: str | None = None, val: str | None = None) -> dict:
+    """The real-only classifier on the labelled set (seed ``pseudolabel.teacher_seed``), exported.
+
+    Keyed like ``synthaug classify --ratio 0`` with that seed, in the same place, so either
+    reuses the other's run. Returns ``{"model", "key", "metrics"}``.
+    """
+    from synthaug.classify.pseudolabel import train_teacher
+
+    p = RunPaths(cfg)
+    return train_teacher(cfg, str(train or p.data("train")), str(val or p.data("val")), storage.join(p.work, "classify"))
+
+
+def stage_pseudolabel(cfg: Config, train: str | None = None, val: str | None = None, pool: str | None = None,
+                      teacher: dict | None = None, synthetic: str | None = None, ratio: float = 1.0) -> dict:
+    """The pseudo-label baseline: teacher -> label the pool (streamed) -> students per seed.
+
+    Returns the pseudo-labelled set's location and figures and each student's metrics
+    (``students``; with ``synthetic``, also ``combined``: labelled + pseudo-labelled +
+    ``ratio`` x synthetic).
+    """
+    from synthaug.classify import pseudolabel as PL
+
+    p = RunPaths(cfg)
+    train, val, pool = str(train or p.data("train")), str(val or p.data("val")), str(pool or p.data("pool"))
+    teacher = teacher or stage_teacher(cfg, train, val)
+    runs = storage.join(p.work, "pseudolabel")
+    out = storage.join(runs, "sets", PL.pseudolabel_key(cfg, teacher, pool)[:16])
+    m = PL.label_pool(cfg, teacher, pool, out)
+    result = {
+        "dataset": out, "n_pseudo": int(m["num_rows"]), "pool_rows": int(m["pool_rows"]),
+        "kept_share": int(m["num_rows"]) / max(1, int(m["pool_rows"])), "pseudo_counts": dict(m["counts"]),
+        "selection": m["selection"], "teacher_top1": float(teacher["metrics"]["top1"]),
+        "students": PL.train_students(cfg, train, val, out, runs),
+    }
+    if synthetic is not None:
+        result["combined"] = PL.train_students(cfg, train, val, out, runs, synthetic=str(synthetic), ratio=ratio)
+        result["combined_ratio"] = float(ratio)
+    return result
+
+
+def stage_filter(cfg: Config, synthetic: str, teacher: dict | None = None) -> tuple[str, dict]:
+    """``synthetic`` filtered by the teacher's confidence (``filter.tau``): (location, manifest)."""
+    from synthaug.classify import pseudolabel as PL
+
+    p = RunPaths(cfg)
+    teacher = teacher or stage_teacher(cfg)
+    out = storage.join(p.work, "filtered", PL.filter_key(cfg, teacher, str(synthetic))[:16])
+    return out, PL.filter_synthetic(cfg, teacher, str(synthetic), out)
+
+
 # ----------------------------------------------------------------------------- the default run
 
 
 def run_all(cfg: Config) -> dict:
-    """Ingest -> pretrain -> fine-tune -> sample -> evaluate -> classifiers -> sweep -> report.
+    """Ingest -> pretrain -> fine-tune -> sample (-> filter) -> evaluate -> sweep -> pseudo-label -> report.
+
+    With ``filter.tau > 0`` the sweep (and every mixture) uses the filtered sets; the
+    generator-quality rows still measure the sets as sampled. The pseudo-label baseline
+    runs when ``pseudolabel.enabled`` and the run has an unlabelled pool.
 
     The report and the sweep draw their plots with matplotlib into local files, so when
     ``results_dir`` is an object store they are written into a local temporary directory
@@ -204,6 +261,14 @@ def run_all(cfg: Config) -> dict:
         cw = replace(cfg, sample=replace(cfg.sample, guidance_scale=w))
         sets[w], _ = timer(f"sample w={w:g}", stage_sample, cw)
 
+    # Confidence filtering: the sweep mixes the filtered sets (keyed datasets of their own).
+    teacher, filtered = None, {}
+    mix_sets = dict(sets)
+    if cfg.filter.tau > 0:
+        teacher = timer("teacher", stage_teacher, cfg)
+        for w, d in sets.items():
+            mix_sets[w], filtered[w] = timer(f"filter w={w:g}", stage_filter, cfg, d, teacher)
+
     extractor = timer("extractor", stage_extractor, cfg)
     fidelity_rows = []
     for w, d in sets.items():
@@ -212,9 +277,18 @@ def run_all(cfg: Config) -> dict:
         fidelity_rows.append({"guidance_scale": w, **m})
 
     sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(sorted(sets))))
-    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), sets, storage.join(out.results, "sweep"),
+    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), mix_sets, storage.join(out.results, "sweep"),
                   name=cfg.sweep.name, storage_dir=p.ray)
-    metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds)
+
+    pseudo = None
+    if cfg.pseudolabel.enabled and is_complete(p.data("pool")):
+        teacher = teacher or timer("teacher", stage_teacher, cfg)
+        w0 = float(cfg.sample.guidance_scale)
+        combo = mix_sets[w0] if cfg.pseudolabel.with_synthetic else None
+        pseudo = timer("pseudolabel", stage_pseudolabel, cfg, teacher=teacher, synthetic=combo,
+                       ratio=report.headline_ratio(cfg.sweep.ratios))
+    metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds,
+                    pseudo=pseudo, filtered=filtered)
     dump_config(cfg, out.results)
     if staging:
         storage.upload_dir(out.results, p.results)

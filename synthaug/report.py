@@ -95,8 +95,51 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets: dict, seconds: dict) -> dict:
-    """Write ``<results>/<name>/{metrics.json, summary.md, *.png}``; returns the flat metrics."""
+def headline_ratio(ratios) -> float:
+    """The headline's synthetic:real ratio: 1 when the grid has it, else its smallest positive ratio."""
+    rs = {float(r) for r in ratios}
+    return 1.0 if 1.0 in rs else float(sorted(rs - {0.0})[0]) if rs - {0.0} else 0.0
+
+
+def _paired_row(real, runs: list[dict]) -> dict:
+    """Mean/std of ``runs``' top-1 and their paired difference (by seed) against ``real`` (a seed -> top1 Series)."""
+    import pandas as pd
+
+    top1 = pd.Series({int(r["seed"]): float(r["top1"]) for r in runs})
+    diffs = (top1 - real.reindex(top1.index)).dropna()
+    (m, sd), (dm, dsd) = _mean_std(top1), _mean_std(diffs) if len(diffs) else (float("nan"), float("nan"))
+    return {"mean": m, "std": sd, "gain_mean": dm, "gain_std": dsd, "n_paired": len(diffs),
+            "within": not (len(diffs) > 1 and abs(dm) > dsd)}
+
+
+def _verdict(row: dict) -> str:
+    if row["n_paired"] < 2:
+        return "one seed: noise cannot be judged"
+    if row["within"]:
+        return "within seed noise"
+    return "beyond seed noise" if row["gain_mean"] > 0 else "a loss beyond seed noise"
+
+
+def _kept_markdown(kept: dict, tau: float) -> list[str]:
+    """The share of each class's synthetic images that confidence filtering kept, per guidance."""
+    names = list(next(iter(kept.values())))
+    lines = [f"## Confidence filtering (tau = {tau:g})", "",
+             "Share of each class's synthetic images kept (teacher probability of the intended class >= tau); "
+             "the sweep and the mixtures used the filtered sets.", "",
+             "| w | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for w, shares in sorted(kept.items()):
+        lines.append(f"| {w:g} | " + " | ".join(_fmt(shares[n], 2) for n in names) + " |")
+    return lines + [""]
+
+
+def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets: dict, seconds: dict,
+                     pseudo: dict | None = None, filtered: dict | None = None) -> dict:
+    """Write ``<results>/<name>/{metrics.json, summary.md, *.png}``; returns the flat metrics.
+
+    ``pseudo``: what ``pipeline.stage_pseudolabel`` returned (the pseudo-label row, paired
+    by seed with the sweep's real-only runs); ``filtered``: guidance -> the filtered set's
+    manifest (the share kept per class).
+    """
     out = str(paths.results)
     summary = sweep.attrs["summary"]
     w0 = float(cfg.sample.guidance_scale)
@@ -104,7 +147,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
 
     # Headline: real-only vs real + synthetic (ratio 1 at the headline guidance), paired by seed.
     real = sweep[sweep.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
-    ratio = 1.0 if 1.0 in set(sweep.ratio) else float(sorted(set(sweep.ratio) - {0.0})[0])
+    ratio = headline_ratio(sweep.ratio)
     mixed = sweep[(sweep.guidance == w0) & (sweep.ratio == ratio)].set_index("seed")["top1"]
     diffs = (mixed - real.reindex(mixed.index)).dropna()
     real_m, real_s = _mean_std(real)
@@ -128,6 +171,33 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
             metrics[f"{k}_{tag}"] = r.get(k)
     metrics.update({k: head.get(k) for k in ("n_real", "n_synthetic", "extractor", "extractor_hash",
                                              "kid_subset_size", "fid_small_sample_warning", "near_copy_threshold")})
+    # The pseudo-label baseline (and its combination with synthetic images), paired with real-only by seed.
+    pl_rows = []  # (label, row)
+    if pseudo is not None:
+        pl_rows.append((f"pseudo-label ({pseudo['n_pseudo']} of {pseudo['pool_rows']} pool images)",
+                        _paired_row(real, pseudo["students"])))
+        metrics.update({"pseudo_label_n": pseudo["n_pseudo"], "pseudo_label_pool_rows": pseudo["pool_rows"],
+                        "pseudo_label_kept_share": pseudo["kept_share"], "pseudo_label_teacher_top1": pseudo["teacher_top1"],
+                        "pseudo_label_selection": " ".join(f"{k}={v}" for k, v in pseudo["selection"].items())})
+        for k, v in pl_rows[0][1].items():
+            metrics[f"pseudo_label_top1_{k}" if k in ("mean", "std") else f"pseudo_label_{k}"] = v
+        if "combined" in pseudo:
+            row = _paired_row(real, pseudo["combined"])
+            filt = f", filtered at tau={cfg.filter.tau:g}" if filtered else ""
+            pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, w={w0:g}{filt})", row))
+            for k, v in row.items():
+                metrics[f"pseudo_plus_synthetic_top1_{k}" if k in ("mean", "std") else f"pseudo_plus_synthetic_{k}"] = v
+    kept = {}
+    if filtered:
+        from synthaug.classify.pseudolabel import kept_per_class
+
+        metrics["filter_tau"] = float(cfg.filter.tau)
+        for w, m in sorted(filtered.items()):
+            kept[w] = kept_per_class(m)
+            metrics[f"filter_kept_share_w{w:g}"] = m["num_rows"] / max(1, sum(m["counts_before"].values()))
+            for c, v in kept[w].items():
+                metrics[f"filter_kept_share_w{w:g}_{c}"] = v
+
     metrics.update({f"seconds_{k.split()[0]}_{k.split('=')[-1]}" if "=" in k else f"seconds_{k}": v
                     for k, v in seconds.items()})
     metrics["seconds_total"] = round(sum(seconds.values()), 1)
@@ -160,13 +230,24 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "## Headline: does synthetic data help?", "",
         "| training set | top-1 on real val (mean ± std over seeds) |", "| --- | --- |",
         f"| real only | {_fmt(real_m)} ± {_fmt(real_s)} |",
-        f"| real + synthetic (1:{ratio:g}, w={w0:g}) | {_fmt(mix_m)} ± {_fmt(mix_s)} |",
+        f"| real + synthetic (1:{ratio:g}, w={w0:g}{', filtered at tau=' + format(cfg.filter.tau, 'g') if filtered else ''}) "
+        f"| {_fmt(mix_m)} ± {_fmt(mix_s)} |",
+        *[f"| {label} | {_fmt(r['mean'])} ± {_fmt(r['std'])} |" for label, r in pl_rows],
         f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
         "",
         f"Paired gain of real + synthetic over real only: **{_fmt(gain_m)} ± {_fmt(gain_s)} points** over {len(diffs)} seeds"
         + (" — one seed: noise cannot be judged." if len(diffs) < 2 else
            " — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
         "",
+        *[line for label, r in pl_rows for line in (
+            f"Paired gain of {label} over real only: **{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} points** over "
+            f"{r['n_paired']} seeds — {_verdict(r)}.", "")],
+        *([f"Pseudo-labels: a teacher trained on the labelled set (real only, seed {cfg.pseudolabel.teacher_seed}, "
+           f"top-1 {_fmt(pseudo['teacher_top1'])}) labelled the unlabelled pool; kept "
+           + ("rows with top probability >= " + format(cfg.pseudolabel.threshold, "g") if cfg.pseudolabel.select == "threshold"
+              else f"the top {cfg.pseudolabel.top_fraction:g} of each predicted class")
+           + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
+           "real only (an epoch is |labelled| images).", ""] if pseudo is not None else [""]),
         f"Sweep (guidance x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
         "## Generator quality per guidance scale", "",
         f"Extractor: `{head.get('extractor')}` (a classifier trained on the real train split), reference set: real val "
@@ -187,6 +268,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "percentile of real-val-to-train distances. A set that copied its training data would score near 1; "
         f"real val itself scores {cfg.evaluate.near_copy_percentile / 100:.2f} by construction.", "",
         f"## Per class (w={w0:g})", "", per_class_markdown(per_class) if per_class else "(no per-class data)", "",
+        *(_kept_markdown(kept, cfg.filter.tau) if kept else []),
         "## Files", "",
         "- `metrics.json` / `metrics.md`: every number above, flat keys",
         "- `sweep/`: the Ray Tune table (`sweep.csv`, `sweep.parquet`), `heatmap.png`, `accuracy_vs_ratio.png`, `summary.md`",

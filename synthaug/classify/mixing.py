@@ -13,6 +13,10 @@ The mixing model (Azizi et al. 2023 train on real plus a multiple of it in synth
   The choice depends only on the rows' (id, label), never on shards or row order.
 * r = 0 is the real set alone; ``synthetic_only`` keeps only the synthetic part, sized as
   for r (or every synthetic row when r = 0).
+* ``extra`` (optional) is a labelled set added whole, e.g. the pseudo-labelled pool
+  rows (``synthaug.classify.pseudolabel``). It does not count as real: an epoch stays
+  ``|real|`` images, so labelled + pseudo-labelled (+ synthetic) training gets the same
+  optimiser steps as real-only, as a synthetic ratio does.
 
 Two steps, so that no process holds a dataset:
 
@@ -69,6 +73,8 @@ class Mixture:
     class_names: tuple
     image_size: tuple
     channels: int
+    extra: str | None = None  # a labelled set added whole (pseudo-labelled pool rows); not counted in n_real
+    n_extra: int = 0
 
     @property
     def n_synthetic(self) -> int:
@@ -76,7 +82,7 @@ class Mixture:
 
     @property
     def num_rows(self) -> int:
-        return self.n_real + self.n_synthetic
+        return self.n_real + self.n_synthetic + self.n_extra
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -124,15 +130,30 @@ def keys(ids, labels, seed: int) -> np.ndarray:
 def _check_classes(real_m: dict, syn_m: dict, where: str) -> None:
     r, s = list(real_m["class_names"]), list(syn_m["class_names"])
     if sorted(r) != sorted(s):
-        raise InputValueError(f"{where}: synthetic class names {sorted(s)} do not match the real class names {sorted(r)}")
+        raise InputValueError(f"{where}: class names {sorted(s)} do not match the real class names {sorted(r)}")
     if r != s:
         bad = [n for i, n in enumerate(r) if s.index(n) != i]
-        pairs = ", ".join(f"{n!r}: real {r.index(n)} vs synthetic {s.index(n)}" for n in bad)
-        raise InputValueError(f"{where}: synthetic labels differ from the real ones for class {pairs}")
+        pairs = ", ".join(f"{n!r}: real {r.index(n)} vs {s.index(n)}" for n in bad)
+        raise InputValueError(f"{where}: labels differ from the real ones for class {pairs}")
 
 
-def plan_mixture(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_only: bool = False) -> Mixture:
-    """Check the inputs from their manifests and fix which synthetic rows the mixture keeps."""
+def plan_mixture(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_only: bool = False,
+                 extra: str | None = None) -> Mixture:
+    """Check the inputs from their manifests and fix which synthetic rows the mixture keeps.
+
+    ``extra``: a labelled contract dataset whose rows are all added (see the module docstring).
+    """
+    spec = _plan(real, synthetic, ratio, seed, synthetic_only)
+    if extra is None:
+        return spec
+    if synthetic_only:
+        raise InputValueError("a synthetic-only mixture (CAS) takes no extra set")
+    extra_m = read_manifest(extra)
+    _check_classes(read_manifest(real), extra_m, f"extra set {extra}")
+    return dataclasses.replace(spec, extra=str(extra), n_extra=int(extra_m["num_rows"]))
+
+
+def _plan(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_only: bool) -> Mixture:
     ratio = float(ratio)
     if not np.isfinite(ratio) or ratio < 0:
         raise InputValueError(f"mixing ratio must be >= 0, got {ratio}")
@@ -272,7 +293,7 @@ def _base(table: pa.Table) -> pa.Table:
 
 
 def mixture_dataset(spec: Mixture | Any, **read_kwargs):
-    """The mixture as a lazy Ray Dataset of the base columns (real rows, then the kept synthetic rows).
+    """The mixture as a lazy Ray Dataset of the base columns (real rows, the kept synthetic rows, the extra rows).
 
     ``read_kwargs`` go to ``read_parquet`` (e.g. ``shuffle=FileShuffleConfig(seed)``).
     """
@@ -285,6 +306,9 @@ def mixture_dataset(spec: Mixture | Any, **read_kwargs):
     if spec.synthetic is not None and spec.thresholds:
         parts.append(read_ray(spec.synthetic, columns=list(BASE_COLUMNS), **read_kwargs)
                      .map_batches(_keep_synthetic, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None))
+    if getattr(spec, "extra", None) is not None and spec.n_extra:
+        parts.append(read_ray(spec.extra, columns=list(BASE_COLUMNS), **read_kwargs)
+                     .map_batches(_base, batch_format="pyarrow", batch_size=None))
     if not parts:
         raise InputValueError("the mixture has no rows")
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

@@ -70,7 +70,7 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
 def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int) -> tuple[str, dict]:
     """The content key of one classifier run, and the inputs it covers (see ``synthaug.identity``).
 
-    Inputs: the mixture by content (the real and synthetic sets' hashes, the per-class
+    Inputs: the mixture by content (the real, synthetic and extra sets' hashes, the per-class
     thresholds and counts), the val set's hash and the pretrained weights' hash; config:
     every ``classify`` field that changes the result (not retries, checkpoint cadence or
     caching), the seed, the class names and channels.
@@ -87,6 +87,8 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
         "val": identity.dataset_hash(str(val_dir)),
         "pretrained": sha256_file(cfg.pretrained_path) if cfg.pretrained_path else None,
     }
+    if getattr(spec, "extra", None) is not None:  # only then: the keys of runs without one stay as they were
+        inputs["extra"] = identity.dataset_hash(spec.extra)
     key = identity.artifact_key("classify", identity.config_fields("classify", cfg), inputs, seed=int(seed),
                                 class_names=list(class_names), in_chans=int(in_chans))
     return key, inputs
