@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not installed
 
-from synthaug.cli import main  # noqa: E402
+from synthaug.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["pseudolabel", *sys.argv[1:]]))
+    entry(["pseudolabel", *sys.argv[1:]])
