@@ -74,12 +74,17 @@ def _shift(vae: nn.Module) -> float:
 
 
 @torch.no_grad()
-def vae_encode(gen: Generator, x: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+def vae_encode(gen: Generator, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32.
+
+    A draw from the VAE's posterior (training), or its mean when ``deterministic``
+    (image-to-image sources, diffusers' ``sample_mode="argmax"``).
+    """
     vae = gen.components["vae"]
     if x.shape[1] != vae.config.in_channels:  # grayscale: repeat the channel
         x = x.expand(-1, vae.config.in_channels, -1, -1)
-    z = vae.encode(x.to(vae.dtype)).latent_dist.sample()
+    dist = vae.encode(x.to(vae.dtype)).latent_dist
+    z = dist.mode() if deterministic else dist.sample()
     return ((z - _shift(vae)) * vae.config.scaling_factor).float()
 
 
