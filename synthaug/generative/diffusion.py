@@ -93,6 +93,19 @@ def img2img_start(steps: int, strength: float) -> int:
     return steps - init_timestep
 
 
+def noised_source(gen, sched, init: torch.Tensor, noise: torch.Tensor, steps: int,
+                  strength: float) -> tuple[torch.Tensor, list[int]]:
+    """Image-to-image start: the source ``init`` (B, C, H, W) encoded and noised with ``noise``
+    (B, *latent_shape) by ``sched.add_noise`` to the strength's first timestep; returns it and the
+    timesteps still to run. ``sched`` has had ``set_timesteps(steps)``; its begin index is set here."""
+    start = img2img_start(steps, strength) * sched.order
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    z0 = gen.encode(init.float(), deterministic=True)  # (B, *latent_shape)
+    first = sched.timesteps[start:start + 1].repeat(z0.shape[0]).to(z0.device)  # (B,)
+    return sched.add_noise(z0, noise.to(z0.dtype), first), [int(t) for t in sched.timesteps[start:]]
+
+
 def make_scheduler(sampler: str, scheduler_config: dict):
     """A diffusers scheduler for ``sampler`` built from the generator's training schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -165,14 +178,7 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
         x = x * sched.init_noise_sigma
         timesteps = [int(t) for t in sched.timesteps]
     else:
-        # Start from the source noised to the strength's timestep; only the later steps run.
-        start = img2img_start(steps, strength) * sched.order
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
-        z0 = gen.encode(init.to(device=device, dtype=torch.float32), deterministic=True)  # (B, *latent_shape)
-        first = sched.timesteps[start:start + 1].repeat(x.shape[0])  # (B,)
-        x = sched.add_noise(z0, x, first.to(z0.device))
-        timesteps = [int(t) for t in sched.timesteps[start:]]
+        x, timesteps = noised_source(gen, sched, init.to(device), x, steps, strength)
     prediction_type = gen.scheduler_config.get("prediction_type", "epsilon")
     clip = bool(gen.scheduler_config.get("clip_sample", True))
     for i, t in enumerate(timesteps):
