@@ -113,7 +113,7 @@ class SampleConfig:
     seed: int = _f(0, "Global seed; each image's seed derives from (seed, class, index).")
     compile: bool = _f(False, "torch.compile the denoiser in each sampling actor (slow first batches; part of the output's content key).")
     init: Literal["noise", "real"] = _f("noise", "Where sampling starts: 'noise' (text-to-image) or 'real' (image-to-image, SDEdit): a real train image of the class noised to `strength`.")
-    strength: float = _f(0.5, "init 'real': noise strength s in (0, 1]; int(steps * s) of the steps run, from the source noised to that step's level (1 = pure noise, still conditioned on nothing but the class).")
+    strength: float = _f(0.5, "init 'real': noise strength s in (0, 1]: the source is noised to the level of the schedule's step steps - int(steps * s) and only the last int(steps * s) steps run (small s: close to the source; 1: nearly text-to-image).")
     source: str = _f("", "init 'real': the real contract dataset the sources come from; '' = the run's train split (<work_dir>/<name>/data/train). Sample i of class c starts from the class's image at position i mod n_c in an order seeded by `seed`.")
 
     def __post_init__(self) -> None:
