@@ -21,7 +21,7 @@ from synthaug import cli, storage
 from synthaug.artifacts import DatasetError, read_manifest, read_table
 from synthaug.config import ConfigError, SampleConfig, load_config
 from synthaug.data.images import decode_batch, to_float
-from synthaug.generative import models, sample
+from synthaug.generative import models, sample, sources
 from synthaug.generative.diffusion import sample_images
 from synthaug.generative.tiny import TINY_FAMILIES, save_tiny_base
 
@@ -98,20 +98,20 @@ def test_pixel_core_stays_near_the_source_at_low_strength(exports, digits_dirs, 
     gen = models.load_generator(exports["unet"], require_manifest=True)
     x, labels = _sources(digits_dirs["train"])
     seeds = [1, 2, 3]
-    run = lambda s, init=x: sample_images(gen, labels, seeds, guidance_scale=2.0, sampler=sampler, steps=50,  # noqa: E731
-                                          init=init, strength=s)
-    near, mid = run(0.02), run(0.5)  # 1 and 25 of the 50 steps
+    run = lambda s, steps=10: sample_images(gen, labels, seeds, guidance_scale=2.0, sampler=sampler,  # noqa: E731
+                                            steps=steps, init=x, strength=s)
+    near, mid = run(0.02, 50), run(0.5)  # 1 of 50 steps, 5 of 10
     d_near, d_mid = float((near - x).abs().mean()), float((mid - x).abs().mean())
     assert d_near < 0.08 < d_mid, (d_near, d_mid)
     # The same seeds give the same images however the batch is cut.
-    parts = torch.cat([sample_images(gen, labels[i:i + 2], seeds[i:i + 2], guidance_scale=2.0, sampler=sampler, steps=50,
+    parts = torch.cat([sample_images(gen, labels[i:i + 2], seeds[i:i + 2], guidance_scale=2.0, sampler=sampler, steps=10,
                                      init=x[i:i + 2], strength=0.5) for i in (0, 2)])
     assert torch.allclose(parts, mid, atol=1e-4)
     if sampler == "ddim":
         # At strength 1 every step runs from t = 999, where the cosine schedule keeps a few thousandths of
         # the source: the images are (nearly) those of text-to-image sampling with the same seeds.
         full = run(1.0)
-        noise = sample_images(gen, labels, seeds, guidance_scale=2.0, sampler=sampler, steps=50)
+        noise = sample_images(gen, labels, seeds, guidance_scale=2.0, sampler=sampler, steps=10)
         assert float((full - noise).abs().mean()) < 0.01 and float((full - noise).abs().max()) < 0.06
         assert float((full - x).abs().mean()) > 0.3
 
@@ -152,11 +152,11 @@ def test_latent_core_follows_its_source(exports, digits_dirs, family):
         z = gen.encode(x, deterministic=True)
         assert torch.equal(z, gen.encode(x, deterministic=True)) and not torch.equal(gen.encode(x), gen.encode(x))
         rec = gen.decode(z).clamp(-1, 1)  # what the random-weight VAE makes of each source
-    run = lambda s, init=x: sample_images(gen, labels, [1, 2, 3, 4], guidance_scale=2.0, steps=50,  # noqa: E731
-                                          init=init, strength=s)
-    near, full = run(0.02), run(1.0)
+    run = lambda s, steps, init=x: sample_images(gen, labels, [1, 2, 3, 4], guidance_scale=2.0,  # noqa: E731
+                                                 steps=steps, init=init, strength=s)
+    near, full = run(0.02, 50), run(1.0, 10)  # 1 of 50 steps, 10 of 10
     assert float((near - rec).abs().mean()) < float((full - rec).abs().mean())
-    assert not torch.allclose(run(0.02, x.flip(0)), near, atol=1e-3)  # another source, another image
+    assert not torch.allclose(run(0.02, 50, x.flip(0)), near, atol=1e-3)  # another source, another image
 
 
 # ----------------------------------------------------------------------------- the sources
@@ -164,27 +164,27 @@ def test_latent_core_follows_its_source(exports, digits_dirs, family):
 
 def test_source_of_each_sample_is_a_seeded_cycle_over_the_class(ray_session, digits_dirs):
     train = str(digits_dirs["train"])
-    idx = sample.source_index(train, seed=0)
+    idx = sources.source_index(train, seed=0)
     t = read_table(train)
     assert idx.num_rows == t.num_rows and idx.column_names == ["label", "id", "shard"]
     by_class = {c: sorted(i for i, y in zip(t.column("id").to_pylist(), t.column("label").to_pylist()) if y == c)
                 for c in range(10)}
     for c in (0, 7):
-        ids, shards = sample.source_rows(idx, c, 0, 25)
+        ids, shards = sources.source_rows(idx, c, 0, 25)
         n = len(by_class[c])
         assert sorted(ids[:n]) == by_class[c]  # one pass over the class before any repeat
         assert ids[n:] == ids[:25 - n] and len(set(ids)) == n  # then the same order again (i mod n_c)
         # The order is the seeded key's, computed independently here.
-        keys = sample.source_order_key(0, by_class[c])
+        keys = sources.source_order_key(0, by_class[c])
         assert ids[:n] == [i for _, i in sorted(zip(keys.tolist(), by_class[c]))]
         # A chunk's slice is the same as the whole range's: nothing depends on chunking.
-        assert sample.source_rows(idx, c, 13, 17)[0] == ids[13:17]
-        pngs = sample.read_sources(storage.resolve(train)[0], ids[:4], shards[:4])
+        assert sources.source_rows(idx, c, 13, 17)[0] == ids[13:17]
+        pngs = sources.read_sources(storage.resolve(train)[0], ids[:4], shards[:4])
         want = dict(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
         assert pngs == [want[i] for i in ids[:4]]
-    other = sample.source_index(train, seed=1)
-    assert sample.source_rows(other, 0, 0, 10)[0] != sample.source_rows(idx, 0, 0, 10)[0]  # the seed reorders
-    assert sorted(sample.source_rows(other, 0, 0, 10)[0]) == sorted(sample.source_rows(idx, 0, 0, 10)[0])
+    other = sources.source_index(train, seed=1)
+    assert sources.source_rows(other, 0, 0, 10)[0] != sources.source_rows(idx, 0, 0, 10)[0]  # the seed reorders
+    assert sorted(sources.source_rows(other, 0, 0, 10)[0]) == sorted(sources.source_rows(idx, 0, 0, 10)[0])
 
 
 # ----------------------------------------------------------------------------- through the actor pool
@@ -207,12 +207,12 @@ def test_img2img_set_is_invariant_to_pool_and_chunking_and_records_its_sources(r
 
     # Provenance: each row names its source, the class's image at position i mod 10 of the seeded order.
     rows = read_table(a)
-    idx = sample.source_index(train, seed=0)
+    idx = sources.source_index(train, seed=0)
     real = read_table(train)
     real_label = dict(zip(real.column("id").to_pylist(), real.column("label").to_pylist()))
     for r in rows.to_pylist():
         c, i = r["label"], int(r["id"].rsplit("-", 1)[1])
-        assert r["source_id"] == sample.source_rows(idx, c, i, i + 1)[0][0] and real_label[r["source_id"]] == c
+        assert r["source_id"] == sources.source_rows(idx, c, i, i + 1)[0][0] and real_label[r["source_id"]] == c
         assert r["strength"] == 0.5 and r["seed"] == sample.sample_seed(0, c, i)
     used = {c: {r["source_id"] for r in rows.to_pylist() if r["label"] == c} for c in (0, 7)}
     assert all(len(v) == 10 for v in used.values())  # every real image of the class is used
@@ -245,11 +245,11 @@ def test_latent_families_sample_img2img_sets(ray_session, exports, digits_dirs, 
     assert ma["num_rows"] == 20 and ma["columns"] == sample.columns(load_config(None, over).sample)
     rows = read_table(a).sort_by("id")
     local = sample.Sampler(str(exports[family]), {"steps": 4, "strength": 0.5, "init": "real"})
-    idx, fs = sample.source_index(train, 0), storage.resolve(train)[0]
+    idx, fs = sources.source_index(train, 0), storage.resolve(train)[0]
     for c in (0, 9):
         plan = sample.plan_rows(c, str(c), 0, 2, 0).to_pydict()
-        ids, shards = sample.source_rows(idx, c, 0, 2)
-        got = local({**plan, "source_id": ids, "source_image": sample.read_sources(fs, ids, shards)})
+        ids, shards = sources.source_rows(idx, c, 0, 2)
+        got = local({**plan, "source_id": ids, "source_image": sources.read_sources(fs, ids, shards)})
         mine = rows.filter(pa.compute.equal(rows.column("label"), c))
         assert got.column("source_id").to_pylist() == mine.column("source_id").to_pylist() == ids
         diff = np.abs(decode_batch(got.column("image").to_pylist()).astype(int)
