@@ -92,6 +92,13 @@ def check_generator_export(loc: str, what: str) -> dict:
     return m
 
 
+def check_sample(cfg: Config) -> None:
+    """Image-to-image: a real set named in ``sample.source`` is a complete dataset."""
+    s = cfg.sample
+    if s.init == "real" and s.source:
+        _dataset(s.source, "config key 'sample.source'")
+
+
 def check_classify(cfg: Config) -> None:
     from synthaug.classify.models import check_model_name
 
@@ -174,6 +181,8 @@ def check_inputs(cfg: Config, stage: str, args: Any = None) -> None:
     if stage == "run":
         for s in ("pretrain", "finetune"):
             check_generator_config(cfg, s)
+    if "sample" in uses:
+        check_sample(cfg)
     if "classify" in uses:
         check_classify(cfg)
     if "evaluate" in uses:

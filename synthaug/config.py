@@ -113,6 +113,9 @@ class SampleConfig:
     num_gpus_per_actor: float = _f(0.0, "GPUs per sampling actor (1 on a GPU cluster).")
     seed: int = _f(0, "Global seed; each image's seed derives from (seed, class, index).")
     compile: bool = _f(False, "torch.compile the denoiser in each sampling actor (slow first batches; part of the output's content key).")
+    init: Literal["noise", "real"] = _f("noise", "Where sampling starts: 'noise' (text-to-image) or 'real' (image-to-image, SDEdit): a real train image of the class noised to `strength`.")
+    strength: float = _f(0.5, "init 'real': noise strength s in (0, 1]: the source is noised to the level of the schedule's step steps - int(steps * s) and only the last int(steps * s) steps run (small s: close to the source; 1: nearly text-to-image).")
+    source: str = _f("", "init 'real': the real contract dataset the sources come from; '' = the run's train split (<work_dir>/<name>/data/train). Sample i of class c starts from the class's image at position i mod n_c in an order seeded by `seed`.")
 
     def __post_init__(self) -> None:
         _check_sample(self, _prefix(self))
@@ -487,6 +490,10 @@ def _check_sample(s: SampleConfig, p: str) -> None:
     _check(s.chunk_size >= 0, f"config key '{p}chunk_size' must be >= 0 (0 = {p}batch_size)")
     _check(1 <= s.min_actors <= s.max_actors, f"config keys '{p}min_actors' <= '{p}max_actors', both >= 1")
     _check(s.num_gpus_per_actor >= 0, f"config key '{p}num_gpus_per_actor' must be >= 0")
+    _check(0.0 < s.strength <= 1.0, f"config key '{p}strength' must be in (0, 1], got {s.strength}")
+    _check(s.init != "real" or int(s.steps * s.strength) >= 1,
+           f"config keys '{p}strength' x '{p}steps' = {s.strength} x {s.steps} leaves no denoising step "
+           f"(int(steps * strength) must be >= 1)")
 
 
 def _check_evaluate(e: EvaluateConfig, p: str) -> None:

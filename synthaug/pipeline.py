@@ -117,9 +117,13 @@ def stage_finetune(cfg: Config, data: str | Path | None = None, base: str | Path
 
 
 def stage_sample(cfg: Config, generator: str | None = None, out: str | None = None) -> tuple[str, dict]:
+    """Sample from this run's fine-tuned export (or ``generator``); image-to-image starts from
+    ``sample.source``, by default this run's labelled train split."""
     from synthaug.generative import sample
 
-    return sample.run(cfg, generator or RunPaths(cfg).generator("finetune"), out)
+    p = RunPaths(cfg)
+    source = (cfg.sample.source or p.data("train")) if cfg.sample.init == "real" else None
+    return sample.run(cfg, generator or p.generator("finetune"), out, source_dir=source)
 
 
 def stage_extractor(cfg: Config) -> str:

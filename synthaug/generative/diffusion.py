@@ -9,6 +9,13 @@ conditional and skips the unconditional pass; w = 0 is purely unconditional.
 
 Both work on pixels and call ``gen.encode`` / ``gen.decode`` at the edges, so a latent
 family diffuses in its VAE's latent space with the same code (identity for ``unet``).
+
+Image-to-image (SDEdit, as DA-Fusion uses it): given ``init`` pixels and a ``strength``
+s in (0, 1], sampling starts from the source encoded (the VAE's mean for latent
+families, so it needs no random draw) and noised with the scheduler's ``add_noise`` to
+the timestep at index ``steps - int(steps * s)`` of the schedule, and runs only the
+remaining steps (diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``). The
+noise is the sample's own seeded draw, as in text-to-image sampling.
 """
 
 from __future__ import annotations
@@ -81,6 +88,30 @@ def _guided(gen, x: torch.Tensor, t, labels: torch.Tensor, w: float) -> torch.Te
     return uncond + w * (cond - uncond)
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first timestep an image-to-image run denoises from (diffusers' ``get_timesteps``)."""
+    if not 0.0 < strength <= 1.0:
+        raise InputValueError(f"config key 'sample.strength' must be in (0, 1], got {strength}")
+    init_timestep = min(int(steps * strength), steps)
+    if init_timestep < 1:
+        raise InputValueError(f"config keys 'sample.strength' x 'sample.steps' = {strength} x {steps} leaves no "
+                              f"denoising step (int(steps * strength) must be >= 1)")
+    return steps - init_timestep
+
+
+def noised_source(gen, sched, init: torch.Tensor, noise: torch.Tensor, steps: int,
+                  strength: float) -> tuple[torch.Tensor, list[int]]:
+    """Image-to-image start: the source ``init`` (B, C, H, W) encoded and noised with ``noise``
+    (B, *latent_shape) by ``sched.add_noise`` to the strength's first timestep; returns it and the
+    timesteps still to run. ``sched`` has had ``set_timesteps(steps)``; its begin index is set here."""
+    start = img2img_start(steps, strength) * sched.order
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    z0 = gen.encode(init.float(), deterministic=True)  # (B, *latent_shape)
+    first = sched.timesteps[start:start + 1].repeat(z0.shape[0]).to(z0.device)  # (B,)
+    return sched.add_noise(z0, noise.to(z0.dtype), first), [int(t) for t in sched.timesteps[start:]]
+
+
 def make_scheduler(sampler: str, scheduler_config: dict):
     """A diffusers scheduler for ``sampler`` built from the generator's training schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -130,11 +161,14 @@ def _ddpm_step(sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, g
 @torch.inference_mode()
 def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: float, sampler: str = "ddim",
                   steps: int = 50, ddpm_log_variance_v: float = 1.0, device: str | torch.device = "cpu",
-                  autocast_dtype: torch.dtype | None = None, counter: dict | None = None, scheduler=None) -> torch.Tensor:
+                  autocast_dtype: torch.dtype | None = None, counter: dict | None = None, scheduler=None,
+                  init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Sample one image per (label, seed); returns float pixels (B, C, H, W) in [-1, 1].
 
     ``scheduler``: a diffusers scheduler to step with instead of ``make_scheduler(sampler, ...)``
     (to compare constructions; not with ``sampler='ddpm'``, whose step is synthaug's own).
+    ``init``: source pixels (B, C, H, W) in [-1, 1] for image-to-image at ``strength``
+    (see the module docstring); None samples from pure noise (``strength`` unused).
     """
     if steps < 1:
         raise InputValueError("config key 'sample.steps' must be >= 1")
@@ -146,8 +180,11 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
     sched.set_timesteps(steps, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     x, gens = per_sample_noise(seeds, gen.latent_shape, device)  # (B, *latent_shape)
-    x = x * sched.init_noise_sigma
-    timesteps = [int(t) for t in sched.timesteps]
+    if init is None:
+        x = x * sched.init_noise_sigma
+        timesteps = [int(t) for t in sched.timesteps]
+    else:
+        x, timesteps = noised_source(gen, sched, init.to(device), x, steps, strength)
     prediction_type = gen.scheduler_config.get("prediction_type", "epsilon")
     clip = bool(gen.scheduler_config.get("clip_sample", True))
     for i, t in enumerate(timesteps):

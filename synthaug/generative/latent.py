@@ -74,13 +74,20 @@ def _shift(vae: nn.Module) -> float:
 
 
 @torch.no_grad()
-def vae_encode(gen: Generator, x: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+def vae_encode(gen: Generator, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32.
+
+    A draw from the VAE's posterior (training), or its mean when ``deterministic``
+    (image-to-image sources, diffusers' ``sample_mode="argmax"``).
+    """
     from synthaug.generative.latent_cache import sample_moments, vae_moments
 
-    # latent_dist.sample(), written out so that the latent cache draws exactly what this draws.
     vae = gen.components["vae"]
-    return sample_moments(vae, vae_moments(vae, x))
+    m = vae_moments(vae, x)
+    if deterministic:
+        return ((m[:, 0] - _shift(vae)) * vae.config.scaling_factor).float()
+    # latent_dist.sample(), written out so that the latent cache draws exactly what this draws.
+    return sample_moments(vae, m)
 
 
 @torch.no_grad()

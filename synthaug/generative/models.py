@@ -83,9 +83,14 @@ class Generator:
         """Model output (eps or v) for noisy ``x`` (B, *latent_shape), timesteps (B,), labels (B,)."""
         return registry.get(self.family).denoise(self.model, x, t, labels)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, channels, H, W) in [-1, 1] -> the diffusion space (B, *latent_shape)."""
-        return registry.get(self.family).encode(self, x)
+    def encode(self, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Pixels (B, channels, H, W) in [-1, 1] -> the diffusion space (B, *latent_shape).
+
+        ``deterministic``: a latent family takes its VAE posterior's mean instead of a draw
+        (image-to-image sources: no random state, so a sample depends on its seed alone).
+        """
+        fam = registry.get(self.family)
+        return fam.encode(self, x, deterministic=True) if deterministic else fam.encode(self, x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The diffusion space (B, *latent_shape) -> pixels (B, channels, H, W), roughly in [-1, 1]."""

@@ -65,7 +65,7 @@ class Shape(NamedTuple):
     channels: int
 
 
-def _identity(gen: Any, x: "torch.Tensor") -> "torch.Tensor":
+def _identity(gen: Any, x: "torch.Tensor", deterministic: bool = False) -> "torch.Tensor":
     return x
 
 
@@ -88,7 +88,8 @@ class Family:
     model_subdir: str
     model_class: str  # the diffusers class <model_subdir>/config.json must name
     components: tuple[str, ...] = ()  # other subfolders a base needs, besides scheduler/
-    encode: Callable[[Any, "torch.Tensor"], "torch.Tensor"] = _identity
+    # (gen, pixels) -> diffusion space; called with deterministic=True for image-to-image sources (no random draw).
+    encode: Callable[..., "torch.Tensor"] = _identity
     decode: Callable[[Any, "torch.Tensor"], "torch.Tensor"] = _identity
     latent_shape: Callable[[Any], tuple[int, int, int]] = _pixel_shape
     export_model: Callable[["nn.Module"], "nn.Module"] = _same  # the diffusers model to save_pretrained

@@ -15,8 +15,19 @@ Layout of a set (at any location, ``s3://`` included)::
     <out>/data/<write id>/chunk-<kkkk>-<aaaaaaa>.parquet   one shard per chunk (class k, first index a)
     <out>/manifest.json                             written last: the commit; plan.json is then removed
 
+Image-to-image (``sample.init: real``, SDEdit as in DA-Fusion): sample i of class c
+starts from a real image of class c noised to ``sample.strength``. The sources are the
+class's rows of a real contract dataset (``sample.source``, by default the run's train
+split) in an order seeded by (seed, id), and sample i takes position i mod n_c: a
+function of (seed, label, i) and the real set's content alone, so each real image gets
+the same number of variants (up to one) and nothing depends on pool size or chunking.
+The driver holds only the (label, id, shard) index of the real set (one small row per
+real image; :mod:`synthaug.generative.sources`); each chunk reads its own sources' rows
+from their shards. Rows record the source's id (``source_id``) and the ``strength``.
+
 Output locations are keyed by a content hash of the generator and the settings that
-change pixels, so a different config never reuses another's output. A re-run of an
+change pixels (with init 'real': the strength and the real set's content hash), so a
+different config never reuses another's output. A re-run of an
 interrupted set lists its write id's shards, keeps every planned shard whose Parquet
 footer has the planned row count, and samples only the other chunks.
 """
@@ -38,13 +49,15 @@ from synthaug import storage
 from synthaug.artifacts import (BASE_COLUMNS, DATA_DIR, MANIFEST, PROVENANCE_COLUMNS, DatasetError, commit_dataset,
                                 hash_obj, new_write_id, read_manifest, shard_stats, write_shard)
 from synthaug.config import Config, SampleConfig, to_dict
-from synthaug.data.images import encode_png, from_float
+from synthaug.data.images import decode_batch, encode_png, from_float, to_float
 from synthaug.generative import models
 from synthaug.generative.diffusion import sample_images
+from synthaug.generative.sources import check_source, read_sources, resolve_source, source_index, source_rows
 
 PIXEL_KEYS = ("guidance_scale", "sampler", "steps", "ddpm_log_variance_v", "seed")  # settings that change images
 PLAN = "plan.json"
 COLUMNS = [*BASE_COLUMNS, *PROVENANCE_COLUMNS]
+IMG2IMG_COLUMNS = ("source_id", "strength")  # provenance of image-to-image rows (init 'real')
 CHECK_GROUP = 256  # shard footers read per Ray task when resuming
 MAX_BLOCKS = 4096  # chunk rows are spread over at most this many blocks (one chunk per block below it)
 
@@ -119,11 +132,23 @@ def plan_table(s: SampleConfig, class_names: list[str]) -> pa.Table:
     return pa.concat_tables([plan_rows(*c, s.seed) for c in chunks])
 
 
-def sample_key(gen_manifest: dict, s: SampleConfig) -> str:
-    """Content key of a sampled set: generator weights + the settings that change pixels + plan."""
+def columns(s: SampleConfig) -> list[str]:
+    """The columns of a sampled set's rows."""
+    return [*COLUMNS, *IMG2IMG_COLUMNS] if s.init == "real" else list(COLUMNS)
+
+
+def sample_key(gen_manifest: dict, s: SampleConfig, source_hash: str | None = None) -> str:
+    """Content key of a sampled set: generator weights + the settings that change pixels + plan.
+
+    With ``s.init == 'real'``, ``source_hash`` (the real set's ``content_hash``) is required.
+    """
     settings = {k: getattr(s, k) for k in PIXEL_KEYS}
     if s.compile:  # compiled kernels round differently (floats differ in the last bits), so never share a set;
         settings["compile"] = True  # added only when on, so keys of uncompiled sets stay as they were
+    if s.init == "real":  # likewise added only for image-to-image, so text-to-image keys stay as they were
+        if not source_hash:
+            raise ValueError("sample_key: init 'real' needs the real set's content hash")
+        settings.update(init="real", strength=float(s.strength), source=str(source_hash))
     counts = class_counts(s, gen_manifest["class_names"])
     return hash_obj({"generator": gen_manifest["weights_hash"], "sample": settings, "counts": counts})[:16]
 
@@ -168,14 +193,22 @@ class Sampler:
         self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
 
     def sample_batch(self, batch: dict) -> pa.Table:
-        """Plan rows (``id``, ``label``, ``class_name``, ``seed``) -> contract rows."""
+        """Plan rows (``id``, ``label``, ``class_name``, ``seed``; image-to-image also ``source_id`` and
+        ``source_image``, PNG bytes) -> contract rows."""
         labels = [int(v) for v in batch["label"]]
         seeds = [int(v) for v in batch["seed"]]
+        init = None
+        if "source_image" in batch:  # image-to-image: the sources as pixels in [-1, 1]
+            init = torch.from_numpy(to_float(decode_batch(list(batch["source_image"]))))  # (B, C, H, W)
         x = sample_images(self.gen, labels, seeds, guidance_scale=self.s.guidance_scale, sampler=self.s.sampler,
                           steps=self.s.steps, ddpm_log_variance_v=self.s.ddpm_log_variance_v,
-                          device=self.device, autocast_dtype=self.autocast)
+                          device=self.device, autocast_dtype=self.autocast, init=init, strength=self.s.strength)
         imgs = from_float(x.float().cpu()).transpose(0, 2, 3, 1)  # (B, H, W, C) uint8
         n = len(labels)
+        img2img = {} if init is None else {
+            "source_id": pa.array([str(v) for v in batch["source_id"]], pa.string()),
+            "strength": pa.array([float(self.s.strength)] * n, pa.float64()),
+        }
         return pa.table({
             "id": pa.array([str(v) for v in batch["id"]], pa.string()),
             "image": pa.array([encode_png(im) for im in imgs], pa.binary()),
@@ -187,6 +220,7 @@ class Sampler:
             "guidance_scale": pa.array([float(self.s.guidance_scale)] * n, pa.float64()),
             "sampler": pa.array([self.s.sampler] * n, pa.string()),
             "steps": pa.array([int(self.s.steps)] * n, pa.int64()),
+            **img2img,
         })
 
     __call__ = sample_batch
@@ -201,14 +235,27 @@ class ChunkSampler(Sampler):
     """
 
     def __init__(self, generator_dir: str, sample: dict, out: str, write_id: str, num_classes: int,
-                 weights_hash: str | None = None, device: str | None = None, compile_backend: str = "inductor"):
+                 weights_hash: str | None = None, device: str | None = None, compile_backend: str = "inductor",
+                 source: str | None = None, source_index: pa.Table | None = None):
         super().__init__(generator_dir, sample, device, compile_backend, weights_hash)
         self.out, self.write_id, self.num_classes = out, write_id, num_classes
+        self.source_fs = storage.resolve(source)[0] if source else None
+        self.source_index = source_index  # (label, id, shard) of the real set: image-to-image only
+
+    def plan(self, label: int, class_name: str, start: int, stop: int) -> pa.Table:
+        """A chunk's plan rows; image-to-image adds each row's source (id and PNG bytes, read from its shard)."""
+        plan = plan_rows(label, class_name, start, stop, self.s.seed)
+        if self.source_index is None:
+            return plan
+        ids, shards = source_rows(self.source_index, label, start, stop)
+        pngs = read_sources(self.source_fs, ids, shards)
+        return plan.append_column("source_id", pa.array(ids, pa.string())).append_column(
+            "source_image", pa.array(pngs, pa.binary()))
 
     def __call__(self, chunks: dict) -> dict:
         entries = []
         for k, name, a, b in zip(chunks["label"], chunks["class_name"], chunks["start"], chunks["stop"]):
-            plan = plan_rows(int(k), str(name), int(a), int(b), self.s.seed)
+            plan = self.plan(int(k), str(name), int(a), int(b))
             bs = self.s.batch_size
             parts = [self.sample_batch(plan.slice(i, bs).to_pydict()) for i in range(0, plan.num_rows, bs)]
             entry = write_shard(self.out, self.write_id, chunk_name(k, a), pa.concat_tables(parts), self.num_classes)
@@ -230,14 +277,15 @@ def read_plan(out: str) -> dict | None:
         raise DatasetError(f"{loc}: unreadable plan file ({e}); delete the directory to start over") from None
 
 
-def _new_plan(out: str, key: str, gen_manifest: dict, generator_dir: str, s: SampleConfig) -> dict:
+def _new_plan(out: str, key: str, gen_manifest: dict, generator_dir: str, s: SampleConfig,
+              source: dict | None = None) -> dict:
     counts = class_counts(s, gen_manifest["class_names"])
     size = chunk_size(s)
     plan = {"sample_key": key, "write_id": new_write_id(), "chunk_size": size,
             "chunks": len(plan_chunks(counts, gen_manifest["class_names"], size)), "num_rows": sum(counts.values()),
             "counts": counts, "class_names": gen_manifest["class_names"], "image_size": gen_manifest["image_size"],
             "channels": gen_manifest["channels"], "generator": generator_dir,
-            "generator_weights_hash": gen_manifest["weights_hash"]}
+            "generator_weights_hash": gen_manifest["weights_hash"], **(source or {})}
     storage.write_json(storage.join(out, PLAN), plan)
     return plan
 
@@ -298,19 +346,20 @@ class _Interner:
 
 
 def _sample_chunks(cfg: Config, generator_dir: str, gen_manifest: dict, out: str, plan: dict,
-                   todo: list[Chunk], intern: _Interner) -> list[dict]:
+                   todo: list[Chunk], intern: _Interner, source: str | None = None) -> list[dict]:
     """Stream the chunk rows through the actor pool; returns the written shards' entries."""
     import ray.data
 
     from synthaug.raylocal import actor_pool_kwargs
 
     s = cfg.sample
+    img2img = {} if source is None else {"source": source, "source_index": source_index(source, s.seed)}
     ds = ray.data.from_items([c._asdict() for c in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
     ds = ds.map_batches(
         ChunkSampler,
         fn_constructor_kwargs={"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
                                "write_id": plan["write_id"], "num_classes": len(gen_manifest["class_names"]),
-                               "weights_hash": gen_manifest["weights_hash"]},
+                               "weights_hash": gen_manifest["weights_hash"], **img2img},
         batch_size=1, batch_format="numpy",
         **actor_pool_kwargs(s.min_actors, s.max_actors, s.num_gpus_per_actor),
     )
@@ -323,12 +372,14 @@ def _refuse_other(out: str, found: str | None, key: str) -> None:
                            f"choose another output directory")
 
 
-def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
+def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *, source_dir: str | None = None,
         stop_after_rows: int | None = None) -> tuple[str, dict]:
     """Sample ``cfg.sample`` from an exported generator; returns (dataset location, manifest).
 
-    ``stop_after_rows`` samples only about that many more rows (whole chunks) and leaves
-    the set unfinished (as an interrupted run would); the next call completes it.
+    ``source_dir``: with ``sample.init: real``, the real contract dataset the sources come
+    from (default ``sample.source``). ``stop_after_rows`` samples only about that many more
+    rows (whole chunks) and leaves the set unfinished (as an interrupted run would); the
+    next call completes it.
     """
     from synthaug.raylocal import init_ray
 
@@ -339,7 +390,12 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
         raise models.GeneratorError(f"{generator_dir}: no manifest.json, so this is not a finished generator export")
     gen_manifest = read_manifest(generator_dir)
     class_names = gen_manifest["class_names"]
-    key = sample_key(gen_manifest, s)
+    source = resolve_source(s, source_dir)
+    source_info = None
+    if source is not None:
+        src_m = check_source(source, gen_manifest, class_counts(s, class_names))
+        source_info = {"init": "real", "source": source, "source_content_hash": src_m["content_hash"]}
+    key = sample_key(gen_manifest, s, source_info and source_info["source_content_hash"])
     out = storage.absolute(str(out_dir)) if out_dir else default_out_dir(cfg, key)
     if storage.is_file(storage.join(out, MANIFEST)):
         m = read_manifest(out)
@@ -354,7 +410,7 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
 
     # The chunks still to sample (an interrupted run's shards are kept).
     init_ray(cfg.ray)
-    plan = plan or _new_plan(out, key, gen_manifest, generator_dir, s)
+    plan = plan or _new_plan(out, key, gen_manifest, generator_dir, s, source_info)
     chunks = plan_chunks(plan["counts"], class_names, plan["chunk_size"])
     earlier = done_chunks(out, plan, chunks)
     skip = {c.name for c in earlier}
@@ -371,10 +427,11 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *,
     # Sample them: each actor writes its chunks' shards and returns their entries.
     intern = _Interner()
     t0 = time.time()
-    entries = _sample_chunks(cfg, generator_dir, gen_manifest, out, plan, todo, intern) if todo else []
+    entries = _sample_chunks(cfg, generator_dir, gen_manifest, out, plan, todo, intern, source) if todo else []
     seconds = time.time() - t0
+    mode = "" if source is None else f", from real images at strength {s.strength:g}"
     print(f"[sample] {n} images in {seconds:.1f}s = {n / max(seconds, 1e-9):.1f} images/s "
-          f"({s.sampler}, {s.steps} steps, w={s.guidance_scale})", flush=True)
+          f"({s.sampler}, {s.steps} steps, w={s.guidance_scale}{mode})", flush=True)
     if stop_after_rows is not None:
         return out, {"sampled": n, "complete": False}
 
@@ -407,7 +464,8 @@ def finish(cfg: Config, out: str, write_id: str | None = None, entries: Iterable
         raise DatasetError(f"{out}: no {PLAN}, so there is no unfinished sampled set here")
     if write_id is not None and write_id != plan["write_id"]:
         raise DatasetError(f"{out}: write id {write_id!r} is not the plan's ({plan['write_id']!r})")
-    key = sample_key({"weights_hash": plan["generator_weights_hash"], "class_names": plan["class_names"]}, cfg.sample)
+    key = sample_key({"weights_hash": plan["generator_weights_hash"], "class_names": plan["class_names"]}, cfg.sample,
+                     plan.get("source_content_hash"))
     _refuse_other(out, plan["sample_key"], key)
     init_ray(cfg.ray)
     class_names, wid = plan["class_names"], plan["write_id"]
@@ -437,11 +495,13 @@ def finish(cfg: Config, out: str, write_id: str | None = None, entries: Iterable
         if posixpath.basename(i.path) not in planned:
             storage.resolve(out)[0].delete_file(i.path)
 
+    img2img = {} if cfg.sample.init != "real" else {"source_dir": plan.get("source"),
+                                                    "source_content_hash": plan.get("source_content_hash")}
     manifest = commit_dataset(
         out, ordered, class_names=class_names, image_size=(plan["image_size"],) * 2, channels=plan["channels"],
-        config=to_dict(cfg), check_ids=True, columns=COLUMNS,
+        config=to_dict(cfg), check_ids=True, columns=columns(cfg.sample),
         extra={"stage": "sample", "sample_key": key, "generator_dir": plan["generator"],
                "generator_weights_hash": plan["generator_weights_hash"], "sample": to_dict(cfg.sample),
-               "chunk_size": plan["chunk_size"], **(extra or {})})
+               "chunk_size": plan["chunk_size"], **img2img, **(extra or {})})
     storage.delete(storage.join(out, PLAN))
     return manifest
