@@ -100,7 +100,7 @@ def check_sample(cfg: Config) -> None:
 
 
 def check_classify(cfg: Config) -> None:
-    from synthaug.classify.models import check_model_name
+    from synthaug.classify.model_names import check_model_name
 
     check_model_name(cfg.classify.model)
     p = cfg.classify.pretrained_path

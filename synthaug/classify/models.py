@@ -9,7 +9,6 @@ registry. Saved classifiers are a directory with ``model.safetensors`` and
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from timm.models import register_model
 from safetensors.torch import load_file, save_file
 
 from synthaug.artifacts import atomic_write_json, publish_tree, staging_dir
+from synthaug.classify.model_names import check_classifier_config, check_model_name  # noqa: F401  (re-exported)
 from synthaug.errors import InputNotFound, InputValueError
 
 
@@ -66,15 +66,6 @@ def synthaug_cnn_small(pretrained: bool = False, **kwargs) -> TinyCNN:
     """~0.4M-parameter variant."""
     kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
     return TinyCNN(width=64, **kwargs)
-
-
-def check_model_name(name: str) -> None:
-    """Raise a clear error, with close names, for a model timm does not know."""
-    if name in timm.list_models():
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise InputValueError(f"config key 'classify.model': unknown timm model {name!r}{hint}")
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained_path: str = "") -> nn.Module:
@@ -147,18 +138,6 @@ def build_classifier(cfg, num_classes: int, in_chans: int, seed: int) -> nn.Modu
     torch.manual_seed(seed)
     model = create_classifier(cfg.model, num_classes, in_chans, cfg.pretrained_path)
     return convert_domain_bn(model) if cfg.domain_bn else model
-
-
-def check_classifier_config(cfg, num_classes: int, in_chans: int) -> None:
-    """Errors a worker would hit, raised in the driver first: model name, weights file, domain BN."""
-    from synthaug.classify.domain import convert_domain_bn
-
-    check_model_name(cfg.model)
-    if cfg.pretrained_path and not Path(cfg.pretrained_path).is_file():
-        raise InputNotFound(f"config key 'classify.pretrained_path': {cfg.pretrained_path} is not a file")
-    if cfg.domain_bn:
-        with torch.device("meta"):  # shapes only, no memory
-            convert_domain_bn(timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans))
 
 
 def save_classifier(model: nn.Module, location: str | Path, meta: dict) -> Path | str:

@@ -29,8 +29,7 @@ from synthaug.classify.core import (  # noqa: F401  (the public core, re-exporte
 )
 from synthaug.classify.data import decode_to_uint8, iterate, training_dataset, val_batches, val_dataset  # noqa: F401
 from synthaug.classify.mixing import Mixture, real_only
-from synthaug.classify.models import build_classifier, check_classifier_config, save_classifier
-from synthaug.classify.session import train_loop_per_worker
+from synthaug.classify.model_names import check_classifier_config
 from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
 from synthaug.errors import InputValueError
 
@@ -140,9 +139,6 @@ def fit(
     ``classifier.json`` carries the key). ``callbacks`` go to ``RunConfig`` (a Tune trial passes
     ``TuneReportCallback`` to forward each epoch).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from synthaug.raylocal import init_ray
 
     spec = as_mixture(train)
@@ -157,8 +153,11 @@ def fit(
         print(f"[classify] {name}: reusing the finished run (same key)", flush=True)
         return {**done["metrics"], "key": key}
     init_ray(ray_cfg)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
@@ -178,6 +177,8 @@ def fit(
     if save_model:
         from safetensors.torch import load_file
 
+        from synthaug.classify.models import build_classifier, save_classifier
+
         meta = {**classifier_meta(cfg, class_names, in_chans, config["image_size"]), "key": key, "inputs": inputs}
         model = build_classifier(replace(cfg, pretrained_path=""), len(class_names), in_chans, seed)
         with result.checkpoint.as_directory() as d:  # the weights that top1 was measured on
@@ -185,6 +186,13 @@ def fit(
         save_classifier(model, model_loc, meta)
     identity.write_record(run_loc, "classify", key, inputs, to_dict(cfg), seed=int(seed), metrics=metrics)
     return {**metrics, "key": key}
+
+
+def _train_loop(config: dict):
+    """The Train workers' function, by reference: timm and the loop are imported in the workers, not here."""
+    from synthaug.classify.session import train_loop_per_worker
+
+    return train_loop_per_worker(config)
 
 
 def fit_local(
@@ -213,4 +221,6 @@ def fit_local(
     config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, reporter)
     init_ray(ray_cfg)  # a no-op inside a Tune trial, where Ray is already up
     config["_dataset"] = training_dataset(spec, seed=seed, cache=cfg.cache)
+    from synthaug.classify.session import train_loop_per_worker
+
     return _result(train_loop_per_worker(config))
