@@ -126,17 +126,18 @@ def build(data_dir: str, base: str, out: str, *, hflip: bool, batch_size: int = 
     if m.get("image_encoding", "png") != "png":
         raise DatasetError(f"{data_dir}: image_encoding {m.get('image_encoding')!r}; the latent cache encodes PNG images")
     key, inputs = key or cache_key(m, base, hflip)
-    if is_complete(out) and read_manifest(out).get("key") == key:
+    done = read_manifest(out) if is_complete(out) else None
+    if done is not None and done.get("key") == key:
         print(f"[latents] {out}: reusing the latent cache (same key {key[:12]})", flush=True)
-        return read_manifest(out)
-    from synthaug.generative.latent import _load_vae
+        return done
+    from synthaug.generative.latent import _check_vae, _factor
+    from synthaug.generative.models import read_config
 
-    vae_key = inputs["vae"]
-    vae = _load_vae(storage.localize(base, key=vae_key))  # checks the VAE before any task starts
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = int(m["image_size"][0])
-    shape = [4 if hflip else 2, int(vae.config.latent_channels), size // f, size // f]
-    del vae
+    # The VAE's shape from its config alone (its weights are read by the actors, not here).
+    vae_key, where = inputs["vae"], storage.join(base, "vae", "config.json")
+    vae_cfg = _check_vae(base, read_config(where))
+    f, size = _factor(vae_cfg), int(m["image_size"][0])
+    shape = [4 if hflip else 2, int(vae_cfg["latent_channels"]), size // f, size // f]
     write_id = new_write_id()
     rows = [{"index": i, "path": s["path"]} for i, s in enumerate(m["shards"])]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
