@@ -67,9 +67,9 @@ def plain_loop(cfg, train_dir: Path, val_dir: Path, seed: int = 0, source: str =
     from synthaug.artifacts import read_manifest, read_table
     from synthaug.classify.augment import MixupCutmix, TrainCollate, _seed, enabled
     from synthaug.classify.mixing import real_only
-    from synthaug.classify.train import (array_batches, build_classifier, build_loss, build_optimizer,
-                                         build_scheduler, decode_to_uint8, evaluate, iterate, train_epoch,
-                                         training_dataset)
+    from synthaug.classify.models import build_classifier
+    from synthaug.classify.train import (array_batches, build_loss, build_optimizer, build_scheduler, decode_to_uint8,
+                                         evaluate, iterate, train_epoch, training_dataset)
     from synthaug.data.images import decode_batch, to_float
 
     torch.set_num_threads(1)  # as the Ray worker

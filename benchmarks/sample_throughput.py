@@ -239,7 +239,7 @@ def trained_extractor(dirs: dict) -> tuple[Path, str]:
     runs/default's extractor is not borrowed: FIDs are comparable only under one set of
     extractor weights, and that one may be retrained (or deleted) by another run meanwhile.
     """
-    from synthaug.artifacts import read_manifest, read_table
+    from synthaug.artifacts import read_manifest
     from synthaug.classify.train import fit
     from synthaug.config import load_config, replace
 
@@ -272,7 +272,6 @@ def denoiser_rate(gen_dir: Path, batch: int) -> float:
 
 def extreme_pixels(path: Path) -> float:
     """Share of pixels at exactly 0 or 255: digits have a black background, washed-out samples do not."""
-    import numpy as np
 
     from synthaug.artifacts import read_table
     from synthaug.data.images import decode_batch

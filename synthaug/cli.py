@@ -11,7 +11,6 @@ import sys
 from synthaug import pipeline as P
 from synthaug import storage
 from synthaug.artifacts import read_manifest
-from synthaug.config import replace
 from synthaug.errors import InputNotFound, InputValueError, find_input_error, first_line
 
 STAGES = {
@@ -273,15 +272,15 @@ def classify_cli(cfg, data, real, synthetic: list, ratio: float, synthetic_only:
 
 
 def sweep_cli(cfg, _overrides) -> dict:
-    """``synthaug sweep``: sample each guidance once (reused by content hash), then Ray Tune."""
-    from synthaug.sweep import run_sweep
+    """``synthaug sweep``: sample each (guidance, strength) and filter each tau once (reused by
+    content hash), then Ray Tune over the settings x ratios x seeds."""
+    from synthaug.sweep import run_sweep, settings
 
     p = P.RunPaths(cfg)
-    sets = {}
-    for w in cfg.sweep.guidance_scales:
-        sets[float(w)], _ = P.stage_sample(replace(cfg, sample=replace(cfg.sample, guidance_scale=float(w))))
-    df = run_sweep(cfg, p.data("train"), p.data("val"), sets, storage.join(p.results, cfg.sweep.name), name=cfg.sweep.name,
-                   storage_dir=p.ray)
+    _, mix_sets, _, _ = P.synthetic_sets(cfg, headline=False)
+    grid = set(settings(cfg))
+    df = run_sweep(cfg, p.data("train"), p.data("val"), {k: v for k, v in mix_sets.items() if k in grid},
+                   storage.join(p.results, cfg.sweep.name), name=cfg.sweep.name, storage_dir=p.ray)
     return df.attrs["summary"]
 
 

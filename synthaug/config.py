@@ -219,10 +219,12 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Ray Tune grid over guidance scale x mixing ratio (x seed)."""
+    """Ray Tune grid over guidance scale (x image-to-image strength x filter tau) x mixing ratio (x seed)."""
 
     guidance_scales: tuple = _f((1.0, 3.0), "Guidance values; sampling runs once per value.")
     ratios: tuple = _f((0.0, 1.0, 3.0), "Synthetic:real ratios r (|syn| = r |real|, class-balanced); 0 = real only.")
+    strengths: tuple = _f((), "Image-to-image strengths to sweep: each (guidance, strength) is sampled once with `sample.init: real` at that `sample.strength`; `null` in the list is text-to-image (`sample.init: noise`). () = the sample config's init and strength only.")
+    taus: tuple = _f((), "Confidence-filter thresholds to sweep: each sampled set is filtered once per tau (`filter.tau`; 0 = unfiltered). () = `filter.tau` only.")
     max_concurrent: int = _f(2, "Trials running at once.")
     name: str = _f("sweep", "Experiment name under the run's ray/ dir; re-running with the same name resumes it (another grid needs another name).")
 
@@ -547,6 +549,14 @@ def _check_sweep(w: SweepConfig, p: str) -> None:
     for g in w.guidance_scales:
         _check(isinstance(g, (int, float)) and not isinstance(g, bool), f"config key '{p}guidance_scales': {g!r} is not a number")
         _check(float(g) >= 0, f"config key '{p}guidance_scales': guidance {g} < 0")
+    for st in w.strengths:
+        _check(st is None or (isinstance(st, (int, float)) and not isinstance(st, bool) and 0 < float(st) <= 1),
+               f"config key '{p}strengths': {st!r} is not null or a strength in (0, 1]")
+    _check(len(set(w.strengths)) == len(w.strengths), f"config key '{p}strengths' lists a value twice")
+    for t in w.taus:
+        _check(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= float(t) <= 1,
+               f"config key '{p}taus': {t!r} is not a threshold in [0, 1]")
+    _check(len(set(w.taus)) == len(w.taus), f"config key '{p}taus' lists a value twice")
     _check(w.max_concurrent >= 1, f"config key '{p}max_concurrent' must be >= 1")
     _check(bool(w.name) and "/" not in w.name, f"config key '{p}name' must be a non-empty name without '/'")
 
@@ -560,3 +570,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.name) and "/" not in cfg.name, "config key 'name' must be a non-empty name without '/'")
     _check(bool(cfg.work_dir), "config key 'work_dir' must not be empty")
     _check(bool(cfg.results_dir), "config key 'results_dir' must not be empty")
+    for st in cfg.sweep.strengths:
+        _check(st is None or int(cfg.sample.steps * float(st)) >= 1,
+               f"config keys 'sweep.strengths' x 'sample.steps' = {st} x {cfg.sample.steps} leaves no denoising step "
+               "(int(steps * strength) must be >= 1)")

@@ -116,6 +116,16 @@ def stage_finetune(cfg: Config, data: str | Path | None = None, base: str | Path
     return finetune.run(cfg, "finetune", data or p.data("train"), out or p.generator("finetune"), p.ray, base_dir=base)
 
 
+def with_strength(cfg: Config, guidance: float, strength: float | None) -> Config:
+    """``cfg`` sampling at ``guidance``: image-to-image at ``strength``, or text-to-image when it is None."""
+    sample = replace(cfg.sample, guidance_scale=float(guidance))
+    if strength is not None:
+        sample = replace(sample, init="real", strength=float(strength))
+    elif cfg.sample.init == "real":
+        sample = replace(sample, init="noise")
+    return replace(cfg, sample=sample)
+
+
 def stage_sample(cfg: Config, generator: str | None = None, out: str | None = None) -> tuple[str, dict]:
     """Sample from this run's fine-tuned export (or ``generator``); image-to-image starts from
     ``sample.source``, by default this run's labelled train split."""
@@ -227,14 +237,53 @@ def stage_filter(cfg: Config, synthetic: str, teacher: dict | None = None) -> tu
     return out, PL.filter_synthetic(cfg, teacher, str(synthetic), out)
 
 
+def synthetic_sets(cfg: Config, timer=None, headline: bool = True) -> tuple[dict, dict, dict, dict | None]:
+    """Every synthetic set a run (or ``synthaug sweep``) needs, each sampled or filtered once.
+
+    Sampling runs once per (guidance, strength): the sample config's recipe at every
+    guidance of the sweep and ``sample.guidance_scale``, plus each ``sweep.strengths``
+    value; each sampled set is filtered once per tau > 0 (``sweep.taus``, or
+    ``filter.tau``). Returns ``(sets, mix_sets, filtered, teacher)``: guidance -> the sample
+    config's set (evaluated and reported); ``(guidance, strength, tau)`` -> the set to mix
+    (filtered when tau > 0); ``(guidance, strength, tau)`` -> the filtered set's manifest;
+    the teacher when one was trained. ``headline=False`` leaves out ``sample.guidance_scale``
+    when the sweep does not list it.
+    """
+    from synthaug.sweep import primary_strength, setting_label, settings
+
+    timer = timer or (lambda _stage, fn, *a, **kw: fn(*a, **kw))
+    s0, t0 = primary_strength(cfg), float(cfg.filter.tau)
+    guidance = sorted({float(g) for g in cfg.sweep.guidance_scales} | ({float(cfg.sample.guidance_scale)} if headline else set()))
+    grid = settings(replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(guidance))))
+    sampled: dict[tuple, str] = {}
+    for w, st in sorted({(w, s0) for w in guidance} | {(g, st) for g, st, _ in grid},
+                        key=lambda x: (x[0], x[1] != s0, x[1] or 0)):
+        sampled[(w, st)], _ = timer(f"sample {setting_label(w, st)}", stage_sample, with_strength(cfg, w, st))
+    sets = {w: sampled[(w, s0)] for w in guidance}
+
+    teacher, filtered, mix_sets = None, {}, {}
+    for g, st, t in sorted(set(grid) | {(w, s0, t0) for w in guidance},
+                           key=lambda x: (x[0], x[1] is not None, x[1] or 0, x[2])):
+        if t > 0:
+            teacher = teacher or timer("teacher", stage_teacher, cfg)
+            ct = replace(cfg, filter=replace(cfg.filter, tau=t))
+            mix_sets[(g, st, t)], filtered[(g, st, t)] = timer(f"filter {setting_label(g, st, t)}", stage_filter, ct,
+                                                                sampled[(g, st)], teacher)
+        else:
+            mix_sets[(g, st, t)] = sampled[(g, st)]
+    return sets, mix_sets, filtered, teacher
+
+
 # ----------------------------------------------------------------------------- the default run
 
 
 def run_all(cfg: Config) -> dict:
     """Ingest -> pretrain -> fine-tune -> sample (-> filter) -> evaluate -> sweep -> pseudo-label -> report.
 
-    With ``filter.tau > 0`` the sweep (and every mixture) uses the filtered sets; the
-    generator-quality rows still measure the sets as sampled. The pseudo-label baseline
+    Sampling runs once per (guidance, strength): the sample config's recipe at every
+    guidance of the sweep, plus each ``sweep.strengths`` value; each set is filtered once per
+    tau (``sweep.taus``, or ``filter.tau``) and the sweep mixes the filtered sets. The
+    generator-quality rows measure the sample config's sets as sampled. The pseudo-label baseline
     runs when ``pseudolabel.enabled`` and the run has an unlabelled pool.
 
     The report and the sweep draw their plots with matplotlib into local files, so when
@@ -244,7 +293,7 @@ def run_all(cfg: Config) -> dict:
     ``config.yaml`` once the run succeeded).
     """
     from synthaug import report
-    from synthaug.sweep import run_sweep
+    from synthaug.sweep import primary_strength, run_sweep, settings
 
     p = RunPaths(cfg)
     # This attempt's config first (which also checks the locations are writable);
@@ -259,19 +308,9 @@ def run_all(cfg: Config) -> dict:
         timer("pretrain", stage_pretrain, cfg)
     timer("finetune", stage_finetune, cfg)
 
-    # Sample once per guidance value; the sweep and the evaluation reuse these sets.
-    sets: dict[float, str] = {}
-    for w in sorted({float(x) for x in cfg.sweep.guidance_scales} | {float(cfg.sample.guidance_scale)}):
-        cw = replace(cfg, sample=replace(cfg.sample, guidance_scale=w))
-        sets[w], _ = timer(f"sample w={w:g}", stage_sample, cw)
-
-    # Confidence filtering: the sweep mixes the filtered sets (keyed datasets of their own).
-    teacher, filtered = None, {}
-    mix_sets = dict(sets)
-    if cfg.filter.tau > 0:
-        teacher = timer("teacher", stage_teacher, cfg)
-        for w, d in sets.items():
-            mix_sets[w], filtered[w] = timer(f"filter w={w:g}", stage_filter, cfg, d, teacher)
+    sets, mix_sets, filtered, teacher = synthetic_sets(cfg, timer)
+    guidance = sorted(sets)
+    s0, t0 = primary_strength(cfg), float(cfg.filter.tau)
 
     extractor = timer("extractor", stage_extractor, cfg)
     fidelity_rows = []
@@ -280,15 +319,16 @@ def run_all(cfg: Config) -> dict:
                   labelled_train=p.data("train"))
         fidelity_rows.append({"guidance_scale": w, **m})
 
-    sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(sorted(sets))))
-    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"), mix_sets, storage.join(out.results, "sweep"),
+    sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(guidance)))
+    sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"),
+                  {k: v for k, v in mix_sets.items() if k in set(settings(sweep_cfg))}, storage.join(out.results, "sweep"),
                   name=cfg.sweep.name, storage_dir=p.ray)
 
     pseudo = None
     if cfg.pseudolabel.enabled and is_complete(p.data("pool")):
         teacher = teacher or timer("teacher", stage_teacher, cfg)
         w0 = float(cfg.sample.guidance_scale)
-        combo = mix_sets[w0] if cfg.pseudolabel.with_synthetic else None
+        combo = mix_sets[(w0, s0, t0)] if cfg.pseudolabel.with_synthetic else None
         pseudo = timer("pseudolabel", stage_pseudolabel, cfg, teacher=teacher, synthetic=combo,
                        ratio=report.headline_ratio(cfg.sweep.ratios))
     metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds,

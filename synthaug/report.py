@@ -120,16 +120,25 @@ def _verdict(row: dict) -> str:
     return "beyond seed noise" if row["gain_mean"] > 0 else "a loss beyond seed noise"
 
 
-def _kept_markdown(kept: dict, tau: float) -> list[str]:
-    """The share of each class's synthetic images that confidence filtering kept, per guidance."""
+def _kept_markdown(kept: dict) -> list[str]:
+    """The share of each class's synthetic images that confidence filtering kept, per filtered set."""
+    from synthaug.sweep import setting_label
+
     names = list(next(iter(kept.values())))
-    lines = [f"## Confidence filtering (tau = {tau:g})", "",
-             "Share of each class's synthetic images kept (teacher probability of the intended class >= tau); "
-             "the sweep and the mixtures used the filtered sets.", "",
-             "| w | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for w, shares in sorted(kept.items()):
-        lines.append(f"| {w:g} | " + " | ".join(_fmt(shares[n], 2) for n in names) + " |")
+    lines = ["## Confidence filtering", "",
+             "Share of each class's synthetic images kept (teacher probability of the intended class >= tau), "
+             "per filtered set (guidance w, image-to-image strength s, threshold tau); the sweep and the mixtures "
+             "used the filtered sets.", "",
+             "| set | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key, shares in kept.items():
+        lines.append(f"| {setting_label(*key)} | " + " | ".join(_fmt(shares[n], 2) for n in names) + " |")
     return lines + [""]
+
+
+def _tag(key: tuple) -> str:
+    """A filtered set's metric-key tag: ``w2`` (the config's recipe), ``w2_s0.3_tau0.8`` otherwise."""
+    g, st, t = key
+    return f"w{g:g}" + (f"_s{st:g}" if st is not None else "") + f"_tau{t:g}"
 
 
 def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets: dict, seconds: dict,
@@ -137,18 +146,23 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
     """Write ``<results>/<name>/{metrics.json, summary.md, *.png}``; returns the flat metrics.
 
     ``pseudo``: what ``pipeline.stage_pseudolabel`` returned (the pseudo-label row, paired
-    by seed with the sweep's real-only runs); ``filtered``: guidance -> the filtered set's
-    manifest (the share kept per class).
+    by seed with the sweep's real-only runs); ``filtered``: ``(guidance, strength, tau)`` ->
+    the filtered set's manifest (the share kept per class).
     """
+    from synthaug.sweep import primary_strength, setting_label
+
     out = str(paths.results)
     summary = sweep.attrs["summary"]
-    w0 = float(cfg.sample.guidance_scale)
+    w0, s0, t0 = float(cfg.sample.guidance_scale), primary_strength(cfg), float(cfg.filter.tau)
     head = next(r for r in fidelity_rows if r["guidance_scale"] == w0)
+    recipe = ", ".join([f"w={w0:g}", *([f"image-to-image s={s0:g}"] if s0 is not None else []),
+                        *([f"filtered at tau={t0:g}"] if t0 else [])])
 
-    # Headline: real-only vs real + synthetic (ratio 1 at the headline guidance), paired by seed.
+    # Headline: real-only vs real + synthetic (the headline ratio, the config's recipe), paired by seed.
     real = sweep[sweep.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
     ratio = headline_ratio(sweep.ratio)
-    mixed = sweep[(sweep.guidance == w0) & (sweep.ratio == ratio)].set_index("seed")["top1"]
+    setting = sweep.setting if "setting" in sweep else sweep.guidance.map(lambda g: setting_label(g))
+    mixed = sweep[(setting == setting_label(w0, s0, t0)) & (sweep.ratio == ratio)].set_index("seed")["top1"]
     diffs = (mixed - real.reindex(mixed.index)).dropna()
     real_m, real_s = _mean_std(real)
     mix_m, mix_s = _mean_std(mixed)
@@ -160,9 +174,11 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "real_only_top1_mean": real_m, "real_only_top1_std": real_s,
         "real_plus_synthetic_top1_mean": mix_m, "real_plus_synthetic_top1_std": mix_s,
         "paired_gain_mean": gain_m, "paired_gain_std": gain_s, "gain_within_noise": within,
-        "best_guidance": summary.get("best_guidance"), "best_ratio": summary.get("best_ratio"),
-        "best_top1_mean": summary.get("best_top1_mean"), "best_gain_mean": summary.get("gain_mean"),
-        "best_gain_std": summary.get("gain_std"), "sweep_verdict": summary.get("verdict"),
+        "best_guidance": summary.get("best_guidance"), "best_strength": summary.get("best_strength"),
+        "best_tau": summary.get("best_tau"), "best_setting": summary.get("best_setting"), "best_ratio": summary.get("best_ratio"),
+        "best_top1_mean": summary.get("best_top1_mean"), "best_top1_std": summary.get("best_top1_std"),
+        "best_gain_mean": summary.get("gain_mean"), "best_gain_std": summary.get("gain_std"),
+        "sweep_verdict": summary.get("verdict"),
     }
     for r in sorted(fidelity_rows, key=lambda r: r["guidance_scale"]):
         tag = f"w{r['guidance_scale']:g}"
@@ -183,8 +199,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
             metrics[f"pseudo_label_top1_{k}" if k in ("mean", "std") else f"pseudo_label_{k}"] = v
         if "combined" in pseudo:
             row = _paired_row(real, pseudo["combined"])
-            filt = f", filtered at tau={cfg.filter.tau:g}" if filtered else ""
-            pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, w={w0:g}{filt})", row))
+            pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, {recipe})", row))
             for k, v in row.items():
                 metrics[f"pseudo_plus_synthetic_top1_{k}" if k in ("mean", "std") else f"pseudo_plus_synthetic_{k}"] = v
     kept = {}
@@ -192,11 +207,12 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         from synthaug.classify.pseudolabel import kept_per_class
 
         metrics["filter_tau"] = float(cfg.filter.tau)
-        for w, m in sorted(filtered.items()):
-            kept[w] = kept_per_class(m)
-            metrics[f"filter_kept_share_w{w:g}"] = m["num_rows"] / max(1, sum(m["counts_before"].values()))
-            for c, v in kept[w].items():
-                metrics[f"filter_kept_share_w{w:g}_{c}"] = v
+        for key, m in filtered.items():
+            kept[key] = kept_per_class(m)
+            tag = f"w{key[0]:g}" if key[1:] == (s0, t0) else _tag(key)
+            metrics[f"filter_kept_share_{tag}"] = m["num_rows"] / max(1, sum(m["counts_before"].values()))
+            for c, v in kept[key].items():
+                metrics[f"filter_kept_share_{tag}_{c}"] = v
 
     metrics.update({f"seconds_{k.split()[0]}_{k.split('=')[-1]}" if "=" in k else f"seconds_{k}": v
                     for k, v in seconds.items()})
@@ -230,8 +246,11 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "## Headline: does synthetic data help?", "",
         "| training set | top-1 on real val (mean ± std over seeds) |", "| --- | --- |",
         f"| real only | {_fmt(real_m)} ± {_fmt(real_s)} |",
-        f"| real + synthetic (1:{ratio:g}, w={w0:g}{', filtered at tau=' + format(cfg.filter.tau, 'g') if filtered else ''}) "
-        f"| {_fmt(mix_m)} ± {_fmt(mix_s)} |",
+        f"| real + synthetic (1:{ratio:g}, {recipe}) | {_fmt(mix_m)} ± {_fmt(mix_s)} |",
+        *([f"| real + synthetic, the sweep's best cell (1:{summary['best_ratio']:g}, {summary['best_setting']}) "
+           f"| {_fmt(summary['best_top1_mean'])} ± {_fmt(summary.get('best_top1_std'))} |"]
+          if summary.get("best_setting") and (summary["best_setting"] != setting_label(w0, s0, t0)
+                                              or summary["best_ratio"] != ratio) else []),
         *[f"| {label} | {_fmt(r['mean'])} ± {_fmt(r['std'])} |" for label, r in pl_rows],
         f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
         "",
@@ -248,7 +267,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
               else f"the top {cfg.pseudolabel.top_fraction:g} of each predicted class")
            + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
            "real only (an epoch is |labelled| images).", ""] if pseudo is not None else [""]),
-        f"Sweep (guidance x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
+        f"Sweep (synthetic-set setting x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
         "## Generator quality per guidance scale", "",
         f"Extractor: `{head.get('extractor')}` (a classifier trained on the real train split), reference set: real val "
         f"({head.get('n_real')} images), {head.get('n_synthetic')} synthetic images per guidance. "
@@ -268,7 +287,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "percentile of real-val-to-train distances. A set that copied its training data would score near 1; "
         f"real val itself scores {cfg.evaluate.near_copy_percentile / 100:.2f} by construction.", "",
         f"## Per class (w={w0:g})", "", per_class_markdown(per_class) if per_class else "(no per-class data)", "",
-        *(_kept_markdown(kept, cfg.filter.tau) if kept else []),
+        *(_kept_markdown(kept) if kept else []),
         "## Files", "",
         "- `metrics.json` / `metrics.md`: every number above, flat keys",
         "- `sweep/`: the Ray Tune table (`sweep.csv`, `sweep.parquet`), `heatmap.png`, `accuracy_vs_ratio.png`, `summary.md`",

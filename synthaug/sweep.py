@@ -1,7 +1,13 @@
-"""Ray Tune sweep over guidance scale x mixing ratio x seed, reusing already-sampled sets.
+"""Ray Tune sweep over synthetic-set setting x mixing ratio x seed, reusing already-sampled sets.
 
-Sampling happens once per guidance value in an earlier stage; ``synthetic_dirs`` maps each
-guidance value to its contract dataset, and trials only read and mix. One trial is one
+A *setting* is how a synthetic set was made: its guidance scale, its image-to-image
+strength (``None`` for text-to-image) and its confidence-filter threshold tau (0 =
+unfiltered); :func:`settings` lists the grid's (``sweep.guidance_scales`` x
+``sweep.strengths`` x ``sweep.taus``; an empty axis is the sample / filter config's one
+value). Sampling happens once per (guidance, strength) and filtering once per tau in
+earlier stages; ``synthetic_dirs`` maps each setting (a ``(guidance, strength, tau)``
+tuple, or just a guidance value for the config's strength and tau) to its contract
+dataset, and trials only read and mix. One trial is one
 classifier run: ``plan_mixture(real, synthetic, ratio, seed)`` from the locations (no
 table passes through the driver or the trial), train on the streamed mixture (the
 training function called in the trial for one worker, a ``TorchTrainer`` inside the trial
@@ -11,9 +17,10 @@ Ratio 0 is real-only training, which does not depend on guidance: it runs once p
 (a trial with ``guidance=None``) and its result is repeated in every guidance row of the
 table, marked ``shared_real_only=True``; the paired gains below compare against it.
 
-Outputs in ``out_dir``: ``sweep.csv`` / ``sweep.parquet`` (one row per guidance x ratio x
-seed), ``heatmap.png`` (mean top-1 over guidance x ratio), ``accuracy_vs_ratio.png``
-(mean +- std over seeds, one line per guidance), ``summary.md`` / ``summary.json``. The
+Outputs in ``out_dir``: ``sweep.csv`` / ``sweep.parquet`` (one row per setting x ratio x
+seed, with ``guidance``, ``strength``, ``tau`` and the ``setting`` label), ``heatmap.png``
+(mean top-1 over setting x ratio), ``accuracy_vs_ratio.png`` (mean +- std over seeds, one
+line per setting), ``summary.md`` / ``summary.json``. The
 Tune experiment lives in ``<storage>/<name>-<key[:12]>``, keyed by :func:`experiment`
 (the grid, the classifier config and the inputs' content hashes): running the same sweep
 again restores it and runs only the trials that are missing or errored; a changed grid,
@@ -35,22 +42,63 @@ from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
 from synthaug.errors import InputValueError
 
-TABLE_COLUMNS = ("guidance", "ratio", "seed", "top1", "top5", "epochs", "seconds", "trial_id", "shared_real_only")
+TABLE_COLUMNS = ("guidance", "strength", "tau", "setting", "ratio", "seed", "top1", "top5", "epochs", "seconds",
+                 "trial_id", "shared_real_only")
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- settings
 
 
-def _lookup(synthetic_dirs: dict, guidance: float):
-    """The dir for ``guidance`` (keys compared as floats), or None."""
+def primary_strength(cfg: Config) -> float | None:
+    """The sample config's strength: ``sample.strength`` for image-to-image, None for text-to-image."""
+    return float(cfg.sample.strength) if cfg.sample.init == "real" else None
+
+
+def settings(cfg: Config) -> list[tuple[float, float | None, float]]:
+    """The grid's synthetic-set settings ``(guidance, strength, tau)``, in config order.
+
+    An empty ``sweep.strengths`` is the sample config's init and strength; an empty
+    ``sweep.taus`` is ``filter.tau``.
+    """
+    strengths = [None if x is None else float(x) for x in cfg.sweep.strengths] or [primary_strength(cfg)]
+    taus = [float(t) for t in cfg.sweep.taus] or [float(cfg.filter.tau)]
+    return [(float(g), st, t) for g in cfg.sweep.guidance_scales for st in strengths for t in taus]
+
+
+def setting_label(guidance: float, strength: float | None = None, tau: float = 0.0) -> str:
+    """``w=2``, ``w=2 s=0.3``, ``w=2 s=0.3 tau=0.8``: a setting's name in tables and plots."""
+    return " ".join([f"w={float(guidance):g}", *([f"s={float(strength):g}"] if strength is not None else []),
+                     *([f"tau={float(tau):g}"] if tau else [])])
+
+
+def _as_setting(key, cfg: Config) -> tuple[float, float | None, float]:
+    if isinstance(key, tuple):
+        g, st, t = key
+        return float(g), None if st is None else float(st), float(t)
+    return float(key), primary_strength(cfg), float(cfg.filter.tau)  # a guidance value: the config's recipe
+
+
+def _key_label(key, cfg: Config) -> str:
+    """A ``synthetic_dirs`` key (a setting label, a setting or a guidance value) as its label."""
+    return key if isinstance(key, str) else setting_label(*_as_setting(key, cfg))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    close = lambda x, y: (x is None and y is None) or (  # noqa: E731
+        x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12))
+    return all(close(x, y) for x, y in zip(a, b))
+
+
+def _lookup(synthetic_dirs: dict, setting: tuple, cfg: Config):
+    """The dir for ``setting`` (keys are settings or guidance values, compared as floats), or None."""
     for key, path in synthetic_dirs.items():
-        if math.isclose(float(key), float(guidance), rel_tol=1e-9, abs_tol=1e-12):
+        if _same(_as_setting(key, cfg), setting):
             return path
     return None
 
 
-def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) -> dict[float, str]:
-    """Check the grid and every input before any trial; returns guidance -> absolute synthetic dir."""
+def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) -> dict[str, str]:
+    """Check the grid and every input before any trial; returns setting label -> absolute synthetic dir."""
     w, c = cfg.sweep, cfg.classify
     if not w.guidance_scales or not w.ratios or not c.seeds:
         raise InputValueError(
@@ -65,20 +113,23 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
     if val["class_names"] != real["class_names"]:
         raise InputValueError(f"val_dir {val_dir}: class names {val['class_names']} != real train's {real['class_names']}")
     max_ratio = max(float(r) for r in w.ratios)
-    dirs: dict[float, str] = {}
-    for g in w.guidance_scales:
+    dirs: dict[str, str] = {}
+    for setting in settings(cfg):
         if max_ratio == 0:
             break  # real-only grid: no synthetic set is read
-        path = _lookup(synthetic_dirs, g)
+        g, tag = setting[0], setting_label(*setting)
+        what = f"guidance {g}" if setting_label(*_as_setting(g, cfg)) == tag else tag
+        path = _lookup(synthetic_dirs, setting, cfg)
         if path is None:
+            have = sorted(setting_label(*_as_setting(k, cfg)) for k in synthetic_dirs)
             raise InputValueError(
-                f"no synthetic dataset for guidance {g} (config key 'sweep.guidance_scales'); "
-                f"synthetic_dirs has keys {sorted(float(k) for k in synthetic_dirs)}"
+                f"no synthetic dataset for {what} (config keys 'sweep.guidance_scales', 'sweep.strengths', "
+                f"'sweep.taus'); synthetic_dirs has {have}"
             )
         m = read_manifest(path)  # raises naming the dir when missing or incomplete
         if m["class_names"] != real["class_names"]:
             raise InputValueError(
-                f"synthetic dataset {path} (guidance {g}): class names {m['class_names']} do not match "
+                f"synthetic dataset {path} ({what}): class names {m['class_names']} do not match "
                 f"the real class names {real['class_names']}"
             )
         names = list(real["counts"])
@@ -87,10 +138,10 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
             have = m["counts"].get(names[label], 0)
             if need > have:
                 raise InputValueError(
-                    f"synthetic dataset {path} (guidance {g}): class {names[label]!r} has {have} images, "
+                    f"synthetic dataset {path} ({what}): class {names[label]!r} has {have} images, "
                     f"ratio {max_ratio} needs {need}"
                 )
-        dirs[float(g)] = storage.absolute(str(path))
+        dirs[tag] = storage.absolute(str(path))
     return dirs
 
 
@@ -105,8 +156,8 @@ def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_
     from synthaug.classify.train import fit, fit_local
 
     cell, seed = config["cell"], int(config["seed"])
-    ratio, guidance = float(cell["ratio"]), cell["guidance"]
-    synthetic = synthetic_dirs[float(guidance)] if ratio > 0 else None
+    ratio = float(cell["ratio"])
+    synthetic = synthetic_dirs[cell["setting"]] if ratio > 0 else None
     train = plan_mixture(real_dir, synthetic, ratio, seed)  # a small spec; the rows are streamed by the workers
     kw = dict(seed=seed, class_names=class_names, in_chans=in_chans)
     if cfg.classify.num_workers == 1:
@@ -120,10 +171,11 @@ def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_
 
 
 def _grid(cfg: Config) -> list[dict]:
-    """Tune cells: real-only once (guidance None), then every guidance x positive ratio."""
+    """Tune cells: real-only once (setting None), then every setting x positive ratio."""
     ratios = sorted({float(r) for r in cfg.sweep.ratios})
-    cells = [{"guidance": None, "ratio": 0.0}] if 0.0 in ratios else []
-    cells += [{"guidance": float(g), "ratio": r} for g in cfg.sweep.guidance_scales for r in ratios if r > 0]
+    cells = [{"guidance": None, "strength": None, "tau": None, "setting": None, "ratio": 0.0}] if 0.0 in ratios else []
+    cells += [{"guidance": g, "strength": st, "tau": t, "setting": setting_label(g, st, t), "ratio": r}
+              for g, st, t in settings(cfg) for r in ratios if r > 0]
     return cells
 
 
@@ -176,7 +228,7 @@ def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name:
         "grid": _grid(cfg), "seeds": [int(s) for s in cfg.classify.seeds],
         "classify": identity.config_fields("classify", cfg.classify),
         "real": identity.dataset_hash(str(real_train_dir)), "val": identity.dataset_hash(str(val_dir)),
-        "synthetic": {str(g): identity.dataset_hash(str(p)) for g, p in synthetic_dirs.items()}, "asha": asha,
+        "synthetic": {_key_label(k, cfg): identity.dataset_hash(str(p)) for k, p in synthetic_dirs.items()}, "asha": asha,
     }
     key = identity.artifact_key("sweep", fingerprint["classify"], {k: v for k, v in fingerprint.items() if k != "classify"})
     return identity.run_name(name, key), {"hash": key, **fingerprint}
@@ -233,7 +285,7 @@ def run_sweep(
     unfinished = [f"{r.config.get('cell')} seed {r.config.get('seed')}" for r in results if "top1" not in (r.metrics or {})]
     if unfinished:  # e.g. the sweep was interrupted
         raise RuntimeError(f"{len(unfinished)} sweep trial(s) did not report (run again to resume them): {unfinished}")
-    df = results_table([(r.config, r.metrics, r.metrics.get("trial_id", "")) for r in results], cfg.sweep.guidance_scales)
+    df = results_table([(r.config, r.metrics, r.metrics.get("trial_id", "")) for r in results], settings(cfg))
     write_outputs(df, out_dir)
     return df
 
@@ -241,8 +293,13 @@ def run_sweep(
 # ----------------------------------------------------------------------------- outputs
 
 
-def results_table(trials: list[tuple[dict, dict, str]], guidance_scales) -> pd.DataFrame:
-    """Rows (guidance, ratio, seed, ...); real-only trials are repeated for every guidance."""
+def results_table(trials: list[tuple[dict, dict, str]], grid_settings) -> pd.DataFrame:
+    """Rows (setting, ratio, seed, ...); real-only trials are repeated for every setting.
+
+    ``grid_settings``: the ``(guidance, strength, tau)`` settings (or plain guidance values).
+    ``strength`` is NaN for text-to-image; ``setting`` is :func:`setting_label`.
+    """
+    norm = [tuple(x) if isinstance(x, (tuple, list)) else (float(x), None, 0.0) for x in grid_settings]
     rows = []
     for config, metrics, trial_id in trials:
         cell, seed = config["cell"], int(config["seed"])
@@ -251,10 +308,18 @@ def results_table(trials: list[tuple[dict, dict, str]], guidance_scales) -> pd.D
             "epochs": int(metrics["epochs"]), "seconds": float(metrics["seconds"]), "trial_id": trial_id,
         }
         shared = cell["guidance"] is None
-        for g in ([float(x) for x in guidance_scales] if shared else [float(cell["guidance"])]):
-            rows.append({"guidance": g, **base, "shared_real_only": shared})
+        for g, st, t in (norm if shared else [(cell["guidance"], cell.get("strength"), cell.get("tau") or 0.0)]):
+            rows.append({"guidance": float(g), "strength": np.nan if st is None else float(st), "tau": float(t),
+                         "setting": setting_label(g, st, t), **base, "shared_real_only": shared})
     df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    return df.sort_values(["guidance", "ratio", "seed"], ignore_index=True)
+    order = {setting_label(*x): i for i, x in enumerate(norm)}  # config order of the settings
+    return (df.assign(_o=df.setting.map(order)).sort_values(["_o", "ratio", "seed"], ignore_index=True)
+            .drop(columns="_o"))
+
+
+def _with_setting(df: pd.DataFrame) -> pd.DataFrame:
+    """A table from before the strength / tau axes (guidance only) gets its setting column."""
+    return df if "setting" in df else df.assign(setting=df.guidance.map(lambda g: setting_label(g)))
 
 
 def _stopped_early(df: pd.DataFrame) -> int:
@@ -266,13 +331,15 @@ def _stopped_early(df: pd.DataFrame) -> int:
 
 
 def summarize(df: pd.DataFrame) -> dict:
-    """Best synthetic cell by mean top-1 and its gain over real-only, paired by seed."""
-    cells = df.groupby(["guidance", "ratio"])["top1"].agg(["mean", "std", "count"]).reset_index()
+    """Best synthetic cell (setting x ratio) by mean top-1 and its gain over real-only, paired by seed."""
+    df = _with_setting(df)
+    cells = df.groupby(["setting", "ratio"], sort=False)["top1"].agg(["mean", "std", "count"]).reset_index()
     real = df[df.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
     syn = cells[cells.ratio > 0]
     out = {
-        "best_guidance": None, "best_ratio": None, "best_top1_mean": None, "real_only_top1_mean": None,
-        "gain_mean": None, "gain_std": None, "n_seeds": int(df.seed.nunique()), "verdict": "",
+        "best_guidance": None, "best_strength": None, "best_tau": None, "best_setting": None, "best_ratio": None,
+        "best_top1_mean": None, "best_top1_std": None, "real_only_top1_mean": None, "gain_mean": None,
+        "gain_std": None, "n_seeds": int(df.seed.nunique()), "verdict": "",
         "real_only_is_best": None, "stopped_early": _stopped_early(df),
     }
     if len(real):
@@ -281,15 +348,20 @@ def summarize(df: pd.DataFrame) -> dict:
         out["verdict"] = "no synthetic cells in the grid (only ratio 0); nothing to compare"
         return out
     best = syn.loc[syn["mean"].idxmax()]
-    out.update(best_guidance=float(best.guidance), best_ratio=float(best.ratio), best_top1_mean=float(best["mean"]))
+    first = df[df.setting == best.setting].iloc[0]
+    strength = first.get("strength", np.nan)
+    out.update(best_guidance=float(first.guidance), best_strength=None if pd.isna(strength) else float(strength),
+               best_tau=float(first.get("tau", 0.0)), best_setting=str(best.setting), best_ratio=float(best.ratio),
+               best_top1_mean=float(best["mean"]), best_top1_std=None if pd.isna(best["std"]) else float(best["std"]))
     if real.empty:
         out["verdict"] = "no real-only baseline (ratio 0 is not in the grid); the gain cannot be computed"
         return out
-    best_rows = df[(df.guidance == best.guidance) & (df.ratio == best.ratio)].set_index("seed")["top1"]
+    best_rows = df[(df.setting == best.setting) & (df.ratio == best.ratio)].set_index("seed")["top1"]
     diffs = (best_rows - real.reindex(best_rows.index)).dropna()
     out["gain_mean"] = float(diffs.mean())
     out["real_only_is_best"] = bool(out["real_only_top1_mean"] > out["best_top1_mean"])
-    cell = f"guidance {best.guidance:g}, ratio {best.ratio:g}"
+    cell = (f"guidance {first.guidance:g}" if best.setting == setting_label(first.guidance) else str(best.setting)) \
+        + f", ratio {best.ratio:g}"
     if len(diffs) < 2:
         out["verdict"] = f"best cell {cell}: gain {out['gain_mean']:+.2f} points from one seed; noise cannot be judged"
         return out
@@ -304,22 +376,23 @@ def summarize(df: pd.DataFrame) -> dict:
 
 
 def summary_markdown(df: pd.DataFrame, summary: dict) -> str:
-    cells = df.groupby(["guidance", "ratio"])["top1"].agg(["mean", "std"]).reset_index()
+    df = _with_setting(df)
+    cells = df.groupby(["setting", "ratio"], sort=False)["top1"].agg(["mean", "std"]).reset_index()
     lines = [
-        "# Sweep: guidance x mixing ratio", "",
+        "# Sweep: synthetic-set setting (guidance w, image-to-image strength s, filter tau) x mixing ratio", "",
         f"**{summary['verdict']}**", "",
         "Gain = top-1 of the best synthetic cell minus real-only, paired by seed (mean and std "
         "of the per-seed differences); 'within noise' when |mean| <= std. The best cell is the "
         "maximum over the grid, so its gain is optimistic (winner's curse). Real-only (ratio 0) "
-        "runs once per seed and is repeated in every guidance row.", "",
+        "runs once per seed and is repeated in every setting's rows.", "",
     ]
     if summary.get("stopped_early"):
         lines += [f"{summary['stopped_early']} trial(s) were stopped early (ASHA); their top-1 is from fewer "
                   "epochs and is averaged in as is, so cell means mix training lengths.", ""]
-    lines += ["| guidance | ratio | top-1 mean | top-1 std |", "| --- | --- | --- | --- |"]
+    lines += ["| setting | ratio | top-1 mean | top-1 std |", "| --- | --- | --- | --- |"]
     for _, r in cells.iterrows():
         std = "" if pd.isna(r["std"]) else f"{r['std']:.2f}"
-        lines.append(f"| {r.guidance:g} | {r.ratio:g} | {r['mean']:.2f} | {std} |")
+        lines.append(f"| {r.setting} | {r.ratio:g} | {r['mean']:.2f} | {std} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,16 +402,18 @@ def plot_heatmap(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = df.pivot_table(index="guidance", columns="ratio", values="top1", aggfunc="mean")  # (G, R)
-    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.8 * grid.shape[0] + 2))
+    df = _with_setting(df)
+    order = list(dict.fromkeys(df.setting))
+    grid = df.pivot_table(index="setting", columns="ratio", values="top1", aggfunc="mean").reindex(order)  # (S, R)
+    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 3.5, 0.8 * grid.shape[0] + 2))
     im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(grid.shape[1]), [f"{r:g}" for r in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [f"{g:g}" for g in grid.index])
+    ax.set_yticks(range(grid.shape[0]), list(grid.index))
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid.values[i, j]:.1f}", ha="center", va="center", color="w")
     ax.set_xlabel("synthetic:real ratio")
-    ax.set_ylabel("guidance scale")
+    ax.set_ylabel("synthetic set")
     ax.set_title("mean top-1 (%) on real val")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -352,10 +427,11 @@ def plot_accuracy_vs_ratio(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = _with_setting(df)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for g, part in df.groupby("guidance"):
+    for label, part in df.groupby("setting", sort=False):
         s = part.groupby("ratio")["top1"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=f"w = {g:g}")
+        ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=label)
     ax.set_xlabel("synthetic:real ratio")
     ax.set_ylabel("top-1 (%) on real val")
     ax.set_title("accuracy vs ratio (mean +- std over seeds)")

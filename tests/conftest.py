@@ -102,5 +102,5 @@ def digits_dirs(tmp_path_factory):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runlocal", action="store_true", default=False,
-                     help="also run the in-process tiny pipeline on a local path (test_pipeline.py)")
+    parser.addoption("--runpipeline", action="store_true", default=False,
+                     help="also run the tiny pipeline in this process, on S3 and on a local path (test_pipeline.py)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 
 from synthaug.artifacts import read_manifest, read_table, write_dataset

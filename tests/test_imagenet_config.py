@@ -13,7 +13,6 @@ import importlib.util
 import time
 from pathlib import Path
 
-import pytest
 
 from synthaug.config import load_config, to_dict
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -290,3 +291,28 @@ def test_img2img_bad_sources(ray_session, exports, digits_dirs, tmp_path):
     with pytest.raises(DatasetError, match="no image of class '3'"):
         sample.run(cfg, exports["unet"], tmp_path / "x", source_dir=wrong)
     assert not (tmp_path / "x").exists()
+
+
+def test_sweep_strength_axis_samples_each_setting_once(ray_session, exports, digits_dirs, tmp_path):
+    """``sweep.strengths`` ([null, 0.3]): one text-to-image and one image-to-image set per guidance,
+    each sampled once (a second call reuses both by content key) and handed to the sweep by setting."""
+    from synthaug import pipeline as P
+    from synthaug.sweep import settings
+
+    work = tmp_path / "work"
+    shutil.copytree(digits_dirs["train"], work / "default" / "data" / "train")
+    shutil.copytree(exports["unet"], work / "default" / "generators" / "finetune")
+    cfg = load_config(None, [f"work_dir={work}", "sample.steps=4", "sample.batch_size=10", "sample.per_class=1",
+                             "sample.guidance_scale=1.0", "sweep.guidance_scales=[1.0]", "sweep.strengths=[null, 0.3]"])
+    assert settings(cfg) == [(1.0, None, 0.0), (1.0, 0.3, 0.0)]
+    sets, mix, filtered, teacher = P.synthetic_sets(cfg)
+    assert set(mix) == {(1.0, None, 0.0), (1.0, 0.3, 0.0)} and not filtered and teacher is None
+    assert sets == {1.0: mix[(1.0, None, 0.0)]}  # the sample config's recipe (text-to-image) is what is evaluated
+    noise, img2img = read_manifest(mix[(1.0, None, 0.0)]), read_manifest(mix[(1.0, 0.3, 0.0)])
+    assert noise["sample"]["init"] == "noise" and img2img["sample"]["init"] == "real"
+    assert img2img["sample"]["strength"] == 0.3 and img2img["source_content_hash"] == read_manifest(digits_dirs["train"])["content_hash"]
+    assert noise["content_hash"] != img2img["content_hash"]
+    stamp = lambda v: (Path(v) / "manifest.json").stat().st_mtime_ns  # noqa: E731
+    stamps = {k: stamp(v) for k, v in mix.items()}
+    _, again, _, _ = P.synthetic_sets(cfg)
+    assert again == mix and all(stamp(v) == stamps[k] for k, v in again.items())

@@ -82,9 +82,13 @@ def test_driver_joins_submitted_cluster(ray_head, tmp_path):
 
 
 # Fine-tuning and sampling made long enough to be stopped in the middle (with checkpoints
-# to resume from, and many small sampling chunks); the reference run uses the same.
+# to resume from, and many small sampling chunks); the reference run uses the same. What
+# comes after sampling is cut short (one guidance value, one-epoch classifiers, no
+# pseudo-label stage: test_multinode.py runs the whole tiny pipeline), since this run is
+# submitted four times.
 RESUBMIT = ["finetune.steps=160", "finetune.checkpoint_every=20", "sample.per_class=16", "sample.batch_size=4", "sample.steps=40",
-            "sample.chunk_size=4"]
+            "sample.chunk_size=4", "sweep.guidance_scales=[2.0]", "classify.epochs=1", "evaluate.extractor_epochs=1",
+            "pseudolabel.enabled=false"]
 
 
 def _entrypoint(tmp_path, name: str) -> tuple[list[str], object, object]:

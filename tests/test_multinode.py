@@ -4,7 +4,8 @@ The head is ``ray start --head --num-cpus=0`` (like cluster.yaml's head); a seco
 joins with ``ray start --address ...`` and holds every CPU. Each node has its own temp dir
 and ports on 127.0.0.1 (:mod:`raycli`). The tiny pipeline is submitted with
 ``ray job submit --working-dir .`` exactly as the README says, with ``work_dir`` and
-``results_dir`` on the local S3-compatible server. Every task and Train worker must land
+``results_dir`` on the local S3-compatible server; this is CI's run of the whole tiny
+pipeline on S3, so its outputs are checked in full (``test_pipeline.check_run_outputs``). Every task and Train worker must land
 on the second node (the head has no CPUs), so nothing may depend on the driver's local
 disk or working directory. Only the processes this test started are stopped, by PID.
 """
@@ -20,6 +21,7 @@ import warnings
 import pytest
 
 import raycli as R
+from test_pipeline import FAST, check_run_outputs
 
 JOB_TIMEOUT_S = 1500
 
@@ -53,7 +55,7 @@ def test_pipeline_job_on_cpu_less_head_and_worker_node(two_nodes, s3_server, tmp
     work_dir, results_dir = s3_server.root("twonode-runs"), s3_server.root("twonode-results")
     submission_id = f"synthaug-2node-{uuid.uuid4().hex[:8]}"
     entrypoint = [sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml",
-                  f"work_dir={work_dir}", f"results_dir={results_dir}"]
+                  f"work_dir={work_dir}", f"results_dir={results_dir}", *FAST]
     t0 = time.monotonic()
     proc = R.submit(head, R.working_dir(tmp_path / "src"), submission_id, entrypoint, JOB_TIMEOUT_S)
     out = proc.stdout + proc.stderr
@@ -62,6 +64,7 @@ def test_pipeline_job_on_cpu_less_head_and_worker_node(two_nodes, s3_server, tmp
     assert R.job_details(head, submission_id).status == "SUCCEEDED"
 
     # Complete outputs, all on the object store.
+    check_run_outputs(work_dir, results_dir)
     run = storage.join(work_dir, "tiny")
     for split in ("train", "val", "pool", "train_full"):
         assert artifacts.is_complete(storage.join(run, "data", split)), split

@@ -1,11 +1,12 @@
 """The whole default pipeline, tiny, through the CLI a user calls (one real local Ray).
 
-It runs with ``work_dir`` and ``results_dir`` on the S3 server the ``s3_server`` fixture
-starts on 127.0.0.1 (every dataset, generator, checkpoint and report then lives only
-there). The same pipeline on a local path runs in ``test_jobs.py`` (submitted with
-``ray job submit``, the reference run of the stop-and-resubmit test), and on S3 again
-across two nodes in ``test_multinode.py``; the ``local`` parameter here is kept for
-debugging (``pytest tests/test_pipeline.py -k local --runlocal``) and skipped in the suite.
+In CI the tiny pipeline runs twice, each time through ``ray job submit``: on the S3
+server across two nodes (``test_multinode.py``, which checks its outputs with
+:func:`check_run_outputs` below) and on a local path (``test_jobs.py``, the reference run
+of the stop-and-resubmit test). The same run in this process, with ``work_dir`` and
+``results_dir`` on S3 or on local disk, is kept for debugging the in-process CLI
+(``pytest tests/test_pipeline.py --runpipeline``) and skipped in the suite, where it would
+be a third run of the same stages.
 """
 
 from __future__ import annotations
@@ -25,18 +26,24 @@ FAST = ["pretrain.steps=10", "classify.epochs=1", "evaluate.extractor_epochs=1"]
 @pytest.fixture(params=["local", "s3"])
 def run_dirs(request, tmp_path, s3_server):
     """(work_dir, results_dir) on local disk, or both on the S3 server."""
+    if not request.config.getoption("--runpipeline"):
+        pytest.skip("the tiny pipeline runs in test_multinode.py (S3) and test_jobs.py (local path); "
+                    "pass --runpipeline to run it in this process too")
     if request.param == "local":
-        if not request.config.getoption("--runlocal"):
-            pytest.skip("the local-path pipeline runs in test_jobs.py (pass --runlocal to run it here too)")
         return str(tmp_path / "runs"), str(tmp_path / "results")
     root = s3_server.root("pipeline")
     return storage.join(root, "runs"), storage.join(root, "results")
 
 
-def test_tiny_pipeline_end_to_end(ray_session, run_dirs):
+def test_tiny_pipeline_end_to_end(run_dirs, ray_session):
     work, results = run_dirs
     rc = main(["run", "--config", "jobs/configs/tiny.yaml", f"work_dir={work}", f"results_dir={results}", *FAST])
     assert rc == 0
+    check_run_outputs(work, results)
+
+
+def check_run_outputs(work: str, results: str) -> None:
+    """What a finished tiny run leaves on its storage (local or URI), checked through synthaug.storage."""
     out = storage.join(results, "tiny")
     for f in ("metrics.json", "metrics.md", "summary.md", "config.yaml", "fidelity_vs_guidance.png",
               "samples_per_class.png", "closest_pairs.png", "sweep/sweep.csv", "sweep/sweep.parquet",
@@ -44,7 +51,7 @@ def test_tiny_pipeline_end_to_end(ray_session, run_dirs):
         assert storage.is_file(storage.join(out, f)), f
     m = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     for k in ("real_only_top1_mean", "real_plus_synthetic_top1_mean", "paired_gain_mean", "fid_w2", "isc_mean_w2",
-              "kid_mean_w2", "precision_w2", "recall_w2", "cas_top1_mean_w2", "near_copy_share_w2", "seconds_total"):
+              "kid_mean_w2", "precision_w2", "recall_w2", "cas_top1_mean_w2", "near_copy_share_w2", "seconds_total", "pseudo_label_top1_mean", "pseudo_label_n"):
         assert k in m, k
     assert m["seeds"] == 1 and 0 <= m["near_copy_share_w2"] <= 1
     # Stages talked through contract datasets on the configured storage, each committed by its manifest.

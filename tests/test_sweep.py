@@ -118,3 +118,44 @@ def test_sweep_bad_input(digits_dirs, synthetic_dirs, tmp_path):
     with pytest.raises(ValueError, match="class '0' has 10 images, ratio 3.0 needs 30"):
         run_sweep(load_config(None, GRID[:-2] + ["sweep.ratios=[3]"]), train, val, synthetic_dirs, tmp_path)
     assert not (tmp_path / "sweep").exists()  # nothing started
+
+
+def test_strength_and_tau_axes_table_and_summary(digits_dirs, synthetic_dirs):
+    """The grid's settings are guidance x strength x tau; each needs its own set (checked before any
+    trial), real-only is shared by all, and the best cell names its setting."""
+    from synthaug.sweep import _grid, results_table, settings, validate_inputs
+
+    cfg = load_config(None, GRID[:3] + ["sweep.guidance_scales=[1.0]", "sweep.strengths=[null, 0.3]",
+                                        "sweep.taus=[0, 0.8]", "sweep.ratios=[0, 1]"])
+    grid = settings(cfg)
+    assert grid == [(1.0, None, 0.0), (1.0, None, 0.8), (1.0, 0.3, 0.0), (1.0, 0.3, 0.8)]
+    assert [c["setting"] for c in _grid(cfg)] == [None, "w=1", "w=1 tau=0.8", "w=1 s=0.3", "w=1 s=0.3 tau=0.8"]
+    # Settings as keys; a plain guidance value is the config's recipe (text-to-image, tau 0).
+    dirs = {1.0: synthetic_dirs[1.0], (1.0, None, 0.8): synthetic_dirs[3.0], (1.0, 0.3, 0.0): synthetic_dirs[3.0]}
+    with pytest.raises(ValueError, match=r"no synthetic dataset for w=1 s=0.3 tau=0.8 .*'sweep.strengths'"):
+        validate_inputs(cfg, digits_dirs["train"], digits_dirs["val"], dirs)
+    dirs[(1.0, 0.3, 0.8)] = synthetic_dirs[1.0]
+    checked = validate_inputs(cfg, digits_dirs["train"], digits_dirs["val"], dirs)
+    assert list(checked) == ["w=1", "w=1 tau=0.8", "w=1 s=0.3", "w=1 s=0.3 tau=0.8"]
+
+    cells = _grid(cfg)
+    top1 = {None: [80, 82], "w=1": [79, 80], "w=1 tau=0.8": [81, 83], "w=1 s=0.3": [85, 86.5], "w=1 s=0.3 tau=0.8": [84, 85]}
+    trials = [({"cell": c, "seed": s}, {"top1": top1[c["setting"]][s], "top5": 99.0, "epochs": 2, "seconds": 1.0},
+               f"t{i}{s}") for i, c in enumerate(cells) for s in (0, 1)]
+    df = results_table(trials, grid)
+    assert len(df) == 4 * 2 * 2 and list(dict.fromkeys(df.setting)) == ["w=1", "w=1 tau=0.8", "w=1 s=0.3", "w=1 s=0.3 tau=0.8"]
+    assert df[df.setting == "w=1"].strength.isna().all() and (df[df.setting == "w=1 s=0.3"].strength == 0.3).all()
+    assert (df[df.ratio == 0].top1.values.reshape(4, 2) == [80, 82]).all() and df[df.ratio == 0].shared_real_only.all()
+    summary = summarize(df)
+    assert (summary["best_setting"], summary["best_strength"], summary["best_tau"], summary["best_ratio"]) == ("w=1 s=0.3", 0.3, 0.0, 1.0)
+    assert summary["gain_mean"] == pytest.approx(4.75) and summary["best_top1_std"] == pytest.approx(np.std([85, 86.5], ddof=1))
+    assert "best cell w=1 s=0.3, ratio 1" in summary["verdict"] and "beyond the seed noise" in summary["verdict"]
+
+
+def test_strength_and_tau_axes_bad_config():
+    with pytest.raises(ConfigError, match="'sweep.strengths': 1.5 is not null or a strength"):
+        load_config(None, ["sweep.strengths=[1.5]"])
+    with pytest.raises(ConfigError, match="'sweep.taus': -0.1 is not a threshold"):
+        load_config(None, ["sweep.taus=[-0.1]"])
+    with pytest.raises(ConfigError, match="leaves no denoising step"):
+        load_config(None, ["sample.steps=4", "sweep.strengths=[0.1]"])

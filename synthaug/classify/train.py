@@ -24,14 +24,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from synthaug import identity, storage
-from synthaug.classify.core import (  # noqa: F401  (the public core, re-exported for callers)
-    array_batches, build_loss, build_optimizer, build_scheduler, classifier_meta, evaluate, train_epoch,
-)
 from synthaug.classify.data import decode_to_uint8, iterate, training_dataset, val_batches, val_dataset  # noqa: F401
 from synthaug.classify.mixing import Mixture, real_only
 from synthaug.classify.model_names import check_classifier_config
 from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
 from synthaug.errors import InputValueError
+
+# The public core, re-exported for callers but imported only when asked for: the core
+# imports torch (about 2 s), which a driver that only plans and launches never needs.
+_CORE = ("array_batches", "build_loss", "build_optimizer", "build_scheduler", "classifier_meta", "evaluate", "train_epoch")
+
+
+def __getattr__(name: str):
+    if name in _CORE:
+        from synthaug.classify import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
@@ -177,6 +187,7 @@ def fit(
     if save_model:
         from safetensors.torch import load_file
 
+        from synthaug.classify.core import classifier_meta
         from synthaug.classify.models import build_classifier, save_classifier
 
         meta = {**classifier_meta(cfg, class_names, in_chans, config["image_size"]), "key": key, "inputs": inputs}

@@ -84,7 +84,10 @@ class ShardEncoder:
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.vae = _load_vae(storage.localize(base, key=vae_key)).to(self.device)
+        # Only the base's vae/ folder is needed (and copied, when the base is on an object store):
+        # a text-to-image base's UNet and text encoder stay where they are.
+        vae_dir = storage.localize(storage.join(base, "vae"), key=f"vae-{vae_key}/vae")
+        self.vae = _load_vae(vae_dir.parent).to(self.device)
         self.data_loc, self.out, self.write_id = data_loc, out, write_id
         self.num_classes, self.hflip, self.batch_size = num_classes, hflip, batch_size
 
