@@ -22,8 +22,8 @@ demo: setup
 
 # The ray-job-submit tests start their own Ray nodes from the CLI, so they run after the in-process suite.
 test: setup
-	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py --ignore=tests/test_multinode.py
-	$(BIN)/python -m pytest tests/test_jobs.py tests/test_multinode.py
+	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py --ignore=tests/test_multinode.py --durations=25
+	$(BIN)/python -m pytest tests/test_jobs.py tests/test_multinode.py --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/finetune_throughput.py
