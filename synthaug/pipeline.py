@@ -320,8 +320,9 @@ def run_all(cfg: Config) -> dict:
         fidelity_rows.append({"guidance_scale": w, **m})
 
     sweep_cfg = replace(cfg, sweep=replace(cfg.sweep, guidance_scales=tuple(guidance)))
+    grid = set(settings(sweep_cfg))
     sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"),
-                  {k: v for k, v in mix_sets.items() if k in set(settings(sweep_cfg))}, storage.join(out.results, "sweep"),
+                  {k: v for k, v in mix_sets.items() if k in grid}, storage.join(out.results, "sweep"),
                   name=cfg.sweep.name, storage_dir=p.ray)
 
     pseudo = None
