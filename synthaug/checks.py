@@ -29,6 +29,7 @@ _USES = {
     "sweep": {"sample", "classify", "sweep"},
     "pseudolabel": {"classify"},  # the teacher and the students are classifiers
     "filter": {"classify"},
+    "study": {"ingest", "pretrain", "finetune", "sample", "classify", "sweep"},
     "estimate": set(),
 }
 
@@ -178,7 +179,7 @@ def check_inputs(cfg: Config, stage: str, args: Any = None) -> None:
     uses = _USES.get(stage, set())
     if "ingest" in uses:
         check_ingest(cfg)
-    if stage == "run":
+    if stage in ("run", "study"):
         for s in ("pretrain", "finetune"):
             check_generator_config(cfg, s)
     if "sample" in uses:

@@ -24,6 +24,7 @@ STAGES = {
     "sweep": "Ray Tune over guidance x mixing ratio",
     "pseudolabel": "the pseudo-label baseline: a real-only teacher labels the unlabelled pool; students train on both",
     "filter": "keep synthetic images the real-only teacher gives their class a probability >= filter.tau",
+    "study": "the recipe's arms (real only, pseudo-label, real + synthetic per sweep setting) over study.k_per_class x study.draws x seeds, with paired differences",
     "config-reference": "print the config reference (markdown)",
     "tiny-base": "save a tiny random-weight base of a generator family (diffusers layout), to try `finetune --base`",
     "estimate": "GPU-hours and wall time per stage of a config, from GPU benchmarks or FLOP counts",
@@ -51,6 +52,7 @@ PLAN_KEYS = {
     "sweep": ("guidance_scales", "ratios", "max_concurrent", "name"),
     "pseudolabel": ("select", "threshold", "top_fraction", "teacher_seed", "with_synthetic"),
     "filter": ("tau",),
+    "study": ("k_per_class", "draws", "headline_k"),
 }
 
 
@@ -112,7 +114,8 @@ def _plan(stage: str, cfg, args) -> str:
         value = getattr(args, key, None)
         if value not in (None, [], ""):
             lines.append(f"  --{key}: {' '.join(map(str, value)) if isinstance(value, list) else value}")
-    for sec in (PLAN_KEYS if stage == "run" else [stage] if stage in PLAN_KEYS else []):
+    shown_secs = ["sweep", "pseudolabel", "filter", "study"] if stage == "study" else PLAN_KEYS if stage == "run" else [stage] if stage in PLAN_KEYS else []
+    for sec in shown_secs:
         section = getattr(cfg, sec)
         shown = " ".join(f"{k}={getattr(section, k)!r}" if isinstance(getattr(section, k), str) else f"{k}={getattr(section, k)}"
                          for k in PLAN_KEYS[sec] if getattr(section, k) not in ("", None))
@@ -341,6 +344,11 @@ def _dispatch(args, cfg):
     s = args.stage
     if s == "run":
         return P.run_all(cfg)
+    if s == "study":
+        from synthaug.study import run_study
+
+        command = " ".join(["synthaug study", *([f"--config {args.config}"] if args.config else []), *args.overrides])
+        return run_study(cfg, command=command)
     if s == "ingest":
         return {k: m["num_rows"] for k, m in P.stage_ingest(cfg).items()}
     if s == "pretrain":

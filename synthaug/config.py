@@ -233,6 +233,26 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """`synthaug study`: the run's recipe arms over k labelled images per class x subset draws x classifier seeds."""
+
+    k_per_class: tuple = _f((5, 10, 30), "Labelled images per class: one run per (k, draw), named <name>-k<k>-d<draw>.")
+    draws: tuple = _f((0, 1), "Subset draws: `ingest.seed` of each run (which k images per class are labelled, and the train/val split).")
+    headline_k: int = _f(10, "The k whose figures head the study's summary (must be in k_per_class).")
+    share_pretrain: bool = _f(True, "Pretrain once per draw on the draw's whole train split (its labels unused), shared by every k; false: each (k, draw) run pretrains on its own unlabelled pool, as `synthaug run` does.")
+
+    def __post_init__(self) -> None:
+        p = _prefix(self)
+        for name in ("k_per_class", "draws"):
+            v = getattr(self, name)
+            _check(len(v) >= 1 and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                   f"config key '{p}{name}' must be a non-empty list of integers")
+            _check(len(set(v)) == len(v), f"config key '{p}{name}' lists a value twice")
+        _check(all(k >= 1 for k in self.k_per_class), f"config key '{p}k_per_class': every k must be >= 1")
+        _check(self.headline_k in self.k_per_class, f"config key '{p}headline_k' = {self.headline_k} is not in '{p}k_per_class'")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """How to reach Ray."""
 
@@ -261,6 +281,7 @@ class Config:
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig, metadata={"help": "Pseudo-label baseline."})
     filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "Confidence filtering of synthetic sets."})
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": "Sweep stage."})
+    study: StudyConfig = field(default_factory=StudyConfig, metadata={"help": "Study over k x subset draws (`synthaug study`)."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray connection."})
 
     def __post_init__(self) -> None:
@@ -405,7 +426,7 @@ _PREFIX: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthaug_c
 # The key prefix of a section built directly (SampleConfig(...)), for the messages.
 _DEFAULT_PREFIX = {"IngestConfig": "ingest.", "TrainGenConfig": "", "SampleConfig": "sample.", "EvaluateConfig": "evaluate.",
                    "ClassifyConfig": "classify.", "PseudoLabelConfig": "pseudolabel.",
-                   "FilterConfig": "filter.", "SweepConfig": "sweep.", "RayConfig": "ray."}
+                   "FilterConfig": "filter.", "SweepConfig": "sweep.", "StudyConfig": "study.", "RayConfig": "ray."}
 
 
 def _prefix(section: Any) -> str:

@@ -1,0 +1,100 @@
+"""``synthaug study``: paired statistics on known tables, and one tiny (k, draw) run end to end (real Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from synthaug import study as S
+from synthaug.cli import main
+from synthaug.config import ConfigError, load_config
+
+
+def _table(gains: dict[str, list[float]], draws=(0, 1), seeds=(0, 1, 2), k=10) -> pd.DataFrame:
+    """Real only at 90 + draw + seed/10; each arm at real + its gain for that (draw, seed)."""
+    rows = []
+    for d in draws:
+        for i, s in enumerate(seeds):
+            real = 90 + d + s / 10
+            rows.append({"k": k, "draw": d, "seed": s, "arm": S.REAL, "top1": real})
+            for arm, g in gains.items():
+                rows.append({"k": k, "draw": d, "seed": s, "arm": arm, "top1": real + g[d * len(seeds) + i]})
+    return pd.DataFrame(rows)
+
+
+def test_paired_differences_pool_draws_and_seeds():
+    syn = [1.0, 2.0, 3.0, 1.5, 2.5, 2.0]
+    pl = [3.0, 3.0, 3.0, 3.0, 3.0, 3.1]
+    summary = S.summarize(_table({"real + syn (w=1)": syn, S.PSEUDO: pl}))
+    r = summary[10]["real + syn (w=1)"]
+    d = np.array(syn)
+    assert r["n"] == 6 and r["draws"] == [0, 1]
+    assert math.isclose(r["vs_real"]["mean"], d.mean()) and math.isclose(r["vs_real"]["std"], d.std(ddof=1))
+    half = stats.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6)
+    assert np.allclose(r["vs_real"]["ci95"], [d.mean() - half, d.mean() + half])
+    assert r["beats_real_2sd"] is True  # mean 2.0 > 2 x 0.71
+    vp = np.array(syn) - np.array(pl)
+    assert math.isclose(r["vs_pseudo"]["mean"], vp.mean())
+    assert r["beats_or_matches_pseudo"] is False  # about -1.0, interval below 0
+    assert S.goal_met(summary) == []
+    assert list(summary[10]) == [S.REAL, S.PSEUDO, "real + syn (w=1)"]  # real, pseudo, then synthetic arms
+
+
+def test_goal_needs_both_conditions():
+    noisy = [3.0, -2.0, 4.0, -1.0, 2.0, 0.5]  # positive mean, within noise
+    clean = [2.0, 2.1, 1.9, 2.0, 2.2, 1.8]
+    summary = S.summarize(_table({"a + syn": noisy, "b + syn": clean, S.PSEUDO: [2.0] * 6}))
+    assert summary[10]["a + syn"]["beats_real_2sd"] is False
+    assert summary[10]["b + syn"]["beats_real_2sd"] is True
+    assert summary[10]["b + syn"]["beats_or_matches_pseudo"] is True  # matches: the interval holds 0
+    assert S.goal_met(summary) == [(10, "b + syn")]
+    md = S.markdown(summary, load_config(None, []), {"r": {"x": 60.0}}, "synthaug study")
+    assert "**Goal met by:** k=10: b + syn" in md and "| b + syn | " in md
+
+
+def test_pairs_only_common_draw_seed():
+    t = _table({"x + syn": [1.0] * 6})
+    t = t[~((t.arm == "x + syn") & (t.draw == 1) & (t.seed == 2))]
+    r = S.summarize(t)[10]["x + syn"]
+    assert r["n"] == 5 and r["vs_real"]["n"] == 5
+
+
+def test_study_config_is_checked():
+    with pytest.raises(ConfigError, match="study.headline_k"):
+        load_config(None, ["study.k_per_class=[5, 30]", "study.headline_k=10"])
+    with pytest.raises(ConfigError, match="study.draws"):
+        load_config(None, ["study.draws=[0, 0]"])
+    cfg = load_config("jobs/configs/study.yaml")
+    assert list(cfg.study.k_per_class) == [5, 10, 30] and len(cfg.study.draws) >= 2 and len(cfg.classify.seeds) >= 5
+    rc = S.run_config(cfg, 30, 1)
+    assert (rc.name, rc.ingest.k_per_class, rc.ingest.seed) == ("study-k30-d1", 30, 1)
+
+
+def test_study_end_to_end_tiny(ray_session, tmp_path):
+    """One (k, draw) run of the tiny config through the CLI: every arm per seed, and the tables."""
+    over = [f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}", "name=st",
+            "study.k_per_class=[4]", "study.draws=[1]", "study.headline_k=4", "classify.seeds=[0, 1]",
+            "classify.epochs=2", "sample.per_class=4", "sample.guidance_scale=1.0", "sweep.guidance_scales=[1.0]",
+            "sweep.ratios=[0, 1]", "sweep.taus=[0.0, 0.01]", "filter.tau=0.01", "pseudolabel.with_synthetic=true",
+            "pseudolabel.threshold=0.0", "pretrain.steps=4", "finetune.steps=4"]
+    assert main(["study", "--config", "jobs/configs/tiny.yaml", *over]) == 0
+    out = tmp_path / "results" / "st"
+    table = pd.read_csv(out / "study.csv")
+    assert set(table.k) == {4} and set(table.draw) == {1}
+    arms = {S.REAL, S.PSEUDO, "real + syn (w=1)", "real + syn (w=1 tau=0.01)", "pseudo-label + syn (w=1 tau=0.01)"}
+    assert set(table.arm) == arms
+    assert all(sorted(g.seed) == [0, 1] for _, g in table.groupby("arm"))
+    assert table.top1.between(0, 100).all()
+    js = json.loads((out / "study.json").read_text())
+    assert js["k_per_class"] == [4] and js["seeds"] == [0, 1]
+    real = table[table.arm == S.REAL].set_index("seed").top1
+    syn = table[table.arm == "real + syn (w=1)"].set_index("seed").top1
+    assert math.isclose(js["summary"]["4"]["real + syn (w=1)"]["vs_real"]["mean"], float((syn - real).mean()))
+    assert "## k = 4 labelled images per class" in (out / "study.md").read_text()
+    assert (out / "config.yaml").exists() and not (out / "config.attempt.yaml").exists()
+    assert (tmp_path / "runs" / "st-k4-d1" / "data" / "train").exists()
