@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from synthaug import storage
-from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete
+from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete, read_manifest
 from synthaug.config import Config, dump_config, replace
 
 REAL, PSEUDO = "real only", "pseudo-label"
@@ -54,6 +54,15 @@ def pretrain_dir(cfg: Config, draw: int) -> str:
     return storage.join(cfg.work_dir, f"{cfg.name}-d{draw}", "generators", "pretrain")
 
 
+def _fit_batch(cfg: Config, rows: int) -> Config:
+    """Fine-tuning's batch capped at the labelled rows per worker (k=5 x 10 classes is 50 < 64): a
+    smaller k cannot fill the default batch; any k that can keeps the recipe unchanged."""
+    t = cfg.finetune
+    if rows >= t.batch_size * t.num_workers:
+        return cfg
+    return replace(cfg, finetune=replace(t, batch_size=max(1, rows // t.num_workers)))
+
+
 def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[list[dict], dict]:
     """One (k, draw) run: its rows ``{arm, seed, top1}`` and its stage times (s).
 
@@ -67,6 +76,7 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
     p = P.RunPaths(cfg)
     timer = P.Timer()
     timer("ingest", P.stage_ingest, cfg)
+    cfg = _fit_batch(cfg, int(read_manifest(p.data("train"))["num_rows"]))
     if pretrained:
         timer("pretrain", P.stage_pretrain, cfg, p.train_full(), pretrained)
     elif is_complete(p.data("pool")):

@@ -98,3 +98,9 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
     assert "## k = 4 labelled images per class" in (out / "study.md").read_text()
     assert (out / "config.yaml").exists() and not (out / "config.attempt.yaml").exists()
     assert (tmp_path / "runs" / "st-k4-d1" / "data" / "train").exists()
+
+
+def test_fine_tune_batch_is_capped_at_the_labelled_rows():
+    cfg = load_config("jobs/configs/study.yaml")
+    assert S._fit_batch(cfg, 50).finetune.batch_size == 50  # k=5 x 10 classes
+    assert S._fit_batch(cfg, 100) is cfg  # k=10: the default recipe's 64
