@@ -63,8 +63,8 @@ def _fit_batch(cfg: Config, rows: int) -> Config:
     return replace(cfg, finetune=replace(t, batch_size=max(1, rows // t.num_workers)))
 
 
-def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[list[dict], dict]:
-    """One (k, draw) run: its rows ``{arm, seed, top1}`` and its stage times (s).
+def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[list[dict], dict, list[str]]:
+    """One (k, draw) run: its rows ``{arm, seed, top1}``, its stage times (s) and the settings it skipped.
 
     ``pretrained``: pretrain there on the run's whole train split (``train_full``) and
     fine-tune from it; None: pretrain on the run's unlabelled pool, as ``synthaug run``.
@@ -83,6 +83,15 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
         timer("pretrain", P.stage_pretrain, cfg)
     timer("finetune", P.stage_finetune, cfg, base=pretrained)
     _, mix_sets, _, teacher = P.synthetic_sets(cfg, timer, headline=cfg.pseudolabel.with_synthetic)
+    # A filtered set can keep too few images of a class for the largest ratio (a weak teacher at
+    # small k is rarely confident): its arms are left out of this run and reported as skipped.
+    max_ratio = max(float(r) for r in cfg.sweep.ratios)
+    short = {key: why for key, path in mix_sets.items() if (why := shortfall(p.data("train"), path, max_ratio))}
+    skipped = [f"{setting_label(*key)}: {why}" for key, why in sorted(short.items(), key=lambda x: x[0][2])]
+    taus = [t for t in (cfg.sweep.taus or (cfg.filter.tau,)) if not any(k[2] == float(t) for k in short)]
+    if not taus:
+        raise ValueError(f"{cfg.name}: no synthetic set can be mixed: {skipped}")
+    cfg = replace(cfg, sweep=replace(cfg.sweep, taus=tuple(taus)))
     grid = set(settings(cfg))
     df = timer("sweep", run_sweep, cfg, p.data("train"), p.data("val"), {k: v for k, v in mix_sets.items() if k in grid},
                storage.join(out_dir, "sweep"), name=cfg.sweep.name, storage_dir=p.ray)
@@ -94,12 +103,26 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
         teacher = teacher or timer("teacher", P.stage_teacher, cfg)
         key = (float(cfg.sample.guidance_scale), primary_strength(cfg), float(cfg.filter.tau))
         ratio = headline_ratio(cfg.sweep.ratios)
-        combo = mix_sets[key] if cfg.pseudolabel.with_synthetic and ratio > 0 else None
+        combo = mix_sets[key] if cfg.pseudolabel.with_synthetic and ratio > 0 and key not in short else None
         pseudo = timer("pseudolabel", P.stage_pseudolabel, cfg, teacher=teacher, synthetic=combo, ratio=ratio)
         rows += [{"arm": PSEUDO, "seed": int(r["seed"]), "top1": float(r["top1"])} for r in pseudo["students"]]
         rows += [{"arm": arm_label(setting_label(*key), ratio, base=PSEUDO), "seed": int(r["seed"]), "top1": float(r["top1"])}
                  for r in pseudo.get("combined", [])]
-    return rows, timer.seconds
+    return rows, timer.seconds, skipped
+
+
+def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
+    """Why ``synthetic`` cannot give ``ratio`` x the real count of every class, or None when it can."""
+    from synthaug.classify.mixing import per_class_counts
+
+    real, m = read_manifest(real_train), read_manifest(synthetic)
+    names = list(real["counts"])
+    labels = np.repeat(np.arange(len(names)), [real["counts"][n] for n in names])
+    for label, need in per_class_counts(labels, ratio).items():
+        have = int(m["counts"].get(names[label], 0))
+        if need > have:
+            return f"class {names[label]!r} kept {have} images, ratio {ratio:g} needs {need}"
+    return None
 
 
 def paired(diffs) -> dict:
@@ -167,7 +190,7 @@ def _gain(g: dict | None) -> str:
     return f"{g['mean']:+.2f} ± {_f(g['std'])} [{_f(lo)}, {_f(hi)}]"
 
 
-def markdown(summary: dict, cfg: Config, seconds: dict, command: str) -> str:
+def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: dict | None = None) -> str:
     """The study's tables: per k, each arm's top-1 and its paired gains with 95% intervals."""
     s = cfg.study
     lines = [f"# synthaug study `{cfg.name}`", "",
@@ -193,6 +216,10 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str) -> str:
             lines.append(f"| {arm} | {r['top1_mean']:.2f} ± {_f(r['top1_std'])} | {r['n']} | {_gain(r.get('vs_real'))} | "
                          f"{_gain(r.get('vs_pseudo'))} | {beats} |")
         lines.append("")
+    if skipped:
+        lines += ["## Arms left out", "", "A filtered set that keeps fewer images of a class than the mixture needs "
+                  "cannot be mixed; its arms are missing from these runs:", ""]
+        lines += [f"- `{run}`: {why}" for run, whys in skipped.items() for why in whys] + [""]
     total = sum(sum(v.values()) for v in seconds.values())
     lines += ["## Wall time", "", f"{total / 60:.1f} min over {len(seconds)} runs "
               f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}).", ""]
@@ -205,23 +232,25 @@ def run_study(cfg: Config, command: str = "synthaug study") -> dict:
     if storage.local_path(out) is None:
         raise ValueError(f"results_dir: the study draws its sweep plots locally; {cfg.results_dir} is not a local path")
     dump_config(cfg, out, "config.attempt.yaml")
-    rows, seconds = [], {}
+    rows, seconds, skipped = [], {}, {}
     for k in cfg.study.k_per_class:
         for draw in cfg.study.draws:
             rc = run_config(cfg, k, draw)
             print(f"\n##### study {cfg.name}: k={k} draw={draw} (run {rc.name}) #####", flush=True)
             shared = pretrain_dir(cfg, draw) if cfg.study.share_pretrain else None
-            got, secs = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared)
+            got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared)
             rows += [{"k": int(k), "draw": int(draw), **r} for r in got]
             seconds[rc.name] = secs
+            if skip:
+                skipped[rc.name] = skip
     table = pd.DataFrame(rows, columns=["k", "draw", "seed", "arm", "top1"])
     summary = summarize(table)
     atomic_write_text(storage.join(out, "study.csv"), table.to_csv(index=False))
     atomic_write_json(storage.join(out, "study.json"), {
         "command": command, "k_per_class": list(cfg.study.k_per_class), "draws": list(cfg.study.draws),
         "seeds": [int(s) for s in cfg.classify.seeds], "summary": {str(k): v for k, v in summary.items()},
-        "goal_met": [list(x) for x in goal_met(summary)], "stage_seconds": seconds})
-    atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command))
+        "goal_met": [list(x) for x in goal_met(summary)], "stage_seconds": seconds, "skipped": skipped})
+    atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command, skipped))
     dump_config(cfg, out)
     storage.delete(storage.join(out, "config.attempt.yaml"))
     head = summary[int(cfg.study.headline_k)]

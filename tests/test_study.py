@@ -104,3 +104,9 @@ def test_fine_tune_batch_is_capped_at_the_labelled_rows():
     cfg = load_config("jobs/configs/study.yaml")
     assert S._fit_batch(cfg, 50).finetune.batch_size == 50  # k=5 x 10 classes
     assert S._fit_batch(cfg, 100) is cfg  # k=10: the default recipe's 64
+
+
+def test_shortfall_names_the_class(digits_dirs):
+    train = str(digits_dirs["train"])
+    assert S.shortfall(train, train, 1.0) is None  # a set mixes with itself at 1:1
+    assert "needs" in S.shortfall(train, train, 2.0) and "class '0'" in S.shortfall(train, train, 2.0)
