@@ -197,6 +197,9 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
              f"Data `{cfg.ingest.source}`; classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of |labelled| "
              f"images per run; seeds {list(cfg.classify.seeds)} x subset draws (`ingest.seed`) {list(s.draws)}, "
              f"for k in {list(s.k_per_class)} labelled images per class.", "",
+             f"Pseudo-labels: a teacher (real only, seed {cfg.pseudolabel.teacher_seed}) labels the unlabelled pool; "
+             + (f"rows with top probability >= {cfg.pseudolabel.threshold:g} are kept." if cfg.pseudolabel.select == "threshold"
+                else f"the top {cfg.pseudolabel.top_fraction:g} of each predicted class is kept (most confident first)."), "",
              f"Command: `{command}`", "",
              "Gains are paired differences in top-1 points (same draw, same seed), pooled over draws x seeds: "
              "mean ± std [95% t interval of the mean]. *Goal* (issue 12): a gain over real only above 2 std, "
@@ -221,8 +224,9 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
                   "cannot be mixed; its arms are missing from these runs:", ""]
         lines += [f"- `{run}`: {why}" for run, whys in skipped.items() for why in whys] + [""]
     total = sum(sum(v.values()) for v in seconds.values())
-    lines += ["## Wall time", "", f"{total / 60:.1f} min over {len(seconds)} runs "
-              f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}).", ""]
+    lines += ["## Wall time of this invocation", "", f"{total / 60:.1f} min over {len(seconds)} runs "
+              f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}). Stages that an earlier "
+              "invocation finished are reused by their keys and count ~0 here; `study.json` has the stage times.", ""]
     return "\n".join(lines)
 
 
