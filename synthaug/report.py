@@ -202,10 +202,10 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
             pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, {recipe})", row))
             for k, v in row.items():
                 metrics[f"pseudo_plus_synthetic_top1_{k}" if k in ("mean", "std") else f"pseudo_plus_synthetic_{k}"] = v
+    from synthaug.classify.pseudolabel import describe_selection, kept_per_class
+
     kept = {}
     if filtered:
-        from synthaug.classify.pseudolabel import kept_per_class
-
         metrics["filter_tau"] = float(cfg.filter.tau)
         for key, m in filtered.items():
             kept[key] = kept_per_class(m)
@@ -263,9 +263,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
             f"{r['n_paired']} seeds — {_verdict(r)}.", "")],
         *([f"Pseudo-labels: a teacher trained on the labelled set (real only, seed {cfg.pseudolabel.teacher_seed}, "
            f"top-1 {_fmt(pseudo['teacher_top1'])}) labelled the unlabelled pool; kept "
-           + ("rows with top probability >= " + format(cfg.pseudolabel.threshold, "g") if cfg.pseudolabel.select == "threshold"
-              else f"the top {cfg.pseudolabel.top_fraction:g} of each predicted class")
-           + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
+           + describe_selection(cfg) + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
            "real only (an epoch is |labelled| images).", ""] if pseudo is not None else [""]),
         f"Sweep (synthetic-set setting x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
         "## Generator quality per guidance scale", "",

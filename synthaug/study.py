@@ -192,14 +192,15 @@ def _gain(g: dict | None) -> str:
 
 def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: dict | None = None) -> str:
     """The study's tables: per k, each arm's top-1 and its paired gains with 95% intervals."""
+    from synthaug.classify.pseudolabel import describe_selection
+
     s = cfg.study
     lines = [f"# synthaug study `{cfg.name}`", "",
              f"Data `{cfg.ingest.source}`; classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of |labelled| "
              f"images per run; seeds {list(cfg.classify.seeds)} x subset draws (`ingest.seed`) {list(s.draws)}, "
              f"for k in {list(s.k_per_class)} labelled images per class.", "",
              f"Pseudo-labels: a teacher (real only, seed {cfg.pseudolabel.teacher_seed}) labels the unlabelled pool; "
-             + (f"rows with top probability >= {cfg.pseudolabel.threshold:g} are kept." if cfg.pseudolabel.select == "threshold"
-                else f"the top {cfg.pseudolabel.top_fraction:g} of each predicted class is kept (most confident first)."), "",
+             f"kept: {describe_selection(cfg)}.", "",
              f"Command: `{command}`", "",
              "Gains are paired differences in top-1 points (same draw, same seed), pooled over draws x seeds: "
              "mean ± std [95% t interval of the mean]. *Goal* (issue 12): a gain over real only above 2 std, "
@@ -226,7 +227,7 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
     total = sum(sum(v.values()) for v in seconds.values())
     lines += ["## Wall time of this invocation", "", f"{total / 60:.1f} min over {len(seconds)} runs "
               f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}). Stages that an earlier "
-              "invocation finished are reused by their keys and count ~0 here; `study.json` has the stage times.", ""]
+              "invocation finished are reused by their keys and count ~0 here (as in `study.json`).", ""]
     return "\n".join(lines)
 
 

@@ -150,6 +150,14 @@ def selection(cfg: Config) -> dict:
     return {"select": pl.select, pl.select: pl.threshold if pl.select == "threshold" else pl.top_fraction}
 
 
+def describe_selection(cfg: Config) -> str:
+    """The selection in words, for reports: which pool rows the students train on."""
+    pl = cfg.pseudolabel
+    if pl.select == "threshold":
+        return f"rows with top probability >= {pl.threshold:g}"
+    return f"the top {pl.top_fraction:g} of each predicted class (most confident first)"
+
+
 def _top_fraction(group: pa.Table, fraction: float) -> pa.Table:
     """Ray Data map_groups fn: one predicted class's ``ceil(fraction x n)`` most confident rows (ties by id hash)."""
     n = group.num_rows
