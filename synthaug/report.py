@@ -256,7 +256,8 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
         "",
         f"Paired gain of real + synthetic over real only: **{_fmt(gain_m)} ± {_fmt(gain_s)} points** over {len(diffs)} seeds"
-        + (" — one seed: noise cannot be judged." if len(diffs) < 2 else
+        + (" — the sweep left this cell out (below)." if mixed.empty and summary.get("skipped") else
+           " — one seed: noise cannot be judged." if len(diffs) < 2 else
            " — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
         "",
         *[line for label, r in pl_rows for line in (
