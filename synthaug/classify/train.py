@@ -188,11 +188,11 @@ def fit(
 
 
 def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_loc: str):
-    """One worker: the loop in one Ray task, checkpoints in the run's storage (``session.TaskCheckpoints``).
+    """One worker: the loop in one Ray task, checkpoints in the run's storage (``checkpoints.TaskCheckpoints``).
 
-    Ray's advice for one worker, as in a Tune trial: no Train controller, worker group or process
-    group to start (measured here: ~12 s of a 1-epoch command's ~30 s). A task whose process
-    or node dies is run again (``classify.max_failures`` times) and resumes from the latest checkpoint.
+    Ray's advice for one worker, as in a Tune trial: no Train controller, worker group or
+    process group to start for every classifier. A task whose process or node dies is run
+    again (``classify.max_failures`` times) and resumes from the latest checkpoint.
     """
     import ray
 
