@@ -180,9 +180,9 @@ class ClassifyConfig:
     checkpoint_every: int = _f(10, "Checkpoint every N epochs (and at the last); metrics are reported every epoch.")
     eval_every: int = _f(1, "Evaluate on the real val split (sharded over the workers) every N epochs and at the last; reports in between repeat the latest numbers (eval_epoch says which). Each evaluation is one Ray Data pass over val.")
     cache: bool = _f(False, "Materialise the decoded train mixture in Ray's object store once, and keep each worker's decoded val share in its memory (only for sets that fit); off: every epoch streams and decodes the Parquet shards again.")
-    num_workers: int = _f(1, "Ray Train workers (DDP).")
+    num_workers: int = _f(1, "Training workers: 1 runs the loop in one Ray task; more are Ray Train workers (DDP).")
     use_gpu: bool = _f(False, "One GPU per worker.")
-    max_failures: int = _f(1, "Ray Train FailureConfig.max_failures.")
+    max_failures: int = _f(1, "Restarts after a worker dies: Ray Train FailureConfig.max_failures; with one worker, the Ray task's max_retries (it resumes from its latest checkpoint).")
 
     def __post_init__(self) -> None:
         _check_classify(self, _prefix(self))

@@ -21,6 +21,13 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
+# glibc malloc, in every worker process (read when a process starts, so it travels in the runtime
+# env): at most 2 arenas, and a fixed mmap threshold, so freed batch-sized buffers go back to the
+# OS instead of fragmenting per-thread arenas. Measured here (a Train worker, one classifier run
+# on 10k images): peak private memory 837 MB after 1 epoch and 881 MB after 4 with glibc's
+# defaults; 675 and 684 MB with these. A value already set in the driver wins.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
@@ -46,7 +53,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # handler writes the line again when Ray has wrapped the worker's stdout: every
     # `[pretrain] step ...` line reached the driver twice. Plain print: once.
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
-    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV)
+    for k, v in MALLOC_ENV.items():
+        os.environ.setdefault(k, v)
+    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV,
+            *MALLOC_ENV)
     keys += tuple(k for k in STORAGE_ENV if os.environ.get(k))
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     _data_context()

@@ -179,6 +179,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         "best_top1_mean": summary.get("best_top1_mean"), "best_top1_std": summary.get("best_top1_std"),
         "best_gain_mean": summary.get("gain_mean"), "best_gain_std": summary.get("gain_std"),
         "sweep_verdict": summary.get("verdict"),
+        "sweep_cells_left_out": "; ".join(f"{c['setting']} ratio {c['ratio']:g}" for c in summary.get("skipped", [])),
     }
     for r in sorted(fidelity_rows, key=lambda r: r["guidance_scale"]):
         tag = f"w{r['guidance_scale']:g}"
@@ -255,7 +256,8 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
         "",
         f"Paired gain of real + synthetic over real only: **{_fmt(gain_m)} ± {_fmt(gain_s)} points** over {len(diffs)} seeds"
-        + (" — one seed: noise cannot be judged." if len(diffs) < 2 else
+        + (" — the sweep left this cell out (below)." if mixed.empty and summary.get("skipped") else
+           " — one seed: noise cannot be judged." if len(diffs) < 2 else
            " — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
         "",
         *[line for label, r in pl_rows for line in (
@@ -266,6 +268,9 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
            + describe_selection(cfg) + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
            "real only (an epoch is |labelled| images).", ""] if pseudo is not None else [""]),
         f"Sweep (synthetic-set setting x ratio, {len(real)} seeds): {summary.get('verdict')}", "",
+        *([f"Sweep cells left out (a filtered set kept too few images of a class): "
+           + "; ".join(f"{c['setting']} at ratio {c['ratio']:g} ({c['why']})" for c in summary["skipped"]) + ".", ""]
+          if summary.get("skipped") else []),
         "## Generator quality per guidance scale", "",
         f"Extractor: `{head.get('extractor')}` (a classifier trained on the real train split), reference set: real val "
         f"({head.get('n_real')} images), {head.get('n_synthetic')} synthetic images per guidance. "

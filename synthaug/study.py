@@ -113,16 +113,10 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
 
 def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
     """Why ``synthetic`` cannot give ``ratio`` x the real count of every class, or None when it can."""
-    from synthaug.classify.mixing import per_class_counts
+    from synthaug.sweep import shortfall as first_short
 
-    real, m = read_manifest(real_train), read_manifest(synthetic)
-    names = list(real["counts"])
-    labels = np.repeat(np.arange(len(names)), [real["counts"][n] for n in names])
-    for label, need in per_class_counts(labels, ratio).items():
-        have = int(m["counts"].get(names[label], 0))
-        if need > have:
-            return f"class {names[label]!r} kept {have} images, ratio {ratio:g} needs {need}"
-    return None
+    short = first_short(read_manifest(real_train), read_manifest(synthetic), ratio)
+    return None if short is None else f"class {short[0]!r} kept {short[1]} images, ratio {ratio:g} needs {short[2]}"
 
 
 def paired(diffs) -> dict:

@@ -25,6 +25,12 @@ Tune experiment lives in ``<storage>/<name>-<key[:12]>``, keyed by :func:`experi
 (the grid, the classifier config and the inputs' content hashes): running the same sweep
 again restores it and runs only the trials that are missing or errored; a changed grid,
 config or input is a new experiment.
+
+A confidence-filtered set (tau > 0) keeps a data-dependent number of images per class, so it
+may be unable to give a ratio's r x n_c images of some class: those (setting, ratio) cells
+are left out of the grid (:func:`short_cells`), named with the class and the counts in
+``summary.md`` and ``df.attrs["skipped"]``. An unfiltered set that is too small for the
+grid is a config error and stops the sweep before any trial.
 """
 
 from __future__ import annotations
@@ -132,17 +138,45 @@ def validate_inputs(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict) 
                 f"synthetic dataset {path} ({what}): class names {m['class_names']} do not match "
                 f"the real class names {real['class_names']}"
             )
-        names = list(real["counts"])
-        labels = np.repeat(np.arange(len(names)), [real["counts"][n] for n in names])
-        for label, need in per_class_counts(labels, max_ratio).items():
-            have = m["counts"].get(names[label], 0)
-            if need > have:
-                raise InputValueError(
-                    f"synthetic dataset {path} ({what}): class {names[label]!r} has {have} images, "
-                    f"ratio {max_ratio} needs {need}"
-                )
+        short = None if setting[2] > 0 else shortfall(real, m, max_ratio)  # filtered sets: see short_cells
+        if short:
+            raise InputValueError(f"synthetic dataset {path} ({what}): {_short_text(short, max_ratio)}")
         dirs[tag] = storage.absolute(str(path))
     return dirs
+
+
+def shortfall(real: dict, synthetic: dict, ratio: float) -> tuple[str, int, int] | None:
+    """``(class, has, needs)`` of the first class for which a set (its manifest) has fewer than
+    ``ratio`` x the real count (``real``: the real set's manifest), or None when it has enough."""
+    names = list(real["counts"])
+    labels = np.repeat(np.arange(len(names)), [real["counts"][n] for n in names])
+    for label, need in per_class_counts(labels, ratio).items():
+        have = int(synthetic["counts"].get(names[label], 0))
+        if need > have:
+            return names[label], have, int(need)
+    return None
+
+
+def _short_text(short: tuple[str, int, int], ratio: float) -> str:
+    name, have, need = short
+    return f"class {name!r} has {have} images, ratio {ratio} needs {need}"
+
+
+def short_cells(cfg: Config, real_train_dir, dirs: dict[str, str]) -> dict[tuple[str, float], str]:
+    """The grid's ``(setting label, ratio)`` cells whose filtered set is too small, with the reason.
+
+    ``dirs``: setting label -> set, as :func:`validate_inputs` returns it. Only filtered sets
+    (tau > 0) are judged here: how many images they keep depends on the teacher.
+    """
+    real = read_manifest(real_train_dir)
+    ratios = sorted({float(r) for r in cfg.sweep.ratios} - {0.0})
+    out = {}
+    for setting in settings(cfg):
+        tag = setting_label(*setting)
+        if setting[2] > 0 and tag in dirs:
+            m = read_manifest(dirs[tag])
+            out.update({(tag, r): _short_text(short, r) for r in ratios if (short := shortfall(real, m, r))})
+    return out
 
 
 # ----------------------------------------------------------------------------- trials
@@ -170,12 +204,13 @@ def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_
         fit(cfg.classify, train, val_dir, out_dir=train_dir, name=name, callbacks=[TuneReportCallback()], **kw)
 
 
-def _grid(cfg: Config) -> list[dict]:
-    """Tune cells: real-only once (setting None), then every setting x positive ratio."""
+def _grid(cfg: Config, skip=()) -> list[dict]:
+    """Tune cells: real-only once (setting None), then every setting x positive ratio but the
+    ``skip`` ones (``(setting label, ratio)``: :func:`short_cells`)."""
     ratios = sorted({float(r) for r in cfg.sweep.ratios})
     cells = [{"guidance": None, "strength": None, "tau": None, "setting": None, "ratio": 0.0}] if 0.0 in ratios else []
     cells += [{"guidance": g, "strength": st, "tau": t, "setting": setting_label(g, st, t), "ratio": r}
-              for g, st, t in settings(cfg) for r in ratios if r > 0]
+              for g, st, t in settings(cfg) for r in ratios if r > 0 and (setting_label(g, st, t), r) not in skip]
     return cells
 
 
@@ -205,7 +240,7 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
     tune_cfg.trial_dirname_creator = lambda trial: f"trial-{trial.trial_id}"
     return tune.Tuner(
         trainable,
-        param_space={"cell": tune.grid_search(_grid(cfg)), "seed": tune.grid_search(seeds)},
+        param_space={"cell": tune.grid_search(fingerprint["grid"]), "seed": tune.grid_search(seeds)},
         tune_config=tune_cfg,
         run_config=tune.RunConfig(
             name=name,
@@ -217,7 +252,7 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
 
 
 def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name: str = "sweep",
-               asha: bool = False) -> tuple[str, dict]:
+               asha: bool = False, skip=()) -> tuple[str, dict]:
     """The sweep's keyed experiment name ``<name>-<key[:12]>`` and what the key covers.
 
     The key (``synthaug.identity``) covers the grid, the seeds, every result-changing
@@ -225,7 +260,7 @@ def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name:
     the same sweep resumes its experiment, a changed one starts its own.
     """
     fingerprint = {
-        "grid": _grid(cfg), "seeds": [int(s) for s in cfg.classify.seeds],
+        "grid": _grid(cfg, skip), "seeds": [int(s) for s in cfg.classify.seeds],
         "classify": identity.config_fields("classify", cfg.classify),
         "real": identity.dataset_hash(str(real_train_dir)), "val": identity.dataset_hash(str(val_dir)),
         "synthetic": {_key_label(k, cfg): identity.dataset_hash(str(p)) for k, p in synthetic_dirs.items()}, "asha": asha,
@@ -260,11 +295,14 @@ def run_sweep(
 
     # Check everything before any trial starts, and write the resolved config first.
     dirs = validate_inputs(cfg, real_train_dir, val_dir, synthetic_dirs)
+    skip = short_cells(cfg, real_train_dir, dirs)
+    for (tag, r), why in skip.items():
+        print(f"[sweep] left out {tag} at ratio {r:g}: the filtered set's {why}", flush=True)
     out_dir = Path(out_dir).resolve()
     store = storage.absolute(str(storage_dir)) if storage_dir else str(out_dir)
     dump_config(cfg, out_dir, "sweep_config.yaml")
     real = read_manifest(real_train_dir)
-    name, fingerprint = experiment(cfg, real_train_dir, val_dir, dirs, name, asha)
+    name, fingerprint = experiment(cfg, real_train_dir, val_dir, dirs, name, asha, skip)
 
     init_ray(cfg.ray)
     use_gpu = cfg.classify.use_gpu and cfg.classify.num_workers == 1
@@ -286,6 +324,7 @@ def run_sweep(
     if unfinished:  # e.g. the sweep was interrupted
         raise RuntimeError(f"{len(unfinished)} sweep trial(s) did not report (run again to resume them): {unfinished}")
     df = results_table([(r.config, r.metrics, r.metrics.get("trial_id", "")) for r in results], settings(cfg))
+    df.attrs["skipped"] = [{"setting": tag, "ratio": r, "why": why} for (tag, r), why in skip.items()]
     write_outputs(df, out_dir)
     return df
 
@@ -393,6 +432,9 @@ def summary_markdown(df: pd.DataFrame, summary: dict) -> str:
     for _, r in cells.iterrows():
         std = "" if pd.isna(r["std"]) else f"{r['std']:.2f}"
         lines.append(f"| {r.setting} | {r.ratio:g} | {r['mean']:.2f} | {std} |")
+    if summary.get("skipped"):
+        lines += ["", "Cells left out (a filtered set kept too few images of a class for the ratio):", ""]
+        lines += [f"- {c['setting']} at ratio {c['ratio']:g}: the filtered set's {c['why']}" for c in summary["skipped"]]
     return "\n".join(lines) + "\n"
 
 
@@ -444,7 +486,7 @@ def plot_accuracy_vs_ratio(df: pd.DataFrame, path: Path) -> None:
 def write_outputs(df: pd.DataFrame, out_dir: Path) -> dict:
     """Table, plots and summary into ``out_dir``; sets ``df.attrs["summary"]``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(df)
+    summary = {**summarize(df), "skipped": list(df.attrs.get("skipped", []))}
     df.attrs["summary"] = summary
     atomic_write_text(out_dir / "sweep.csv", df.to_csv(index=False))
     tmp = out_dir / ".sweep.parquet.tmp"

@@ -240,3 +240,34 @@ def test_classifier_survives_killed_train_worker(ray_session, digits_dirs, tmp_p
     assert killer.progress_at_kill is not None and 0 < killer.progress_at_kill < epochs, killer.progress_at_kill
     assert result["epochs"] == epochs
     assert result["start_epoch"] > 0, result  # resumed from a checkpoint, not from scratch
+
+
+def test_one_worker_classifier_survives_killed_task(ray_session, digits_dirs, tmp_path):
+    """One worker runs as a plain Ray task (``classify.train._fit_task``): killed after a
+    checkpoint, the task is run again, resumes from the checkpoint in the run's storage and
+    finishes. (Not bit-identical to an undisturbed run, on this path as under Ray Train: the
+    file order reseeds per execution of the dataset, counted from the process's start.)"""
+    from synthaug.classify.checkpoints import TaskCheckpoints
+    from synthaug.classify.train import fit
+
+    epochs = 8
+    cfg = dataclasses.replace(ClassifyConfig(), epochs=epochs, batch_size=16, checkpoint_every=1, max_failures=1)
+    train, names = str(digits_dirs["train"]), read_manifest(digits_dirs["train"])["class_names"]
+    kw = dict(seed=0, class_names=names, in_chans=1)
+    runs = tmp_path / "runs"
+
+    def progress():
+        return max([int(TaskCheckpoints(str(d)).latest_metrics().get("epoch", 0)) for d in runs.glob("faulty-*")], default=0)
+
+    killer = Killer("ray::classify", ready=lambda: progress() > 0, progress=progress)
+    killer.start()
+    try:
+        result = fit(cfg, train, digits_dirs["val"], out_dir=runs, name="faulty", **kw)
+    finally:
+        killer.stop()
+    _assert_killed(killer)
+    assert killer.progress_at_kill is not None and 0 < killer.progress_at_kill < epochs, killer.progress_at_kill
+    assert result["epochs"] == epochs and result["start_epoch"] > 0, result  # resumed, not started over
+    assert result["top1"] > 50.0, result  # chance is 10%
+    # The finished run is found by its key and returned without another task.
+    assert fit(cfg, train, digits_dirs["val"], out_dir=runs, name="faulty", **kw) == result

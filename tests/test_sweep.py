@@ -152,6 +152,28 @@ def test_strength_and_tau_axes_table_and_summary(digits_dirs, synthetic_dirs):
     assert "best cell w=1 s=0.3, ratio 1" in summary["verdict"] and "beyond the seed noise" in summary["verdict"]
 
 
+def test_short_filtered_cells_are_left_out_and_named(digits_dirs, synthetic_dirs, tmp_path):
+    """A filtered set (tau > 0) too small for a ratio loses only those cells, named with the class
+    and counts; an unfiltered set too small still stops the sweep before any trial."""
+    from synthaug.sweep import _grid, experiment, short_cells, summary_markdown, validate_inputs
+
+    train, val = digits_dirs["train"], digits_dirs["val"]
+    cfg = load_config(None, GRID[:3] + ["sweep.guidance_scales=[1.0]", "sweep.taus=[0, 0.8]", "sweep.ratios=[0, 1, 3]"])
+    _noisy_copy(train, tmp_path / "big", 1.0, copies=3)  # 30 per class: every ratio
+    dirs = validate_inputs(cfg, train, val, {(1.0, None, 0.0): tmp_path / "big", (1.0, None, 0.8): synthetic_dirs[1.0]})
+    skip = short_cells(cfg, train, dirs)
+    assert skip == {("w=1 tau=0.8", 3.0): "class '0' has 10 images, ratio 3.0 needs 30"}
+    cells = [(c["setting"], c["ratio"]) for c in _grid(cfg, skip)]
+    assert cells == [(None, 0.0), ("w=1", 1.0), ("w=1", 3.0), ("w=1 tau=0.8", 1.0)]
+    assert _grid(cfg, {}) == _grid(cfg)  # nothing short: the grid (and the experiment's key) as before
+    assert experiment(cfg, train, val, dirs, skip=skip)[0] != experiment(cfg, train, val, dirs)[0]
+    md = summary_markdown(pd.DataFrame({"setting": ["w=1"], "ratio": [1.0], "top1": [90.0], "seed": [0]}),
+                          {"verdict": "v", "skipped": [{"setting": "w=1 tau=0.8", "ratio": 3.0, "why": skip[("w=1 tau=0.8", 3.0)]}]})
+    assert "- w=1 tau=0.8 at ratio 3: the filtered set's class '0' has 10 images, ratio 3.0 needs 30" in md
+    with pytest.raises(ValueError, match="class '0' has 10 images, ratio 3.0 needs 30"):
+        validate_inputs(cfg, train, val, {(1.0, None, 0.0): synthetic_dirs[1.0], (1.0, None, 0.8): tmp_path / "big"})
+
+
 def test_strength_and_tau_axes_bad_config():
     with pytest.raises(ConfigError, match="'sweep.strengths': 1.5 is not null or a strength"):
         load_config(None, ["sweep.strengths=[1.5]"])

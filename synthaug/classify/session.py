@@ -4,8 +4,9 @@
 workers (DDP through ``ray.train.torch.prepare_model``); a Ray Tune trial runs it directly
 in its own process. It talks to whichever through ``_Session``, picked by
 ``config["_reporter"]``: ``"train"`` (``ray.train.*``), ``"tune"`` (``ray.tune.*``, as
-Ray 2.x requires inside a Tune function) or ``"local"`` (no Ray session: reports are
-only returned).
+Ray 2.x requires inside a Tune function), ``"task"`` (one worker in a plain Ray task;
+checkpoints in the run's storage through :class:`TaskCheckpoints`) or ``"local"`` (no Ray
+session: reports are only returned).
 
 Data: the train shard is a streaming Ray Data iterator (``get_dataset_shard("train")``
 under Ray Train, else ``config["_dataset"].iterator()``); see ``classify/data.py``.
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
+from synthaug.classify.checkpoints import StoredCheckpoint, TaskCheckpoints
 from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
                                     metrics_from_counts, read_checkpoint, train_epoch, write_checkpoint)
 from synthaug.classify.data import iterate, val_batches, val_dataset
@@ -45,13 +47,14 @@ from synthaug.config import ClassifyConfig
 
 
 class _Session:
-    """Data, checkpoints and reports for the loop: a Ray Train worker, a Tune trial, or local."""
+    """Data, checkpoints and reports for the loop: a Ray Train worker, a Tune trial, a Ray task, or local."""
 
     def __init__(self, config: dict):
         self.kind = config.get("_reporter", "train")
-        if self.kind not in ("train", "tune", "local"):
-            raise ValueError(f"_reporter must be 'train', 'tune' or 'local', got {self.kind!r}")
+        if self.kind not in ("train", "tune", "task", "local"):
+            raise ValueError(f"_reporter must be 'train', 'tune', 'task' or 'local', got {self.kind!r}")
         self.config = config
+        self.store = TaskCheckpoints(config["_run_loc"]) if self.kind == "task" else None
         if self.kind == "train":
             import ray.train
             import ray.train.torch
@@ -87,6 +90,9 @@ class _Session:
             import ray.tune
 
             return ray.tune.get_checkpoint()
+        if self.kind == "task":
+            loc = self.store.latest()
+            return None if loc is None else StoredCheckpoint(self.store, loc)
         return None
 
     @property
@@ -104,6 +110,8 @@ class _Session:
 
             ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.tune.report(metrics, checkpoint=ckpt)
+        elif self.kind == "task" and checkpoint_dir:
+            self.store.save(checkpoint_dir, metrics)
 
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
@@ -232,4 +240,6 @@ def train_loop_per_worker(config: dict) -> dict:
         else:
             session.report(metrics, None)
         last = metrics
+    if not last and session.kind == "task":  # restarted after its last checkpoint: nothing left to train
+        last = session.store.latest_metrics()
     return last

@@ -1,4 +1,6 @@
-"""Classifier training drivers: ``fit`` (Ray Train) and ``fit_local`` (this process / a Tune trial).
+"""Classifier training drivers: ``fit`` (a Ray task for one worker, Ray Train for more) and
+``fit_local`` (this process / a Tune trial). Every path runs the same per-worker loop
+(``session.train_loop_per_worker``).
 
 The pieces live in three modules: ``core`` (plain PyTorch: ``train_epoch``, ``evaluate``,
 the recipe's builders, checkpoint files), ``data`` (the Ray Data input pipelines) and
@@ -137,7 +139,10 @@ def fit(
     save_model: bool = False,
     callbacks: list | None = None,
 ) -> dict:
-    """Train with Ray Train (``cfg.num_workers`` DDP workers); returns the final epoch's flat metrics.
+    """Train ``cfg.num_workers`` workers; returns the final epoch's flat metrics.
+
+    One worker runs the loop in one Ray task (:func:`_fit_task`), more are Ray Train DDP
+    workers, as is one worker under a Tune trial's ``callbacks``.
 
     ``train``: a ``Mixture`` or a dataset location. The run lives in
     ``out_dir/<name>-<key[:12]>`` (any location: Ray storage through
@@ -163,6 +168,47 @@ def fit(
         print(f"[classify] {name}: reusing the finished run (same key)", flush=True)
         return {**done["metrics"], "key": key}
     init_ray(ray_cfg)
+    if cfg.num_workers == 1 and not callbacks:
+        metrics, final = _fit_task(cfg, spec, config, seed, run_loc)
+    else:
+        metrics, final = _fit_train(cfg, spec, config, seed, out_dir, name, callbacks)
+    if save_model:
+        from safetensors.torch import load_file
+
+        from synthaug.classify.core import classifier_meta
+        from synthaug.classify.models import build_classifier, save_classifier
+
+        meta = {**classifier_meta(cfg, class_names, in_chans, config["image_size"]), "key": key, "inputs": inputs}
+        model = build_classifier(replace(cfg, pretrained_path=""), len(class_names), in_chans, seed)
+        with final.as_directory() as d:  # the weights that top1 was measured on
+            model.load_state_dict(load_file(str(Path(d) / ("ema.safetensors" if cfg.model_ema else "model.safetensors"))))
+        save_classifier(model, model_loc, meta)
+    identity.write_record(run_loc, "classify", key, inputs, to_dict(cfg), seed=int(seed), metrics=metrics)
+    return {**metrics, "key": key}
+
+
+def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_loc: str):
+    """One worker: the loop in one Ray task, checkpoints in the run's storage (``checkpoints.TaskCheckpoints``).
+
+    Ray's advice for one worker, as in a Tune trial: no Train controller, worker group or
+    process group to start for every classifier. A task whose process or node dies is run
+    again (``classify.max_failures`` times) and resumes from the latest checkpoint.
+    """
+    import ray
+
+    from synthaug.classify.checkpoints import StoredCheckpoint, TaskCheckpoints
+
+    config = {**config, "_reporter": "task", "_run_loc": run_loc,
+              "_dataset": training_dataset(spec, seed=seed, cache=cfg.cache)}
+    task = ray.remote(_train_loop).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
+                                           max_retries=cfg.max_failures, name="classify")
+    metrics = _result(ray.get(task.remote(config)))
+    store = TaskCheckpoints(run_loc)
+    return metrics, StoredCheckpoint(store, store.latest())
+
+
+def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_dir: str, name: str, callbacks):
+    """``cfg.num_workers`` Ray Train workers (DDP), or one under a Tune trial's callbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -183,20 +229,7 @@ def fit(
         dataset_config=_data_config(cfg.num_workers),
     )
     result = trainer.fit()
-    metrics = _result(result.metrics)
-    if save_model:
-        from safetensors.torch import load_file
-
-        from synthaug.classify.core import classifier_meta
-        from synthaug.classify.models import build_classifier, save_classifier
-
-        meta = {**classifier_meta(cfg, class_names, in_chans, config["image_size"]), "key": key, "inputs": inputs}
-        model = build_classifier(replace(cfg, pretrained_path=""), len(class_names), in_chans, seed)
-        with result.checkpoint.as_directory() as d:  # the weights that top1 was measured on
-            model.load_state_dict(load_file(str(Path(d) / ("ema.safetensors" if cfg.model_ema else "model.safetensors"))))
-        save_classifier(model, model_loc, meta)
-    identity.write_record(run_loc, "classify", key, inputs, to_dict(cfg), seed=int(seed), metrics=metrics)
-    return {**metrics, "key": key}
+    return _result(result.metrics), result.checkpoint
 
 
 def _train_loop(config: dict):
