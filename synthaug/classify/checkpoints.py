@@ -32,11 +32,6 @@ class TaskCheckpoints:
         loc = storage.join(self.run_loc, self.POINTER)
         return storage.read_json(loc) if storage.is_file(loc) else None
 
-    def latest(self) -> str | None:
-        """The location of the newest complete checkpoint, or None."""
-        p = self._pointer()
-        return None if p is None else storage.join(self.run_loc, p["path"])
-
     def latest_metrics(self) -> dict:
         """The metrics reported with the newest checkpoint ({} when none): what a run restarted
         after its last checkpoint returns, having nothing left to train."""
@@ -52,22 +47,24 @@ class TaskCheckpoints:
         for d in old:
             storage.delete(storage.join(self.run_loc, d))
 
+    def latest_checkpoint(self) -> "StoredCheckpoint | None":
+        """The newest complete checkpoint, or None."""
+        p = self._pointer()
+        return None if p is None else StoredCheckpoint(storage.join(self.run_loc, p["path"]))
+
+
+class StoredCheckpoint:
+    """A checkpoint directory at a storage location, with the ``as_directory()`` of a Ray Train checkpoint."""
+
+    def __init__(self, loc: str):
+        self.loc = loc
+
     @contextmanager
-    def as_directory(self, loc: str):
-        """A local directory with the checkpoint at ``loc`` (itself, or a temporary download)."""
-        local = storage.local_path(loc)
+    def as_directory(self):
+        """A local directory with the checkpoint (itself, or a temporary download)."""
+        local = storage.local_path(self.loc)
         if local is not None:
             yield str(local)
             return
         with tempfile.TemporaryDirectory() as d:
-            yield str(storage.download_dir(loc, d))
-
-
-class StoredCheckpoint:
-    """A stored checkpoint with the ``as_directory()`` of a Ray Train checkpoint."""
-
-    def __init__(self, store: TaskCheckpoints, loc: str):
-        self.store, self.loc = store, loc
-
-    def as_directory(self):
-        return self.store.as_directory(self.loc)
+            yield str(storage.download_dir(self.loc, d))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
-from synthaug.classify.checkpoints import StoredCheckpoint, TaskCheckpoints
+from synthaug.classify.checkpoints import TaskCheckpoints
 from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
                                     metrics_from_counts, read_checkpoint, train_epoch, write_checkpoint)
 from synthaug.classify.data import iterate, val_batches, val_dataset
@@ -91,8 +91,7 @@ class _Session:
 
             return ray.tune.get_checkpoint()
         if self.kind == "task":
-            loc = self.store.latest()
-            return None if loc is None else StoredCheckpoint(self.store, loc)
+            return self.store.latest_checkpoint()
         return None
 
     @property

@@ -196,15 +196,14 @@ def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_l
     """
     import ray
 
-    from synthaug.classify.checkpoints import StoredCheckpoint, TaskCheckpoints
+    from synthaug.classify.checkpoints import TaskCheckpoints
 
     config = {**config, "_reporter": "task", "_run_loc": run_loc,
               "_dataset": training_dataset(spec, seed=seed, cache=cfg.cache)}
     task = ray.remote(_train_loop).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
                                            max_retries=cfg.max_failures, name="classify")
     metrics = _result(ray.get(task.remote(config)))
-    store = TaskCheckpoints(run_loc)
-    return metrics, StoredCheckpoint(store, store.latest())
+    return metrics, TaskCheckpoints(run_loc).latest_checkpoint()
 
 
 def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_dir: str, name: str, callbacks):
