@@ -230,6 +230,10 @@ GPU_MODELS = {
     "dit-b-2": ("DiTTransformer2DModel", dict(num_attention_heads=12, attention_head_dim=64, in_channels=4,
                                               out_channels=8, num_layers=12, patch_size=2, sample_size=32,
                                               num_embeds_ada_norm=1000)),
+    # DiT-XL/2: 28 layers, hidden 1152 (16 heads x 72), patch 2: the estimate's `finetune.family=dit` denoiser.
+    "dit-xl-2": ("DiTTransformer2DModel", dict(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                               out_channels=8, num_layers=28, patch_size=2, sample_size=32,
+                                               num_embeds_ada_norm=1000)),
     # Stable Diffusion 1.x UNet (~860M parameters), text cross-attention of width 768 over 77 tokens.
     "sd-unet": ("UNet2DConditionModel", dict(sample_size=32, in_channels=4, out_channels=4, cross_attention_dim=768,
                                              attention_head_dim=8, layers_per_block=2,
@@ -261,6 +265,20 @@ def build_gpu_model(name: str, image_px: int = 256, **overrides):
         return {"sample": x, "timestep": t, "encoder_hidden_states": ctx}
 
     return model, inputs
+
+
+def build_gpu_vae():
+    """A randomly initialised SD-size VAE (AutoencoderKL, 4 latent channels, 8x down-sampling)."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                   block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+
+
+def gpu_record(stage: str, model: str, image_size: int, images_per_s: float, device_name: str, **extra) -> dict:
+    """One ``gpu_throughput`` entry: what ``synthaug estimate`` reads as a measured figure for a stage."""
+    return {"stage": stage, "model": model, "image_size": int(image_size), "images_per_s": float(images_per_s),
+            "device_name": device_name, **extra}
 
 
 def gpu_output(out):

@@ -22,8 +22,10 @@ To split the gap, a third run feeds the plain loop from a ``streaming_split(1)``
 of the same Ray Dataset, iterated exactly as the worker does (Ray Data without Ray
 Train), and an iteration-only pass (no model) times each data path per epoch.
 
-GPU mode (``--gpu``, CUDA only, no Ray): timm ``resnet50`` at 224 px, bf16 autocast,
-channels_last, random data: training images/s, device name, peak memory.
+GPU mode (``--gpu``, CUDA only, no Ray): timm ``resnet50`` training at 224 and 256 px, and
+feature extraction (resnet50 at 256 px; Inception-v3 on 256 px images resized to 299 as
+torch-fidelity does), bf16 autocast, channels_last, random data: images/s, device name, peak
+memory; ``gpu_throughput`` entries for ``synthaug estimate``.
 """
 
 from __future__ import annotations
@@ -314,6 +316,34 @@ def gpu_resnet50(batch: int, iters: int, device: str = "cuda", image_px: int = 2
             "images_per_s": batch / seconds, "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def gpu_features(model_name: str, batch: int, iters: int, device: str = "cuda", image_px: int = 256,
+                 input_px: int | None = None, warmup: int = 3) -> dict:
+    """Feature-extraction images/s of a random-weight timm model: bf16 autocast inference, channels_last.
+
+    ``input_px``: the network's input size when it differs from the images' (Inception-v3 takes
+    299 px, as torch-fidelity's FID extractor resizes to); the bilinear resize is timed too.
+    """
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    model = timm.create_model(model_name, pretrained=False, num_classes=0).to(device)
+    model = model.to(memory_format=torch.channels_last).eval()
+    x = torch.rand(batch, 3, image_px, image_px, device=device)  # (B, 3, H, W)
+
+    @torch.inference_mode()
+    def step():
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            y = F.interpolate(x, size=(input_px, input_px), mode="bilinear", align_corners=False) if input_px else x
+            return model(y.contiguous(memory_format=torch.channels_last))
+
+    for _ in range(warmup):
+        step()
+    seconds = C.time_cuda(step, iters, device)
+    return {"model": model_name, "batch": batch, "image_px": image_px, "input_px": input_px or image_px,
+            "step_seconds": seconds, "images_per_s": batch / seconds}
+
+
 def gpu_benchmark(args) -> None:
     import torch
 
@@ -321,14 +351,26 @@ def gpu_benchmark(args) -> None:
         sys.exit("--gpu needs CUDA (torch.cuda.is_available() is False); nothing measured")
     torch.backends.cudnn.benchmark = True
     t_start = time.time()
-    r = gpu_resnet50(args.gpu_batch, args.gpu_iters)
-    print(C.table([{**r, "peak GiB": r["peak_memory_bytes"] / 2**30}], ["model", "batch", "image_px", "images_per_s", "peak GiB"],
-                  f"timm resnet50 training, bf16 autocast, channels_last, {torch.cuda.get_device_name(0)}"))
+    name = torch.cuda.get_device_name(0)
+    train = [gpu_resnet50(args.gpu_batch, args.gpu_iters, image_px=px) for px in (224, 256)]
+    for r in train:
+        print(f"  resnet50 train {r['image_px']} px: {r['images_per_s']:.1f} images/s", flush=True)
+    feats = [gpu_features("resnet50", 500, args.gpu_iters, image_px=256),
+             gpu_features("inception_v3", 500, args.gpu_iters, image_px=256, input_px=299)]
+    print(C.table([{**r, "peak GiB": r["peak_memory_bytes"] / 2**30} for r in train],
+                  ["model", "batch", "image_px", "images_per_s", "peak GiB"],
+                  f"timm resnet50 training, bf16 autocast, channels_last, {name}"))
+    print(C.table(feats, ["model", "batch", "image_px", "input_px", "images_per_s"],
+                  f"feature extraction (inference), bf16 autocast, channels_last, {name}"))
+    records = [C.gpu_record("classifier", r["model"], r["image_px"], r["images_per_s"], name, batch=r["batch"]) for r in train]
+    records += [C.gpu_record("features", "inception-v3" if r["model"] == "inception_v3" else r["model"], r["image_px"],
+                             r["images_per_s"], name, batch=r["batch"], input_px=r["input_px"]) for r in feats]
     C.write_result("classifier_gpu", {
-        "mode": "gpu", "device_name": torch.cuda.get_device_name(0),
+        "mode": "gpu", "device_name": name,
         "settings": {"precision": "bf16 autocast", "memory_format": "channels_last", "optimizer": "SGD momentum",
-                     "data": "random tensors on device (no input pipeline)", "iters": args.gpu_iters},
-        "results": [r], "total_wall_seconds": round(time.time() - t_start, 1),
+                     "data": "random tensors on device (no input pipeline, no augmentation)", "iters": args.gpu_iters},
+        "results": train, "features": feats, "gpu_throughput": records,
+        "total_wall_seconds": round(time.time() - t_start, 1),
     })
 
 

@@ -24,9 +24,11 @@ Numbers per side:
 The plain loop runs before and after the Ray run and the ratio uses their mean, so a
 change in background load during the run shows up as a spread between the two.
 
-GPU mode (``--gpu``, CUDA only, no Ray): one training step (bf16 autocast, fp32 master
-weights, fused AdamW) of a randomly initialised DiT-B/2 or SD-size UNet at 256 px; reports
-images/s, MFU against a measured bf16 matmul ceiling, and peak memory.
+GPU mode (``--gpu``, CUDA only, no Ray): one training step (SD-size VAE encode, then bf16
+autocast, fp32 master weights, fused AdamW) of a randomly initialised DiT-B/2, DiT-XL/2 or
+SD-size UNet at 256 px, batch 64 per GPU as the ImageNet config; reports images/s (and the
+denoiser's step alone), MFU against a measured bf16 matmul ceiling and peak memory, and
+writes ``gpu_throughput`` entries that ``synthaug estimate`` uses as measured figures.
 """
 
 from __future__ import annotations
@@ -239,21 +241,32 @@ def cpu_benchmark(args) -> None:
 
 
 def gpu_train_step(name: str, batch: int, iters: int, device: str = "cuda", image_px: int = 256,
-                   warmup: int = 3, dtype=None, **overrides) -> dict:
-    """Time one bf16-autocast training step of a large random-weight denoiser; FLOPs by torch's counter."""
+                   warmup: int = 3, dtype=None, vae: bool = True, checkpointing: bool = False, **overrides) -> dict:
+    """Time one bf16-autocast training step of a large random-weight denoiser; FLOPs by torch's counter.
+
+    With ``vae`` the step first encodes a batch of ``image_px`` images through an SD-size VAE
+    (no grad), as fine-tuning without a latent cache does; ``denoiser_images_per_s`` times the
+    denoiser's step alone. ``checkpointing``: diffusers' gradient checkpointing (the ImageNet
+    config's ``finetune.gradient_checkpointing``).
+    """
     import torch
     import torch.nn.functional as F
 
     dtype = dtype or torch.bfloat16
     model, make_inputs = C.build_gpu_model(name, image_px, **overrides)
     model = model.to(device).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     params = sum(p.numel() for p in model.parameters())
     fused = str(device).startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     inputs = make_inputs(batch, device)
+    x_key = "hidden_states" if "hidden_states" in inputs else "sample"
+    encoder = C.build_gpu_vae().to(device).eval() if vae else None
+    images = torch.randn(batch, 3, image_px, image_px, device=device) if vae else None  # (B, 3, H, W)
     target = None
 
-    def step():
+    def denoise_step():
         nonlocal target
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
             out = C.gpu_output(model(**inputs))
@@ -264,16 +277,29 @@ def gpu_train_step(name: str, batch: int, iters: int, device: str = "cuda", imag
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def step():
+        if encoder is not None:
+            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+                inputs[x_key] = encoder.encode(images).latent_dist.sample().float() * 0.18215
+        denoise_step()
+
     for _ in range(warmup):
         step()
-    flops = C.count_flops(step)  # forward + backward (the optimiser's elementwise work is not counted)
+    flops = C.count_flops(step)  # VAE encode + forward + backward (the optimiser's elementwise work is not counted)
     if fused:
         torch.cuda.reset_peak_memory_stats()
     seconds = C.time_cuda(step, iters, device)
     peak = torch.cuda.max_memory_allocated() if fused else None
+    denoise_seconds = C.time_cuda(denoise_step, iters, device) if encoder is not None else seconds
     return {"model": name, "params": params, "batch": batch, "image_px": image_px, "latent": image_px // 8,
-            "step_seconds": seconds, "images_per_s": batch / seconds, "flops_per_step": flops,
-            "achieved_flops": flops / seconds, "peak_memory_bytes": peak}
+            "vae_encode": vae, "gradient_checkpointing": checkpointing,
+            "step_seconds": seconds, "images_per_s": batch / seconds, "denoiser_images_per_s": batch / denoise_seconds,
+            "flops_per_step": flops, "achieved_flops": flops / seconds, "peak_memory_bytes": peak}
+
+
+GPU_RUNS = (  # (model, batch per GPU, gradient checkpointing); the ImageNet config: 512 over 8 GPUs, checkpointing
+    ("dit-b-2", 64, False), ("dit-xl-2", 64, True), ("sd-unet", 64, True),
+)
 
 
 def gpu_benchmark(args) -> None:
@@ -284,21 +310,28 @@ def gpu_benchmark(args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     t_start = time.time()
+    name = torch.cuda.get_device_name(0)
     ceiling = C.bf16_matmul_ceiling()
     rows = []
-    for name, batch in (("dit-b-2", args.gpu_batch_dit), ("sd-unet", args.gpu_batch_unet)):
-        r = gpu_train_step(name, batch, args.gpu_iters)
+    for model, batch, ckpt in GPU_RUNS:
+        r = gpu_train_step(model, batch, args.gpu_iters, checkpointing=ckpt)
         r["mfu"] = r["achieved_flops"] / ceiling
         rows.append(r)
+        print(f"  {model}: {r['images_per_s']:.1f} images/s", flush=True)
     print(C.table([{**r, "TFLOP/s": r["achieved_flops"] / 1e12, "peak GiB": r["peak_memory_bytes"] / 2**30} for r in rows],
-                  ["model", "params", "batch", "images_per_s", "TFLOP/s", "mfu", "peak GiB"],
-                  f"train step, bf16 autocast, 256 px (latent 32x32x4), {torch.cuda.get_device_name(0)}; "
+                  ["model", "params", "batch", "gradient_checkpointing", "images_per_s", "denoiser_images_per_s",
+                   "TFLOP/s", "mfu", "peak GiB"],
+                  f"train step incl. VAE encode, bf16 autocast, 256 px (latent 32x32x4), {name}; "
                   f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s"))
     C.write_result("finetune_gpu", {
-        "mode": "gpu", "device_name": torch.cuda.get_device_name(0), "bf16_matmul_ceiling_flops": ceiling,
+        "mode": "gpu", "device_name": name, "bf16_matmul_ceiling_flops": ceiling,
         "settings": {"precision": "bf16 autocast, fp32 master weights, fused AdamW", "weights": "random",
-                     "iters": args.gpu_iters, "flops": "torch.utils.flop_counter (forward + backward)"},
-        "results": rows, "total_wall_seconds": round(time.time() - t_start, 1),
+                     "iters": args.gpu_iters, "flops": "torch.utils.flop_counter (VAE encode + forward + backward)",
+                     "data": "random tensors on device (no input pipeline)"},
+        "results": rows,
+        "gpu_throughput": [C.gpu_record("finetune", r["model"], r["image_px"], r["images_per_s"], name, batch=r["batch"],
+                                        gradient_checkpointing=r["gradient_checkpointing"], vae_encode=True) for r in rows],
+        "total_wall_seconds": round(time.time() - t_start, 1),
     })
 
 
@@ -311,9 +344,7 @@ def main() -> None:
                    help="stream every epoch from Parquet (finetune.cache=false) instead of the object-store cache")
     p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load to drop below this before each run")
     p.add_argument("--max-wait", type=float, default=90.0, help="seconds to wait for --max-load at most")
-    p.add_argument("--gpu", action="store_true", help="time DiT-B/2 and SD-UNet bf16 training steps on CUDA (no Ray)")
-    p.add_argument("--gpu-batch-dit", type=int, default=64)
-    p.add_argument("--gpu-batch-unet", type=int, default=16)
+    p.add_argument("--gpu", action="store_true", help="time DiT-B/2, DiT-XL/2 and SD-UNet bf16 training steps on CUDA (no Ray)")
     p.add_argument("--gpu-iters", type=int, default=20)
     args = p.parse_args()
     gpu_benchmark(args) if args.gpu else cpu_benchmark(args)

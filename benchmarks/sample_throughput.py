@@ -26,9 +26,10 @@ extractor, both cached under ``runs/bench``: the generator is copied from
 (unconditional, on the pool) and fine-tuned here once; the extractor is trained here
 once on ``train_full``. Sampled sets are cached by content key under ``runs/bench/samples``.
 
-``--gpu``: sampling images/s and MFU of random-weight DiT-B/2 and SD-size UNet at 256 px
-(latent 32x32x4) with DDIM and classifier-free guidance (both passes in one batch), bf16
-autocast; plain PyTorch, no Ray.
+``--gpu``: sampling images/s and MFU of random-weight DiT-B/2, DiT-XL/2 and SD-size UNet at
+256 px (latent 32x32x4) with the ImageNet config's sampler (DPM-Solver++ 25 steps, w = 1.25,
+both CFG passes in one batch, 128 images per batch), bf16 autocast, SD-size VAE decode
+included; plain PyTorch, no Ray. Writes ``gpu_throughput`` entries for ``synthaug estimate``.
 """
 
 from __future__ import annotations
@@ -378,10 +379,14 @@ def quality(args) -> dict:
 
 
 def gpu_sampling(name: str, batch: int, steps: int, device: str = "cuda", image_px: int = 256,
-                 guidance: float = 4.0, dtype=None, **overrides) -> dict:
-    """DDIM with CFG (cond + uncond in one batch of 2B) for a random-weight large denoiser."""
+                 guidance: float = 1.25, sampler: str = "dpmsolver++", dtype=None, **overrides) -> dict:
+    """Sample a batch with CFG (cond + uncond in one batch of 2B) from a random-weight large denoiser, then decode.
+
+    ``images_per_s`` includes the SD-size VAE decode of the batch (what sampling does);
+    ``denoiser_images_per_s`` is the denoising loop alone.
+    """
     import torch
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     dtype = dtype or torch.bfloat16
     model, make_inputs = C.build_gpu_model(name, image_px, **overrides)
@@ -389,38 +394,60 @@ def gpu_sampling(name: str, batch: int, steps: int, device: str = "cuda", image_
     cuda = str(device).startswith("cuda")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    vae = C.build_gpu_vae().to(device).eval()
     params = sum(p.numel() for p in model.parameters())
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", timestep_spacing="trailing")
-    sched.set_timesteps(steps, device=device)
+    common = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", timestep_spacing="trailing")
+    if sampler == "dpmsolver++":
+        sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    elif sampler == "ddim":
+        sched = DDIMScheduler(**common)
+    else:
+        raise ValueError(f"--gpu-sampler {sampler!r}: ddim or dpmsolver++")
     cond = make_inputs(batch, device)
     uncond = make_inputs(batch, device)  # a different label / text state stands in for the null condition
     x_key = "hidden_states" if "hidden_states" in cond else "sample"
     both = {k: torch.cat([cond[k], uncond[k]]) for k in cond if k not in (x_key, "timestep")}
     c = cond[x_key].shape[1]
+    passes = 1 if guidance in (0.0, 1.0) else 2  # as synthaug.generative.diffusion counts denoiser calls
 
     def forward(x, t):
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            if passes == 1:
+                return C.gpu_output(model(**{x_key: x, "timestep": t.expand(batch), **cond}))[:, :c].float()
             out = C.gpu_output(model(**{x_key: torch.cat([x, x]), "timestep": t.expand(2 * batch), **both}))
         e_c, e_u = out[:, :c].float().chunk(2)  # DiT's learned-sigma channels dropped
         return e_u + guidance * (e_c - e_u)
 
     @torch.inference_mode()
-    def run():
+    def denoise():
+        sched.set_timesteps(steps, device=device)
         x = torch.randn_like(cond[x_key])
         for t in sched.timesteps:
             x = sched.step(forward(x, t.reshape(1)), t, x).prev_sample
         return x
 
-    run()  # warm-up
+    @torch.inference_mode()
+    def decode(z):
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            return vae.decode(z / 0.18215).sample
+
+    z = denoise()  # warm-up
+    decode(z)
+    sched.set_timesteps(steps, device=device)
     with torch.inference_mode():
         flops_per_forward = C.count_flops(lambda: forward(cond[x_key], sched.timesteps[:1]))
+        flops_decode = C.count_flops(lambda: decode(z))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds = C.time_cuda(run, 1, device)
-    flops = flops_per_forward * steps  # one batched (cond + uncond) forward per step
+    seconds = C.time_cuda(denoise, 1, device)
+    decode_seconds = C.time_cuda(lambda: decode(z), 3, device)
+    flops = flops_per_forward * steps + flops_decode
+    total = seconds + decode_seconds
     return {"model": name, "params": params, "batch": batch, "image_px": image_px, "latent": image_px // 8,
-            "steps": steps, "cfg_passes": 2, "seconds": seconds, "images_per_s": batch / seconds,
-            "flops_per_image": flops / batch, "achieved_flops": flops / seconds,
+            "sampler": sampler, "steps": steps, "guidance": guidance, "cfg_passes": passes,
+            "seconds": total, "denoise_seconds": seconds, "decode_seconds": decode_seconds,
+            "images_per_s": batch / total, "denoiser_images_per_s": batch / seconds,
+            "flops_per_image": flops / batch, "achieved_flops": flops / total,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
@@ -431,21 +458,28 @@ def gpu(args) -> dict:
         sys.exit("--gpu needs CUDA (torch.cuda.is_available() is False); nothing measured")
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
+    name = torch.cuda.get_device_name(0)
     ceiling = C.bf16_matmul_ceiling()
     rows = []
-    for name in ("dit-b-2", "sd-unet"):
-        r = gpu_sampling(name, args.gpu_batch, args.gpu_steps)
+    for model in ("dit-b-2", "dit-xl-2", "sd-unet"):
+        r = gpu_sampling(model, args.gpu_batch, args.gpu_steps, guidance=args.gpu_guidance, sampler=args.gpu_sampler)
         r["mfu"] = r["achieved_flops"] / ceiling
         rows.append(r)
+        print(f"  {model}: {r['images_per_s']:.1f} images/s", flush=True)
     print(C.table([{**r, "TFLOP/s": r["achieved_flops"] / 1e12, "peak GiB": r["peak_memory_bytes"] / 2**30} for r in rows],
-                  ["model", "params", "batch", "steps", "images_per_s", "TFLOP/s", "mfu", "peak GiB"],
-                  f"sampling, DDIM + CFG (2 passes batched), bf16 autocast, 256 px, {torch.cuda.get_device_name(0)}; "
-                  f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s (VAE decode not included)"))
-    return {"command": C.command(), "device_name": torch.cuda.get_device_name(0), "bf16_matmul_ceiling_flops": ceiling,
-            "settings": {"precision": "bf16 autocast", "weights": "random", "sampler": "DDIM", "steps": args.gpu_steps,
-                         "batch": args.gpu_batch, "flops": "torch.utils.flop_counter, one batched CFG forward x steps",
-                         "excluded": "VAE decode, text encoder"},
-            "results": rows, "wall_seconds": round(time.time() - t_start, 1)}
+                  ["model", "params", "batch", "steps", "images_per_s", "denoiser_images_per_s", "TFLOP/s", "mfu", "peak GiB"],
+                  f"sampling, {args.gpu_sampler} {args.gpu_steps} steps, w={args.gpu_guidance:g} (CFG passes batched), "
+                  f"bf16 autocast, 256 px, VAE decode included, {name}; bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s"))
+    return {"command": C.command(), "mode": "gpu", "device_name": name, "bf16_matmul_ceiling_flops": ceiling,
+            "settings": {"precision": "bf16 autocast", "weights": "random", "sampler": args.gpu_sampler,
+                         "steps": args.gpu_steps, "guidance": args.gpu_guidance, "batch": args.gpu_batch,
+                         "flops": "torch.utils.flop_counter, one batched CFG forward x steps + VAE decode",
+                         "excluded": "text encoder, PNG encoding, writing"},
+            "results": rows,
+            "gpu_throughput": [C.gpu_record("sample", r["model"], r["image_px"], r["images_per_s"], name, batch=r["batch"],
+                                            sampler=r["sampler"], steps=r["steps"], cfg_passes=r["cfg_passes"],
+                                            vae_decode=True) for r in rows],
+            "wall_seconds": round(time.time() - t_start, 1)}
 
 
 # ----------------------------------------------------------------------------- main
@@ -469,9 +503,11 @@ def main() -> None:
     p.add_argument("--ddpm-seeds", type=int, default=3)
     p.add_argument("--pretrain-steps", type=int, default=800)
     p.add_argument("--finetune-steps", type=int, default=400)
-    p.add_argument("--gpu", action="store_true", help="DiT-B/2 and SD-UNet sampling on CUDA (no Ray)")
-    p.add_argument("--gpu-batch", type=int, default=32)
-    p.add_argument("--gpu-steps", type=int, default=50)
+    p.add_argument("--gpu", action="store_true", help="DiT-B/2, DiT-XL/2 and SD-UNet sampling on CUDA (no Ray)")
+    p.add_argument("--gpu-batch", type=int, default=128, help="per GPU (the ImageNet config's sample.batch_size)")
+    p.add_argument("--gpu-steps", type=int, default=25)
+    p.add_argument("--gpu-sampler", default="dpmsolver++", choices=("dpmsolver++", "ddim"))
+    p.add_argument("--gpu-guidance", type=float, default=1.25)
     args = p.parse_args()
 
     if args.gpu:

@@ -123,8 +123,13 @@ def gflops(arch: str, image_size: int) -> float:
 # ----------------------------------------------------------------------------- measured figures
 
 
-def measured(bench_dir: str | Path, stage: str, model: str, image_size: int, gpu_type: str) -> tuple[float, str] | None:
-    """(images/s on one GPU, device name) from a GPU benchmark JSON for this stage, or None."""
+def measured(bench_dir: str | Path, stage: str, model: str, image_size: int, gpu_type: str,
+             match: dict | None = None) -> tuple[float, str] | None:
+    """(images/s on one GPU, device name) from a GPU benchmark JSON for this stage, or None.
+
+    ``match``: settings the figure depends on (sampling's sampler, steps and CFG passes); an
+    entry that records one of them with another value is not used.
+    """
     want = GPU_NAMES.get(gpu_type, gpu_type).lower()
     for path in sorted(Path(bench_dir).glob("*.json")) if Path(bench_dir).is_dir() else []:
         try:
@@ -133,7 +138,8 @@ def measured(bench_dir: str | Path, stage: str, model: str, image_size: int, gpu
             continue
         for rec in data.get("gpu_throughput", []) if isinstance(data, dict) else []:
             if (rec.get("stage") == stage and rec.get("model") == model and int(rec.get("image_size", 0)) == image_size
-                    and want in str(rec.get("device_name", "")).lower() and float(rec.get("images_per_s", 0)) > 0):
+                    and want in str(rec.get("device_name", "")).lower() and float(rec.get("images_per_s", 0)) > 0
+                    and all(rec.get(k, v) == v for k, v in (match or {}).items())):
                 return float(rec["images_per_s"]), str(rec["device_name"])
     return None
 
@@ -159,8 +165,8 @@ def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENE
     f, s, c = cfg.finetune, cfg.sample, cfg.classify
     rows: list[Row] = []
 
-    def add(stage: str, kind: str, model: str, images: int, gflop: float) -> None:
-        got = measured(bench_dir, kind, model, size, gpu_type)
+    def add(stage: str, kind: str, model: str, images: int, gflop: float, match: dict | None = None) -> None:
+        got = measured(bench_dir, kind, model, size, gpu_type, match)
         if got:
             rows.append(Row(stage, images, 0.0, got[0], f"measured ({got[1]})"))
         else:
@@ -178,7 +184,8 @@ def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENE
     # Sampling: steps x CFG passes of the denoiser, one VAE decode per image.
     n_samples = sum(s.class_counts.values()) if s.class_counts else s.per_class * n_classes
     per_sample = s.steps * _cfg_passes(s.guidance_scale) * fwd + gflops("sd-vae-decode", size)
-    add(f"sample {n_samples:,} ({s.sampler}, {s.steps} steps, w={s.guidance_scale:g})", "sample", denoiser, n_samples, per_sample)
+    add(f"sample {n_samples:,} ({s.sampler}, {s.steps} steps, w={s.guidance_scale:g})", "sample", denoiser, n_samples, per_sample,
+        {"sampler": s.sampler, "steps": s.steps, "cfg_passes": _cfg_passes(s.guidance_scale)})
 
     # Features: the in-domain extractor (trained on real train; the near-copy audit's features) and FID.
     cls_fwd = gflops(c.model, size)

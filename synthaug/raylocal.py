@@ -21,14 +21,12 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
-# glibc malloc, in every worker process (read when a process starts, so it travels in the runtime
-# env): at most 2 arenas, so the buffers that Ray Data's prefetch threads and the training thread
-# free do not stay spread over one arena per thread. Measured here (a Train worker, one classifier
-# run on 10k images; peak private memory after 1 and after 4 epochs): 837 and 881 MB with glibc's
-# defaults, 675 and 684 MB with this plus fixed mmap and trim thresholds of 128 KiB. The fixed
-# mmap threshold also slowed generator pretraining from ~610 to ~350 images/s (every activation
-# mapped and unmapped), so it is not set. A value already set in the driver wins.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
+# glibc malloc: workers keep glibc's defaults (one arena per thread, up to 8 per core). A
+# cap of 2 arenas (MALLOC_ARENA_MAX=2, tried in 67e5f87) made the classifier task's memory
+# grow faster with N (877 -> 1040 MB from 10k to 40k images, against 803 -> 883 with the
+# defaults): the prefetch and training threads then share heaps and fragment them. What
+# keeps them flat is synthaug.malloc's periodic trim; its interval travels to the workers.
+TRIM_ENV = "SYNTHAUG_MALLOC_TRIM_EVERY"
 
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -55,10 +53,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # handler writes the line again when Ray has wrapped the worker's stdout: every
     # `[pretrain] step ...` line reached the driver twice. Plain print: once.
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
-    for k, v in MALLOC_ENV.items():
-        os.environ.setdefault(k, v)
-    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV,
-            *MALLOC_ENV)
+    keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV)
+    keys += tuple(k for k in (TRIM_ENV, "MALLOC_ARENA_MAX") if os.environ.get(k))  # only when the user sets them
     keys += tuple(k for k in STORAGE_ENV if os.environ.get(k))
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     _data_context()

@@ -73,6 +73,13 @@ def test_measured_figure_replaces_the_flop_estimate(tmp_path):
     assert rows["fine-tune"].source == "FLOP estimate"
     # Another GPU type does not borrow the H100's figure.
     assert estimate(cfg, "l4", bench_dir=tmp_path)[1].source == "FLOP estimate"
+    # A sampling figure measured with other steps is not this config's.
+    bench["gpu_throughput"][0].update(sampler=cfg.sample.sampler, steps=cfg.sample.steps * 2, cfg_passes=2)
+    (tmp_path / "sample.json").write_text(json.dumps(bench))
+    assert estimate(cfg, "h100", bench_dir=tmp_path)[1].source == "FLOP estimate"
+    bench["gpu_throughput"][0]["steps"] = cfg.sample.steps
+    (tmp_path / "sample.json").write_text(json.dumps(bench))
+    assert estimate(cfg, "h100", bench_dir=tmp_path)[1].source == "measured (NVIDIA H100 80GB HBM3)"
 
 
 def test_unknown_gpu_type_is_refused(capsys):

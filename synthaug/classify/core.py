@@ -30,6 +30,7 @@ from torch import nn
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
 from synthaug.classify.domain import has_domain_bn, set_domain
 from synthaug.config import ClassifyConfig
+from synthaug.malloc import Trimmer, trim
 
 
 def train_epoch(
@@ -60,7 +61,9 @@ def train_epoch(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
     fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    trimmer = Trimmer()  # freed batch buffers back to the OS now and then (synthaug.malloc)
     for batch in batches:
+        trimmer.tick()
         x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)  # (B, C, H, W)
         y = batch["label"].to(device, non_blocking=True)  # (B,)
         domain = batch.get("domain")
@@ -88,6 +91,8 @@ def train_epoch(
         n += len(y)
     if split_bn:
         set_domain(bare, None)
+    if trimmer.every:
+        trim()
     return {"train_loss": loss_sum / max(n, 1), "images": n, "seconds": time.perf_counter() - t0, "step": step}
 
 
@@ -114,8 +119,10 @@ def eval_counts(models: dict[str, nn.Module], batches: Iterable[dict], num_class
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
+    trimmer = Trimmer()
     try:
         for batch in batches:
+            trimmer.tick()
             x = torch.as_tensor(batch["image"], dtype=torch.float32).to(device)  # (B, C, H, W)
             y = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.int64).to(device)  # (B,)
             b = len(y)

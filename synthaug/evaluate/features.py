@@ -32,6 +32,7 @@ import numpy as np
 from synthaug import raylocal, storage
 from synthaug.artifacts import DatasetError, hash_obj, id_hashes, iter_batches, read_manifest, read_ray
 from synthaug.evaluate.extractors import Extractor, _device, build_extractor, decode_images, extract_batch, resolve_extractor
+from synthaug.malloc import Trimmer
 
 CACHE_VERSION = 2
 SUM_ROWS = 4096  # rows reduced per block_sums call: bounds the ratio of D^2 sums to features shipped
@@ -123,8 +124,10 @@ class FeatureActor:
         self.fe = build_extractor(ex, layers, self.device)
         self.layers, self.image_size, self.where = list(layers), image_size, where
         self.thresholds, self.seed, self.labelled = np.asarray(thresholds, np.uint64), int(seed), labelled
+        self.trimmer = Trimmer()  # freed batch buffers back to the OS now and then (synthaug.malloc)
 
     def __call__(self, batch: dict) -> dict:
+        self.trimmer.tick()
         ids = batch["id"]
         images = decode_images(batch["image"], ids, self.image_size, self.where)  # (B, 3, H, W)
         feats = extract_batch(self.fe, images, self.device)
