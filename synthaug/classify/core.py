@@ -218,8 +218,9 @@ def _state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def write_checkpoint(path: Path, model: nn.Module, ema, optimizer, epoch: int, step: int, seconds: float, meta: dict) -> None:
-    """A checkpoint directory (see the module docstring) in the local dir ``path``."""
+def write_checkpoint(path: Path, model: nn.Module, ema, optimizer, epoch: int, step: int, seconds: float, meta: dict,
+                     counters: dict[str, int] | None = None) -> None:
+    """A checkpoint directory (see the module docstring) in the local dir ``path``; ``counters``: more ints for ``state.pt``."""
     save_file(_state(model), str(path / "model.safetensors"))
     if ema is not None:
         save_file(_state(ema.module), str(path / "ema.safetensors"))
@@ -228,6 +229,7 @@ def write_checkpoint(path: Path, model: nn.Module, ema, optimizer, epoch: int, s
         "epoch": torch.tensor(epoch),
         "step": torch.tensor(step),
         "seconds": torch.tensor(seconds, dtype=torch.float64),
+        **{k: torch.tensor(int(v)) for k, v in (counters or {}).items()},
     }
     torch.save(state, path / "state.pt")
     (path / "classifier.json").write_text(json.dumps(meta, indent=2))

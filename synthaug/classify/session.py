@@ -74,6 +74,22 @@ class _Session:
             return ray.train.get_dataset_shard("train")
         return self.config["_dataset"].iterator()
 
+    @property
+    def data_executions(self) -> int | None:
+        """Completed executions of the train set in this process: Ray Data seeds each one's file
+        order (``FileShuffleConfig(reseed_after_execution=True)``) from this count, so a resumed
+        run restores it to read the files in the order an undisturbed run would. None under Ray
+        Train, where the dataset executes in Train's split coordinator, not here."""
+        ds = self.config.get("_dataset")
+        if self.kind == "train" or ds is None:
+            return None
+        return int(getattr(ds.context, "_execution_idx", 0))
+
+    def restore_data_executions(self, n: int) -> None:
+        ds = self.config.get("_dataset")
+        if self.kind != "train" and ds is not None and hasattr(ds.context, "_execution_idx"):
+            ds.context._execution_idx = int(n)
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.kind == "train":
             import ray.train.torch
@@ -182,6 +198,8 @@ def train_loop_per_worker(config: dict) -> dict:
         with ckpt.as_directory() as d:
             state = read_checkpoint(Path(d), model, ema)
         start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
+        if "data_executions" in state:
+            session.restore_data_executions(int(state["data_executions"]))
     if cfg.channels_last and session.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = session.prepare_model(model)
@@ -234,7 +252,9 @@ def train_loop_per_worker(config: dict) -> dict:
             continue
         if session.saves_checkpoints and _due(epoch, cfg.checkpoint_every, cfg.epochs):  # ~1 s through Ray
             with tempfile.TemporaryDirectory() as d:
-                write_checkpoint(Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta)
+                executions = session.data_executions
+                write_checkpoint(Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta,
+                                 {} if executions is None else {"data_executions": executions})
                 session.report(metrics, d)
         else:
             session.report(metrics, None)
