@@ -404,6 +404,9 @@ def write_dataset(data: pa.Table | Any, path: str | Path, **manifest_kwargs: Any
         manifest_kwargs.setdefault("columns", data.column_names)
         return commit_dataset(path, [shard], check_ids=False, **manifest_kwargs)
     fs, root = storage.resolve(storage.join(path, DATA_DIR, wid))
+    # Rows reach the files in the dataset's order, whatever order its tasks or actors finish in:
+    # readers (a classifier's file order + shuffle buffer) then see the same layout every run.
+    data.context.execution_options.preserve_order = True
     data.write_parquet(root, filesystem=fs)
     shards = shard_stats(path, [posixpath.join(DATA_DIR, wid, posixpath.basename(i.path))
                                 for i in storage.list_files(storage.join(path, DATA_DIR, wid))], n_classes)

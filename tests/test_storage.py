@@ -150,6 +150,28 @@ def test_ray_dataset_shards_and_order_independent_hash(ray_session, storage_root
     assert artifacts.read_ray(loc).count() == 40
 
 
+def test_ray_dataset_rows_land_in_its_order_whatever_finishes_first(ray_session, tmp_path):
+    """An actor pool (the teacher that filters a synthetic set) finishes blocks out of order;
+    the written dataset still holds them in the input order, so a run on it repeats exactly."""
+    import ray.data
+
+    class SlowFirst:  # defined here, so Ray ships it by value (this module is not importable in workers)
+        """Actor: the first blocks take longest, so blocks finish in reverse order."""
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            import time
+
+            time.sleep(0.4 if int(batch.column("id")[0].as_py()[1:]) < 20 else 0.0)
+            return batch
+
+    t = rows(40)
+    ds = ray.data.from_arrow([t.slice(i, 10) for i in range(0, 40, 10)]).map_batches(
+        SlowFirst, batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=2))
+    m = artifacts.write_dataset(ds, str(tmp_path / "ordered"), **META)
+    assert m["num_rows"] == 40
+    assert artifacts.read_table(str(tmp_path / "ordered"), ["id"]).column("id").to_pylist() == t.column("id").to_pylist()
+
+
 def test_readers_read_only_listed_shards(ray_session, storage_root):
     loc = storage.join(storage_root, "ds")
     m = artifacts.write_dataset(rows(12), loc, **META)
