@@ -296,7 +296,9 @@ def quality(args) -> dict:
     # Cost estimate of the DDPM-1000 set before sampling it.
     n_images = 10 * args.per_class
     rate = denoiser_rate(gen_dir, args.batch_size)
-    passes = 1 if args.guidance in (0.0, 1.0) else 2
+    from synthaug.generative.diffusion import cfg_passes
+
+    passes = cfg_passes(args.guidance)
     ddpm_estimate = n_images * 1000 * passes / rate / args.actors
     print(f"denoiser: {rate:.0f} evaluations/s/thread; DDPM-1000 on {n_images} images with {args.actors} actors: "
           f"~{ddpm_estimate:.0f}s of compute (load {C.load()})", flush=True)
@@ -388,6 +390,8 @@ def gpu_sampling(name: str, batch: int, steps: int, device: str = "cuda", image_
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    from synthaug.generative.diffusion import cfg_passes
+
     dtype = dtype or torch.bfloat16
     model, make_inputs = C.build_gpu_model(name, image_px, **overrides)
     model = model.to(device).eval()
@@ -408,7 +412,7 @@ def gpu_sampling(name: str, batch: int, steps: int, device: str = "cuda", image_
     x_key = "hidden_states" if "hidden_states" in cond else "sample"
     both = {k: torch.cat([cond[k], uncond[k]]) for k in cond if k not in (x_key, "timestep")}
     c = cond[x_key].shape[1]
-    passes = 1 if guidance in (0.0, 1.0) else 2  # as synthaug.generative.diffusion counts denoiser calls
+    passes = cfg_passes(guidance)
 
     def forward(x, t):
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
@@ -431,9 +435,8 @@ def gpu_sampling(name: str, batch: int, steps: int, device: str = "cuda", image_
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
             return vae.decode(z / 0.18215).sample
 
-    z = denoise()  # warm-up
+    z = denoise()  # warm-up (leaves the schedule's timesteps set)
     decode(z)
-    sched.set_timesteps(steps, device=device)
     with torch.inference_mode():
         flops_per_forward = C.count_flops(lambda: forward(cond[x_key], sched.timesteps[:1]))
         flops_decode = C.count_flops(lambda: decode(z))

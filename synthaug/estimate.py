@@ -147,10 +147,6 @@ def measured(bench_dir: str | Path, stage: str, model: str, image_size: int, gpu
 # ----------------------------------------------------------------------------- the plan
 
 
-def _cfg_passes(w: float) -> int:
-    return 1 if w in (0.0, 1.0) else 2  # as synthaug.generative.diffusion counts denoiser calls
-
-
 def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENET_TRAIN_IMAGES,
              mfu: dict | None = None, bench_dir: str | Path = "results/bench", fid_samples: int = 50_000) -> list[Row]:
     """The rows of the estimate for ``cfg`` on ``gpu_type`` (per GPU; divide by GPUs for wall time)."""
@@ -183,9 +179,12 @@ def estimate(cfg: Config, gpu_type: str = "h100", *, train_images: int = IMAGENE
 
     # Sampling: steps x CFG passes of the denoiser, one VAE decode per image.
     n_samples = sum(s.class_counts.values()) if s.class_counts else s.per_class * n_classes
-    per_sample = s.steps * _cfg_passes(s.guidance_scale) * fwd + gflops("sd-vae-decode", size)
+    from synthaug.generative.diffusion import cfg_passes
+
+    passes = cfg_passes(s.guidance_scale)
+    per_sample = s.steps * passes * fwd + gflops("sd-vae-decode", size)
     add(f"sample {n_samples:,} ({s.sampler}, {s.steps} steps, w={s.guidance_scale:g})", "sample", denoiser, n_samples, per_sample,
-        {"sampler": s.sampler, "steps": s.steps, "cfg_passes": _cfg_passes(s.guidance_scale)})
+        {"sampler": s.sampler, "steps": s.steps, "cfg_passes": passes})
 
     # Features: the in-domain extractor (trained on real train; the near-copy audit's features) and FID.
     cls_fwd = gflops(c.model, size)

@@ -21,23 +21,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
-EVERY = int(os.environ.get("SYNTHAUG_MALLOC_TRIM_EVERY", "16"))  # batches between trims in a loop; 0: never
+TRIM_ENV = "SYNTHAUG_MALLOC_TRIM_EVERY"
+EVERY = int(os.environ.get(TRIM_ENV, "16"))  # batches between trims in a loop; 0: never
 
-_trim = None
 
-
+@functools.cache
 def _load():
-    global _trim
-    if _trim is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            _trim = fn
-        except (OSError, AttributeError):
-            _trim = False
-    return _trim
+    """glibc's ``malloc_trim``, or False where there is none."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def trim() -> bool:

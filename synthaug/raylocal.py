@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from synthaug.config import RayConfig
+from synthaug.malloc import TRIM_ENV
 
 # Forwarded to workers when set in the driver (see the module docstring).
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
@@ -25,8 +26,7 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 # cap of 2 arenas (MALLOC_ARENA_MAX=2, tried in 67e5f87) made the classifier task's memory
 # grow faster with N (877 -> 1040 MB from 10k to 40k images, against 803 -> 883 with the
 # defaults): the prefetch and training threads then share heaps and fragment them. What
-# keeps them flat is synthaug.malloc's periodic trim; its interval travels to the workers.
-TRIM_ENV = "SYNTHAUG_MALLOC_TRIM_EVERY"
+# keeps them flat is synthaug.malloc's periodic trim; its interval (TRIM_ENV) travels to the workers.
 
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -54,8 +54,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # `[pretrain] step ...` line reached the driver twice. Plain print: once.
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
     keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV)
-    keys += tuple(k for k in (TRIM_ENV, "MALLOC_ARENA_MAX") if os.environ.get(k))  # only when the user sets them
-    keys += tuple(k for k in STORAGE_ENV if os.environ.get(k))
+    keys += tuple(k for k in (TRIM_ENV, "MALLOC_ARENA_MAX", *STORAGE_ENV) if os.environ.get(k))  # only when set
     runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
     _data_context()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")

@@ -75,20 +75,24 @@ class _Session:
         return self.config["_dataset"].iterator()
 
     @property
+    def _data_context(self):
+        """The train set's DataContext when it executes in this process; None under Ray Train,
+        where it executes in Train's split coordinator."""
+        ds = self.config.get("_dataset")
+        return None if self.kind == "train" or ds is None else ds.context
+
+    @property
     def data_executions(self) -> int | None:
         """Completed executions of the train set in this process: Ray Data seeds each one's file
         order (``FileShuffleConfig(reseed_after_execution=True)``) from this count, so a resumed
-        run restores it to read the files in the order an undisturbed run would. None under Ray
-        Train, where the dataset executes in Train's split coordinator, not here."""
-        ds = self.config.get("_dataset")
-        if self.kind == "train" or ds is None:
-            return None
-        return int(getattr(ds.context, "_execution_idx", 0))
+        run restores it to read the files in the order an undisturbed run would."""
+        ctx = self._data_context
+        return None if ctx is None else int(getattr(ctx, "_execution_idx", 0))
 
     def restore_data_executions(self, n: int) -> None:
-        ds = self.config.get("_dataset")
-        if self.kind != "train" and ds is not None and hasattr(ds.context, "_execution_idx"):
-            ds.context._execution_idx = int(n)
+        ctx = self._data_context
+        if ctx is not None and hasattr(ctx, "_execution_idx"):
+            ctx._execution_idx = int(n)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.kind == "train":

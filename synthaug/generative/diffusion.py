@@ -75,6 +75,11 @@ def per_sample_noise(seeds: list[int], shape: tuple, device: torch.device | str 
     return x, gens
 
 
+def cfg_passes(w: float) -> int:
+    """Denoiser evaluations per step at guidance ``w``: one at w = 1 or w = 0 (see ``_guided``), else two."""
+    return 1 if w in (0.0, 1.0) else 2
+
+
 def _guided(gen, x: torch.Tensor, t, labels: torch.Tensor, w: float) -> torch.Tensor:
     """Model output with classifier-free guidance; one pass at w = 1 (or w = 0)."""
     tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -192,7 +197,7 @@ def sample_images(gen, labels: list[int], seeds: list[int], *, guidance_scale: f
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = _guided(gen, xin, t, y, guidance_scale).float()
         if counter is not None:
-            counter["denoiser_calls"] = counter.get("denoiser_calls", 0) + (1 if guidance_scale in (0.0, 1.0) else 2)
+            counter["denoiser_calls"] = counter.get("denoiser_calls", 0) + cfg_passes(guidance_scale)
         if sampler == "ddpm":
             if prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x
                 a = sched.alphas_cumprod.to(x.device)[t]
