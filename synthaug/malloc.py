@@ -24,8 +24,23 @@ import ctypes.util
 import functools
 import os
 
+from synthaug.errors import InputValueError
+
 TRIM_ENV = "SYNTHAUG_MALLOC_TRIM_EVERY"
-EVERY = int(os.environ.get(TRIM_ENV, "16"))  # batches between trims in a loop; 0: never
+EVERY = 16  # batches between trims in a loop, unless TRIM_ENV says otherwise
+
+
+def interval() -> int:
+    """Batches between trims: ``SYNTHAUG_MALLOC_TRIM_EVERY`` (0: never), else ``EVERY``."""
+    raw = os.environ.get(TRIM_ENV, str(EVERY))
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InputValueError(f"environment variable {TRIM_ENV}={raw!r}: expected an integer >= 0 "
+                              f"(batches between malloc trims; 0 = never)")
+    return n
 
 
 @functools.cache
@@ -49,7 +64,7 @@ class Trimmer:
     """Call ``trim`` once every ``every`` ticks: ``tick()`` in a loop body."""
 
     def __init__(self, every: int | None = None):
-        self.every, self.n = EVERY if every is None else int(every), 0
+        self.every, self.n = interval() if every is None else int(every), 0
 
     def tick(self) -> None:
         self.n += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from synthaug.config import RayConfig
-from synthaug.malloc import TRIM_ENV
+from synthaug.malloc import TRIM_ENV, interval
 
 # Forwarded to workers when set in the driver (see the module docstring).
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
@@ -37,6 +37,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     import ray
 
     cfg = cfg or RayConfig()
+    interval()  # a bad SYNTHAUG_MALLOC_TRIM_EVERY fails here, before any work, not in a worker
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

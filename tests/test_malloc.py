@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from synthaug import malloc
@@ -40,3 +39,20 @@ def test_trimmer_calls_trim_every_n_ticks(monkeypatch):
     for _ in range(10):
         off.tick()
     assert len(calls) == 2
+
+
+def test_bad_interval_is_a_one_line_error_before_any_work(monkeypatch, tmp_path):
+    from synthaug.cli import main
+
+    monkeypatch.setenv(malloc.TRIM_ENV, "often")
+    with pytest.raises(ValueError, match="SYNTHAUG_MALLOC_TRIM_EVERY='often'"):
+        malloc.Trimmer()
+    monkeypatch.setenv(malloc.TRIM_ENV, "-1")
+    with pytest.raises(ValueError, match="integer >= 0"):
+        malloc.interval()
+    # Through the CLI: exit code 2 and one line naming the variable, before ingest writes anything.
+    out = tmp_path / "runs"
+    assert main(["ingest", "--config", "jobs/configs/tiny.yaml", f"work_dir={out}"]) == 2
+    assert not out.exists() or not any(out.rglob("manifest.json"))
+    monkeypatch.setenv(malloc.TRIM_ENV, "0")
+    assert malloc.interval() == 0
