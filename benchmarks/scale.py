@@ -12,7 +12,9 @@ RGB JPEGs (``--px`` px, 10 classes; not timed) and runs, on one local Ray:
 3. **mix** of N real + N synthetic at ratio 1 (the class-balanced, seeded selection,
    read to the end);
 4. **one classifier epoch** (``fit``, 1 worker, ``synthaug_cnn_tiny``, the default
-   recipe, epoch = N real images);
+   recipe, epoch = N real images), with its top-1 on the held-out val split and the class
+   mix of its batches (``accuracy_by_n``): the image folder is listed class by class, so a
+   broken training order shows here as accuracy, not as speed;
 5. **feature extraction** of the N-row train set (merged FID statistics).
 
 For each stage it records wall time, images/s, and the peak memory of the driver and of
@@ -359,7 +361,7 @@ def _cfg(work: Path, folder: Path | None, px: int, per_class: int, extra: list[s
     return load_config(None, over)
 
 
-def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int) -> dict:
+def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int, counts: dict, names: list, seed: int) -> dict:
     """Ray Data task: plan rows of each chunk with procedural images, written as the sampler writes them."""
     import pyarrow as pa
 
@@ -368,9 +370,10 @@ def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int) -> dict:
     from synthaug.generative import sample
 
     entries = []
-    for k, name, a, b, seed in zip(chunks["label"], chunks["class_name"], chunks["start"], chunks["stop"], chunks["seed"]):
-        plan = sample.plan_rows(int(k), str(name), int(a), int(b), int(seed))
-        rng = np.random.default_rng([int(k), int(a)])
+    for j, total in zip(chunks["index"], chunks["total"]):
+        chunk = sample.Chunk(int(j), int(total))
+        plan = sample.chunk_plan(chunk, counts, names, seed)
+        rng = np.random.default_rng([int(j), 1])
         imgs = [encode_png(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(plan.num_rows)]
         n = plan.num_rows
         table = pa.table({"id": plan.column("id"), "image": pa.array(imgs, pa.binary()), "label": plan.column("label"),
@@ -378,7 +381,7 @@ def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int) -> dict:
                           "generator": pa.array(["bench"] * n), "seed": plan.column("seed"),
                           "guidance_scale": pa.array([1.0] * n), "sampler": pa.array(["none"] * n),
                           "steps": pa.array([0] * n, pa.int64())})
-        entries.append(json.dumps(write_shard(out, write_id, sample.chunk_name(k, a), table, CLASSES)))
+        entries.append(json.dumps(write_shard(out, write_id, chunk.name, table, CLASSES)))
     return {"entry": np.asarray(entries, dtype=object)}
 
 
@@ -394,12 +397,10 @@ def make_synthetic(cfg, out: str, px: int) -> list[dict]:
     key = sample.sample_key(gen, cfg.sample)
     plan = sample._new_plan(out, key, gen, "procedural", cfg.sample)
     chunks = sample.plan_chunks(plan["counts"], names, plan["chunk_size"])
-    table = pa.table({"label": [c.label for c in chunks], "class_name": [c.class_name for c in chunks],
-                      "start": [c.start for c in chunks], "stop": [c.stop for c in chunks],
-                      "seed": [cfg.sample.seed] * len(chunks)})
+    table = pa.table({"index": [c.index for c in chunks], "total": [c.total for c in chunks]})
     ds = ray.data.from_arrow(table).repartition(len(chunks)).map_batches(
-        _synthetic_chunk, fn_kwargs={"out": out, "write_id": plan["write_id"], "px": px}, batch_size=1,
-        batch_format="numpy")
+        _synthetic_chunk, fn_kwargs={"out": out, "write_id": plan["write_id"], "px": px, "counts": plan["counts"],
+                                     "names": names, "seed": cfg.sample.seed}, batch_size=1, batch_format="numpy")
     return [json.loads(r["entry"]) for r in ds.iter_rows()]
 
 
@@ -436,8 +437,13 @@ def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | N
 
     m = read_manifest(train)
     spec = plan_mixture(train, syn, 1.0, 0)
-    r, _ = measure("classify_epoch", n, fit, cfg.classify, spec, val, seed=0, out_dir=storage.join(str(work), "clf"),
-                   name="epoch", class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray)
+    r, res = measure("classify_epoch", n, fit, cfg.classify, spec, val, seed=0, out_dir=storage.join(str(work), "clf"),
+                     name="epoch", class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray)
+    # What the epoch learnt, so a throughput figure can never hide a broken training order: top-1
+    # on the held-out val split of the procedural classes, and the class mix of its batches.
+    r.update({k: res[k] for k in ("top1", "batch_blocked_share", "batch_label_entropy")})
+    print(f"  classify_epoch N={n:>7d}  top-1 {res['top1']:.2f} on val, blocked batches {res['batch_blocked_share']:.3f}",
+          flush=True)
     rows.append(r)
 
     if extractor is None:  # one in-domain extractor for every N (untimed): 1 epoch on this N's train set
@@ -643,11 +649,15 @@ def main() -> None:
         print(C.table(ratios, ["stage", "n", "library_s", "plain_s", "plain_over_library"],
                       "plain single-process loop vs the library (same work; >1: the library is faster)"))
     print(C.table([{"figure": k, "value": summary[k], "target": t} for k, t in targets.items()], ["figure", "value", "target"]))
+    accuracy = [{"n": r["n"], "top1": r["top1"], "batch_blocked_share": r["batch_blocked_share"],
+                 "batch_label_entropy": r["batch_label_entropy"]} for r in rows if r["stage"] == "classify_epoch"]
+    print(C.table(accuracy, ["n", "top1", "batch_blocked_share", "batch_label_entropy"],
+                  "classifier epoch: top-1 on the held-out val split, and the class mix of its batches"))
     plot(rows, C.RESULTS / "scale.png")
     C.write_result("scale", {
         **{k: summary[k] for k in targets}, "targets": targets, "summary": summary, "stage_overhead": overhead,
         "settings": {"ns": sorted(args.ns), "px": args.px, "classes": CLASSES, "scaling_n": args.scaling_n},
-        "rows": rows, "plain_rows": plain, "plain_vs_library": ratios, "load_before": load_before,
+        "accuracy_by_n": accuracy, "rows": rows, "plain_rows": plain, "plain_vs_library": ratios, "load_before": load_before,
         "load_after": C.load(), "plot": "results/bench/scale.png"})
 
 

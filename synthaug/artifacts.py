@@ -372,13 +372,22 @@ def commit_dataset(
         "image_encoding": "png",
         "columns": list(columns or BASE_COLUMNS),
         "content_hash": lanes_hex(total["lanes"]),
-        "shards": [{"path": s["path"], "rows": int(s["rows"]), "bytes": int(s["bytes"])} for s in shards],
+        "shards": [{"path": s["path"], "rows": int(s["rows"]), "bytes": int(s["bytes"]), **_majority(s)} for s in shards],
         "config": config,
         **(extra or {}),
     }
     atomic_write_json(storage.join(dataset, MANIFEST), manifest)
     _drop_unlisted(dataset, manifest)
     return manifest
+
+
+def _majority(shard: dict) -> dict:
+    """A shard's most frequent class and its rows (``synthaug.shuffle.blocked_shards`` checks the layout with it)."""
+    counts = shard.get("counts")
+    if not counts or not shard.get("rows"):
+        return {}
+    c = int(np.argmax(counts))
+    return {"majority": [c, int(counts[c])]}
 
 
 def _drop_unlisted(dataset: str | Path, manifest: dict) -> None:

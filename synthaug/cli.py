@@ -28,8 +28,9 @@ STAGES = {
     "config-reference": "print the config reference (markdown)",
     "tiny-base": "save a tiny random-weight base of a generator family (diffusers layout), to try `finetune --base`",
     "estimate": "GPU-hours and wall time per stage of a config, from GPU benchmarks or FLOP counts",
+    "fashion-mnist": "convert the Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) to train/test Parquet for ingest",
 }
-NO_CONFIG = ("config-reference", "tiny-base")  # commands that read no run config
+NO_CONFIG = ("config-reference", "tiny-base", "fashion-mnist")  # commands that read no run config
 DESCRIPTION = """\
 synthaug STAGE [--config x.yaml] [key.sub=value ...] [--dry-run] [--debug]
 
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="directory to create (must not hold anything yet)")
             sp.add_argument("--image-size", type=int, default=8, help="unet only: pixel size (latent families: 8 px native)")
             sp.add_argument("--channels", type=int, default=1, help="unet only: image channels")
+        if name == "fashion-mnist":
+            from synthaug.data.idx import FASHION_MNIST_DIR
+
+            sp.add_argument("--out", required=True, help="directory for train.parquet and test.parquet")
+            sp.add_argument("--source", default=FASHION_MNIST_DIR, help="directory holding the four IDX files")
         if name in NO_CONFIG:
             continue
         sp.add_argument("--config", help="YAML config (defaults: synthaug/config.py)")
@@ -185,6 +191,13 @@ def _main(args) -> int:
             raise InputValueError(str(e)) from e
         print(f"synthaug tiny-base: {args.family} base (random weights) in {out}; fine-tune it with "
               f"`synthaug finetune --config c.yaml finetune.family={args.family} finetune.base={out}`")
+        return 0
+
+    if args.stage == "fashion-mnist":
+        from synthaug.data.idx import fashion_mnist
+
+        for split, loc in fashion_mnist(args.out, args.source).items():
+            print(f"synthaug fashion-mnist: {split} -> {loc}")
         return 0
 
     from synthaug.checks import check_inputs

@@ -151,11 +151,11 @@ def test_sampling_resumes_without_resampling(gens, tmp_path):
     cfg = load_config(None, TINY)
     whole, _ = sample.run(cfg, gens["ft"], tmp_path / "whole")
     part, info = sample.run(cfg, gens["ft"], tmp_path / "resumed", stop_after_rows=12)
-    assert info == {"sampled": 12, "complete": False}
+    assert info == {"sampled": 15, "complete": False}  # whole chunks: 7 + 8 rows
     with pytest.raises(DatasetError, match="incomplete"):  # an unfinished set is never read
         read_manifest(part)
     out, m = sample.run(cfg, gens["ft"], tmp_path / "resumed")
-    assert m["sampled_this_run"] == 18  # only the missing chunks
+    assert m["sampled_this_run"] == 15  # only the missing chunks
     assert _images(out) == _images(whole)
     assert not (tmp_path / "resumed" / sample.PLAN).exists()
     again, m2 = sample.run(cfg, gens["ft"], tmp_path / "resumed")  # complete: reused as it is
@@ -176,15 +176,17 @@ def test_sampling_layout_and_finish_alone(gens, tmp_path):
     out, info = sample.run(cfg, gens["ft"], tmp_path / "s", stop_after_rows=10**9)  # everything, unfinished
     assert info == {"sampled": 30, "complete": False}
     plan = json.loads((tmp_path / "s" / sample.PLAN).read_text())
-    assert plan["chunk_size"] == 2 and plan["chunks"] == 20 and plan["num_rows"] == 30
+    assert plan["chunk_size"] == 2 and plan["chunks"] == 15 and plan["num_rows"] == 30
     names = sorted(p.name for p in (tmp_path / "s" / "data" / plan["write_id"]).iterdir())
-    assert names[:3] == ["chunk-0000-0000000.parquet", "chunk-0000-0000002.parquet", "chunk-0001-0000000.parquet"]
-    assert len(names) == 20
+    assert names[:2] == ["chunk-0000000.parquet", "chunk-0000001.parquet"]
+    assert len(names) == 15
     with pytest.raises(DatasetError, match="write id"):
         sample.finish(cfg, out, "other-write-id")
     m = sample.finish(cfg, out, plan["write_id"])  # entries from the shards (Ray Data tasks)
-    assert m["num_rows"] == 30 and set(m["counts"].values()) == {3} and len(m["shards"]) == 20
-    assert [s["path"] for s in m["shards"]][0] == f"data/{plan['write_id']}/chunk-0000-0000000.parquet"
+    assert m["num_rows"] == 30 and set(m["counts"].values()) == {3} and len(m["shards"]) == 15
+    assert [s["path"] for s in m["shards"]][0] == f"data/{plan['write_id']}/chunk-0000000.parquet"
+    # Every shard mixes classes: two of the ten in each of 2 rows, never one class twice.
+    assert all(s["majority"][1] == 1 for s in m["shards"])
     assert m["columns"] == sample.COLUMNS and m["sample_key"] == plan["sample_key"]
     # Same pixels as another chunking, batch size and a finish that had the entries in hand.
     ref, mr = _sample([], gens["ft"], tmp_path / "ref")
@@ -192,7 +194,7 @@ def test_sampling_layout_and_finish_alone(gens, tmp_path):
     # A missing shard fails the completeness check, naming it.
     cfg2 = load_config(None, TINY)
     part, _ = sample.run(cfg2, gens["ft"], tmp_path / "p", stop_after_rows=6)
-    with pytest.raises(DatasetError, match=r"8 of 10 planned chunks missing .*chunk-0002-0000000"):
+    with pytest.raises(DatasetError, match=r"3 of 4 planned chunks missing .*chunk-0000001"):
         sample.finish(cfg2, part)
 
 
@@ -201,7 +203,7 @@ def test_sampling_never_reads_stray_shards_and_redoes_bad_ones(gens, tmp_path):
     commit); a truncated shard or one with the wrong row count is sampled again."""
     cfg = load_config(None, TINY)
     whole, _ = _sample([], gens["ft"], tmp_path / "whole")
-    out, _ = sample.run(cfg, gens["ft"], tmp_path / "s", stop_after_rows=12)  # chunks of classes 0-3
+    out, _ = sample.run(cfg, gens["ft"], tmp_path / "s", stop_after_rows=12)  # chunks 0-3
     wid = json.loads((tmp_path / "s" / sample.PLAN).read_text())["write_id"]
     data = tmp_path / "s" / "data"
     rows = read_table(whole).slice(0, 3)
@@ -210,12 +212,12 @@ def test_sampling_never_reads_stray_shards_and_redoes_bad_ones(gens, tmp_path):
     (data / "other").mkdir()
     pq.write_table(stray, data / "other" / "part-0.parquet")  # and under another write id
     pq.write_table(rows.slice(0, 1).set_column(0, "id", pa.array(["syn-c0004-0000000"])),
-                   data / wid / "chunk-0004-0000000.parquet")  # a planned name with 1 row of 3
-    shard = data / wid / "chunk-0001-0000000.parquet"
+                   data / wid / "chunk-0000003.parquet")  # a planned name with 1 row of 8
+    shard = data / wid / "chunk-0000001.parquet"
     shard.write_bytes(shard.read_bytes()[:40])  # a truncated shard of a done chunk
     _, m = sample.run(cfg, gens["ft"], tmp_path / "s")
-    assert m["sampled_this_run"] == 18 + 3  # the missing chunks and the truncated one
-    assert m["num_rows"] == 30 and len(m["shards"]) == 10 and all(wid in s["path"] for s in m["shards"])
+    assert m["sampled_this_run"] == 15 + 8  # the missing chunks and the truncated one
+    assert m["num_rows"] == 30 and len(m["shards"]) == 4 and all(wid in s["path"] for s in m["shards"])
     assert _images(out) == _images(whole)
     assert sorted(p.name for p in data.iterdir()) == [wid]
     assert not (data / wid / "stray.parquet").exists()
@@ -228,7 +230,7 @@ def test_sampling_finish_on_object_store(s3_server, gens, tmp_path):
     out, info = sample.run(cfg, gens["ft"], loc, stop_after_rows=12)
     assert out == loc and info["complete"] is False
     out, m = sample.run(cfg, gens["ft"], loc)
-    assert m["sampled_this_run"] == 18 and m["num_rows"] == 30
+    assert m["sampled_this_run"] == 15 and m["num_rows"] == 30
     whole, _ = _sample([], gens["ft"], tmp_path / "whole")
     assert _images(out) == _images(whole)
 

@@ -6,7 +6,11 @@
   holds the decoded set. ``cache=True`` (``classify.cache``) materialises it once in the
   object store instead, for sets that fit.
 * ``iterate``: an epoch's batches from a worker's streaming shard, shuffled by a local
-  buffer seeded from (seed, epoch, rank, pass) and augmented by ``TrainCollate``
+  buffer seeded from (seed, epoch, rank, pass) and augmented by ``TrainCollate``. The
+  buffer holds 16 of the mixture's largest shards (``shuffle_rows``, within
+  ``classify.shuffle_buffer_mb``): with the per-execution file order, which interleaves
+  the mixture's parts file by file, a set written class by class still gives
+  class-mixed batches (``synthaug.shuffle``)
   (``iter_torch_batches(collate_fn=...)``, in Ray Data's prefetch thread).
 * ``val_dataset(val_dir, rank, world)``: this worker's share of the val split -- the rows
   whose ``id_hashes(id) % world == rank`` -- streamed and decoded in the worker with
@@ -120,9 +124,22 @@ def val_batches(ds, batch_size: int = 256) -> Iterable[dict]:
             yield b
 
 
+def shuffle_rows(cfg: ClassifyConfig, spec) -> int:
+    """Rows of a worker's local shuffle buffer for a mixture: 16 of its largest shards (at least 8 batches),
+    within ``classify.shuffle_buffer_mb`` of decoded uint8 rows (``synthaug.shuffle.buffer_rows``)."""
+    from synthaug.classify.mixing import shard_rows
+    from synthaug.shuffle import buffer_rows
+
+    row_bytes = int(spec.channels) * int(np.prod(spec.image_size))
+    return buffer_rows(shard_rows(spec), row_bytes, minimum=max(256, 8 * cfg.batch_size), cap_mb=cfg.shuffle_buffer_mb)
+
+
 def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int, epoch: int, rank: int,
-            in_chans: int, image_size) -> Iterable[dict]:
-    """``steps`` batches of one epoch from a Ray Data shard or dataset, augmented by ``TrainCollate``."""
+            in_chans: int, image_size, buffer_rows: int | None = None) -> Iterable[dict]:
+    """``steps`` batches of one epoch from a Ray Data shard or dataset, augmented by ``TrainCollate``.
+
+    ``buffer_rows``: the local shuffle buffer (:func:`shuffle_rows`); None keeps 8 batches.
+    """
     # torch (via augment) is imported here, in the Train worker, not where this module is
     # unpickled: Ray Data's read tasks and Train's controller import it for decode_to_uint8.
     from synthaug.classify.augment import TrainCollate, _seed
@@ -130,7 +147,7 @@ def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int
     return _take(data, steps, dict(
         batch_size=batch_size,
         collate_fn=TrainCollate(cfg, in_chans, image_size, seed, epoch),
-        local_shuffle_buffer_size=max(256, 8 * batch_size),
+        local_shuffle_buffer_size=int(buffer_rows or max(256, 8 * batch_size)),
         local_shuffle_seed=_seed(seed, epoch, rank, 3) % (2**31),
     ))
 

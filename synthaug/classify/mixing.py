@@ -199,21 +199,25 @@ def _bits(have: dict[int, int], labels: list[int]) -> int:
     return min(bits, cap, 16)
 
 
-def _histogram(batch: pa.Table, seed: int, labels: list, bits: int) -> dict:
+def mixture_keys(batch: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, u) of a batch: the key by which a mixture draws a class's synthetic rows."""
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    return lab, keys(batch.column("id"), batch.column("label"), seed)
+
+
+def _histogram(batch: pa.Table, key_fn, labels: list, bits: int) -> dict:
     """Ray Data map fn: per-block counts of u's top ``bits`` bits per label, flattened (labels x buckets)."""
     index = {c: i for i, c in enumerate(labels)}
-    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
-    u = keys(batch.column("id"), batch.column("label"), seed)
+    lab, u = key_fn(batch)
     row = np.asarray([index.get(int(c), -1) for c in lab], dtype=np.int64)
     ok = row >= 0
     flat = row[ok] * (1 << bits) + (u[ok] >> np.uint64(64 - bits)).astype(np.int64)
     return {"hist": [np.bincount(flat, minlength=len(labels) << bits).astype(np.int64)]}
 
 
-def _candidates(batch: pa.Table, seed: int, bucket: dict, bits: int) -> dict:
+def _candidates(batch: pa.Table, key_fn, bucket: dict, bits: int) -> dict:
     """Ray Data map fn: the keys u of label c that fall into c's cut bucket."""
-    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
-    u = keys(batch.column("id"), batch.column("label"), seed)
+    lab, u = key_fn(batch)
     want = np.asarray([bucket.get(int(c), -1) for c in lab], dtype=np.int64)
     top = (u >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(u), np.int64)
     keep = (want >= 0) & (top == want)
@@ -221,27 +225,36 @@ def _candidates(batch: pa.Table, seed: int, bucket: dict, bits: int) -> dict:
 
 
 def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed: int) -> dict[int, int]:
-    """label -> the n_c-th smallest key of that class (ALL when every row is kept).
+    """label -> the n_c-th smallest mixture key of that class in ``synthetic`` (ALL when every row is kept)."""
+    import functools
 
-    Exact and bounded: pass 1 sums per-block histograms of the keys' top bits per class
-    (``MAX_HISTOGRAM`` counters at most); pass 2 sends the driver only the keys in each
-    class's cut bucket (about ``CANDIDATES_PER_CLASS`` per class, as keys are uniform).
-    Both passes read only the ``(id, label)`` columns.
-    """
     from synthaug.artifacts import read_ray
 
+    return kth_smallest(read_ray(synthetic, columns=["id", "label"]), need, have,
+                        functools.partial(mixture_keys, seed=int(seed)))
+
+
+def kth_smallest(ds, need: dict[int, int], have: dict[int, int], key_fn) -> dict[int, int]:
+    """label -> the ``need[c]``-th smallest uint64 key of label c's rows in ``ds`` (ALL when that is every row).
+
+    The one "keep the k smallest keys per class" of synthaug (mixtures, pseudo-label
+    selection). ``key_fn(batch) -> (labels, keys)`` runs in Ray tasks. Exact and bounded:
+    pass 1 sums per-block histograms of the keys' top bits per class (``MAX_HISTOGRAM``
+    counters at most); pass 2 sends the driver only the keys in each class's cut bucket
+    (about ``CANDIDATES_PER_CLASS`` per class, for uniform keys). ``have[c]`` is class c's
+    row count in ``ds``.
+    """
     out = {c: ALL for c, n in need.items() if n == have[c]}
     labels = sorted(c for c, n in need.items() if 0 < n < have[c])
     if not labels:
         return out
     bits = _bits(have, labels)
     buckets = 1 << bits
-    ds = read_ray(synthetic, columns=["id", "label"])
 
     # Pass 1: where each class's cut falls.
     if bits:
         hist = np.zeros(len(labels) * buckets, np.int64)
-        for b in ds.map_batches(_histogram, fn_kwargs=dict(seed=int(seed), labels=labels, bits=bits),
+        for b in ds.map_batches(_histogram, fn_kwargs=dict(key_fn=key_fn, labels=labels, bits=bits),
                                 batch_format="pyarrow", batch_size=None).iter_batches(batch_size=1, batch_format="numpy"):
             hist += np.asarray(b["hist"][0], np.int64)
         hist = hist.reshape(len(labels), buckets)
@@ -255,7 +268,7 @@ def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed:
 
     # Pass 2: the keys in the cut buckets; the cut is the (n_c - below)-th of them.
     found: dict[int, list] = {c: [] for c in labels}
-    for b in ds.map_batches(_candidates, fn_kwargs=dict(seed=int(seed), bucket=bucket, bits=bits),
+    for b in ds.map_batches(_candidates, fn_kwargs=dict(key_fn=key_fn, bucket=bucket, bits=bits),
                             batch_format="pyarrow", batch_size=None).iter_batches(batch_format="numpy"):
         for c in np.unique(b["label"]):
             found[int(c)].append(np.asarray(b["u"])[b["label"] == c])
@@ -263,8 +276,8 @@ def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed:
         u = np.sort(np.concatenate(found[c])) if found[c] else np.zeros(0, np.uint64)
         k = need[c] - below[c]
         if not 0 < k <= len(u):
-            raise RuntimeError(f"mixture threshold for label {c}: {len(u)} candidate keys, need the {k}-th "
-                               f"(the synthetic set changed while planning?)")
+            raise RuntimeError(f"k-th smallest key of label {c}: {len(u)} candidate keys, need the {k}-th "
+                               f"(the data changed while planning?)")
         out[c] = int(u[k - 1])
     return out
 
@@ -274,6 +287,11 @@ def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed:
 
 def _keep_synthetic(batch: pa.Table, spec: Mixture) -> pa.Table:
     """Ray Data map fn: the base columns of the synthetic rows the mixture keeps."""
+    return _base(batch.filter(pa.array(_keep_mask(batch, spec))))
+
+
+def _keep_mask(batch: pa.Table, spec: Mixture) -> np.ndarray:
+    """Which synthetic rows of ``batch`` the mixture keeps."""
     n = len(spec.class_names)
     cut, every, kept = np.zeros(n, np.uint64), np.zeros(n, bool), np.zeros(n, bool)
     for c, t in spec.thresholds.items():
@@ -282,36 +300,77 @@ def _keep_synthetic(batch: pa.Table, spec: Mixture) -> pa.Table:
             every[int(c)] = True
         else:
             cut[int(c)] = np.uint64(int(t))
-    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
-    u = keys(batch.column("id"), batch.column("label"), spec.seed)
-    keep = kept[lab] & (every[lab] | (u <= cut[lab]))
-    return _base(batch.filter(pa.array(keep)))
+    lab, u = mixture_keys(batch, spec.seed)
+    return kept[lab] & (every[lab] | (u <= cut[lab]))
 
 
 def _base(table: pa.Table) -> pa.Table:
     return table.select(list(BASE_COLUMNS)).cast(BASE_SCHEMA)
 
 
+def parts(spec: Mixture | Any) -> list[tuple[str, str]]:
+    """``(part, location)`` of each set the mixture reads: 'real', 'synthetic' (filtered by key), 'extra'."""
+    parts = []
+    if spec.real is not None:
+        parts.append(("real", spec.real))
+    if spec.synthetic is not None and spec.thresholds:
+        parts.append(("synthetic", spec.synthetic))
+    if getattr(spec, "extra", None) is not None and spec.n_extra:
+        parts.append(("extra", spec.extra))
+    if not parts:
+        raise InputValueError("the mixture has no rows")
+    return parts
+
+
+def shard_rows(spec: Mixture | Any) -> list[int]:
+    """Rows of every shard the mixture reads (from the manifests; the synthetic part's before its filter)."""
+    return [int(s["rows"]) for _, loc in parts(spec) for s in read_manifest(loc)["shards"]]
+
+
+def _select(batch: pa.Table, spec: Mixture, synthetic_paths: frozenset) -> pa.Table:
+    """Ray Data map fn over rows read with their file path: base columns, the synthetic part filtered by key."""
+    paths = batch.column("path").to_numpy(zero_copy_only=False)
+    syn = np.fromiter((p in synthetic_paths for p in paths), bool, len(paths))
+    if not syn.any():
+        return _base(batch)
+    if syn.all():
+        return _keep_synthetic(batch, spec)
+    # A block never spans files in practice; keep the rows' order if one ever does.
+    keep = np.ones(len(paths), bool)
+    keep[syn] = np.asarray(_keep_mask(batch.filter(pa.array(syn)), spec))
+    return _base(batch.filter(pa.array(keep)))
+
+
 def mixture_dataset(spec: Mixture | Any, **read_kwargs):
     """The mixture as a lazy Ray Dataset of the base columns (real rows, the kept synthetic rows, the extra rows).
 
-    ``read_kwargs`` go to ``read_parquet`` (e.g. ``shuffle=FileShuffleConfig(seed)``).
+    Every part's shards are read as one file list, so a file shuffle (``read_kwargs``, e.g.
+    ``shuffle=FileShuffleConfig(seed)``, passed to ``read_parquet``) interleaves the parts
+    file by file: a reader never sees all real rows, then all synthetic ones. Parts on
+    different filesystems are read one after the other (a union).
     """
-    from synthaug.artifacts import read_ray
+    import ray.data
 
-    parts = []
-    if spec.real is not None:
-        parts.append(read_ray(spec.real, columns=list(BASE_COLUMNS), **read_kwargs)
-                     .map_batches(_base, batch_format="pyarrow", batch_size=None))
-    if spec.synthetic is not None and spec.thresholds:
-        parts.append(read_ray(spec.synthetic, columns=list(BASE_COLUMNS), **read_kwargs)
-                     .map_batches(_keep_synthetic, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None))
-    if getattr(spec, "extra", None) is not None and spec.n_extra:
-        parts.append(read_ray(spec.extra, columns=list(BASE_COLUMNS), **read_kwargs)
-                     .map_batches(_base, batch_format="pyarrow", batch_size=None))
-    if not parts:
-        raise InputValueError("the mixture has no rows")
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    from synthaug import storage
+    from synthaug.artifacts import read_ray, shard_paths
+
+    todo = parts(spec)
+    files = {part: shard_paths(loc) for part, loc in todo}
+    kinds = {type(storage.resolve(loc)[0]) for _, loc in todo}  # one filesystem object reads them all
+    every = [p for ps in files.values() for p in ps]
+    if len(kinds) == 1 and every:
+        fs, _ = storage.resolve(todo[0][1])
+        ds = ray.data.read_parquet(every, filesystem=fs, columns=list(BASE_COLUMNS), include_paths=True, **read_kwargs)
+        return ds.map_batches(_select, fn_kwargs={"spec": spec, "synthetic_paths": frozenset(files.get("synthetic", []))},
+                              batch_format="pyarrow", batch_size=None)
+    out = []
+    for part, loc in todo:
+        ds = read_ray(loc, columns=list(BASE_COLUMNS), **read_kwargs)
+        if part == "synthetic":
+            out.append(ds.map_batches(_keep_synthetic, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None))
+        else:
+            out.append(ds.map_batches(_base, batch_format="pyarrow", batch_size=None))
+    return out[0] if len(out) == 1 else out[0].union(*out[1:])
 
 
 def real_only(loc: str) -> Mixture:

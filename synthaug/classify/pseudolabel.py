@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from synthaug import identity, raylocal, storage
 from synthaug.artifacts import BASE_COLUMNS, id_hashes, is_complete, read_manifest, read_ray, write_dataset
-from synthaug.classify.mixing import plan_mixture
+from synthaug.classify.mixing import ALL, kth_smallest, plan_mixture
 from synthaug.config import Config, to_dict
 from synthaug.errors import InputValueError
 
@@ -158,15 +158,42 @@ def describe_selection(cfg: Config) -> str:
     return f"the top {pl.top_fraction:g} of each predicted class (most confident first)"
 
 
-def _top_fraction(group: pa.Table, fraction: float) -> pa.Table:
-    """Ray Data map_groups fn: one predicted class's ``ceil(fraction x n)`` most confident rows (ties by id hash)."""
-    n = group.num_rows
-    if n == 0:
-        return group
-    conf = group.column("confidence").to_numpy(zero_copy_only=False)
-    tie = id_hashes(group.column("id").to_numpy(zero_copy_only=False))
-    order = np.lexsort((tie, -conf))  # most confident first, then by id hash
-    return group.take(pa.array(np.sort(order[:math.ceil(fraction * n)])))
+def confidence_keys(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, uint64 keys) ordering a class's rows most confident first, then by id hash.
+
+    The confidences are float32 probabilities (stored as float64), so their float32 bits,
+    inverted, order them exactly; the low 32 bits break ties by id hash.
+    """
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    conf = batch.column("confidence").to_numpy(zero_copy_only=False).astype(np.float32)
+    high = (np.uint64(0xFFFFFFFF) - conf.view(np.uint32).astype(np.uint64)) << np.uint64(32)
+    tie = id_hashes(batch.column("id").to_numpy(zero_copy_only=False)) >> np.uint64(32)
+    return lab, high | tie
+
+
+def _keep_top(batch: pa.Table, cut: dict, num_classes: int) -> pa.Table:
+    """Ray Data map fn: the rows whose confidence key is within their predicted class's cut."""
+    lab, u = confidence_keys(batch)
+    limit = np.zeros(num_classes, np.uint64)
+    for c, t in cut.items():
+        limit[int(c)] = np.uint64(2**64 - 1) if int(t) == ALL else np.uint64(int(t))
+    return batch.filter(pa.array(u <= limit[lab]))
+
+
+def top_fraction(ds, fraction: float, num_classes: int):
+    """Per predicted class, its ``ceil(fraction x n)`` most confident rows (ties by id hash), in ``ds``'s order.
+
+    ``ds`` is materialised once (the scored rows, in Ray's object store, as a groupby would
+    hold them), its per-class cut found by ``mixing.kth_smallest`` (bounded passes), and its
+    rows filtered in place: the set keeps the pool's layout, which mixes classes, where a
+    groupby would write one class per shard.
+    """
+    ds = ds.materialize()
+    have = {int(r["label"]): int(r["count()"]) for r in ds.groupby("label").count().take_all()}
+    need = {c: math.ceil(fraction * n) for c, n in have.items()}
+    cut = kth_smallest(ds.select_columns(["id", "label", "confidence"]), need, have, confidence_keys)
+    return ds.map_batches(_keep_top, fn_kwargs={"cut": cut, "num_classes": num_classes}, batch_format="pyarrow",
+                          batch_size=None)
 
 
 def pseudolabel_key(cfg: Config, teacher: dict, pool: str) -> str:
@@ -190,8 +217,7 @@ def label_pool(cfg: Config, teacher: dict, pool: str, out: str) -> dict:
     threshold = float(pl.threshold) if pl.select == "threshold" else None
     ds = _scored(cfg, pool, teacher, "pseudo", threshold, columns=list(BASE_COLUMNS))
     if pl.select == "top_fraction":
-        ds = ds.groupby("label").map_groups(_top_fraction, fn_kwargs={"fraction": float(pl.top_fraction)},
-                                            batch_format="pyarrow")
+        ds = top_fraction(ds, float(pl.top_fraction), len(teacher_classes(teacher)))
     names = teacher_classes(teacher)
     extra = {"key": key, "teacher": teacher["key"], "pool": identity.dataset_hash(pool), "pool_rows": int(pool_m["num_rows"]),
              "selection": selection(cfg), "stage": "pseudolabel"}

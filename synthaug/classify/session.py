@@ -44,6 +44,7 @@ from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler
 from synthaug.classify.data import iterate, val_batches, val_dataset
 from synthaug.classify.models import build_classifier
 from synthaug.config import ClassifyConfig
+from synthaug.shuffle import BatchMix
 
 
 class _Session:
@@ -233,8 +234,9 @@ def train_loop_per_worker(config: dict) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
         batches = iterate(data, steps_per_epoch, cfg, batch_size=per_worker_batch, seed=seed, epoch=epoch, rank=rank,
-                          in_chans=in_chans, image_size=config["image_size"])
-        stats = train_epoch(model, batches, optimizer, scheduler, loss_fn, session.device, step=step,
+                          in_chans=in_chans, image_size=config["image_size"], buffer_rows=config.get("shuffle_rows"))
+        mix = BatchMix(num_classes)  # the class mix of this epoch's batches (rank 0's are reported)
+        stats = train_epoch(model, mix.watch(batches), optimizer, scheduler, loss_fn, session.device, step=step,
                             seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last)
         step = stats["step"]
         loss_sum, images = all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
@@ -249,7 +251,7 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / max(images, 1.0)), **evaluated, "epochs": epoch + 1,
             "images_per_s": float(images / max(stats["seconds"], 1e-9)), "seconds": elapsed,
-            "n_train": int(config["n_train"]), "start_epoch": start_epoch,
+            "n_train": int(config["n_train"]), "start_epoch": start_epoch, **mix.summary(),
         }
         if rank != 0:
             session.report(metrics, None)

@@ -26,11 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from synthaug import identity, storage
-from synthaug.classify.data import decode_to_uint8, iterate, training_dataset, val_batches, val_dataset  # noqa: F401
-from synthaug.classify.mixing import Mixture, real_only
+from synthaug.classify.data import decode_to_uint8, iterate, shuffle_rows, training_dataset, val_batches, val_dataset  # noqa: F401
+from synthaug.classify.mixing import Mixture, parts, real_only
 from synthaug.classify.model_names import check_classifier_config
 from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
 from synthaug.errors import InputValueError
+from synthaug.shuffle import warn_if_blocked
 
 # The public core, re-exported for callers but imported only when asked for: the core
 # imports torch (about 2 s), which a driver that only plans and launches never needs.
@@ -47,7 +48,7 @@ def __getattr__(name: str):
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
-    "per_class_top1",
+    "per_class_top1", "batch_blocked_share", "batch_label_entropy",
 )
 
 
@@ -75,6 +76,7 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
         "classify": cfg, "seed": int(seed), "num_classes": len(class_names), "in_chans": int(in_chans),
         "class_names": list(class_names), "image_size": list(spec.image_size),
         "val_dir": storage.absolute(str(val_dir)), "n_train": int(spec.num_rows), "_reporter": reporter,
+        "shuffle_rows": shuffle_rows(cfg, spec),
     }
 
 
@@ -172,6 +174,7 @@ def fit(
         metrics, final = _fit_task(cfg, spec, config, seed, run_loc)
     else:
         metrics, final = _fit_train(cfg, spec, config, seed, out_dir, name, callbacks)
+    warn_if_blocked("classify", " + ".join(loc for _, loc in parts(spec)), metrics)
     if save_model:
         from safetensors.torch import load_file
 

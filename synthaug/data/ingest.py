@@ -14,9 +14,13 @@ Ingest streams; no process holds the dataset:
    driver merges into the split plan (O(classes x k)). Labels out of range, classes too
    small and k too large fail here.
 3. *Main pass* (Ray Data tasks, one per chunk, spread over the cluster's CPUs): decode,
-   validate, normalise (mode, resize), encode PNG, and write one shard per chunk and
+   validate, normalise (mode, resize), encode PNG, lay the rows out by a seeded hash of
+   their ids (``shuffle.layout_order``) and write shards of about ``chunk_size`` rows per
    split with :func:`artifacts.write_shard` under a fresh write id (deterministic names,
-   so a retried task overwrites its own shards). Each task returns its shard entries and
+   so a retried task overwrites its own shards). The listing is in a seeded order too
+   (files by id hash; Parquet row groups shuffled, up to ``sources.PARQUET_MIX`` x
+   ``chunk_size`` rows of them per chunk), so every shard mixes classes even when the
+   source is sorted by label. Each task returns its shard entries and
    the image mode and size it saw, with an example file.
 4. *Commit* (driver): mixed modes (``ingest.mode: ''``) or sizes (``ingest.image_size: 0``)
    across chunks fail naming a file; otherwise one manifest per split is written with
@@ -52,6 +56,7 @@ from synthaug.artifacts import UNLABELLED, DatasetError, commit_dataset, is_comp
 from synthaug.config import Config, ConfigError, IngestConfig, to_dict
 from synthaug.data import sources
 from synthaug.data.images import encode_png
+from synthaug.shuffle import layout_order
 
 VAL, TRAIN, POOL = 0, 1, 2
 CANDIDATE_ROWS = 200_000  # the driver reduces merged pre-pass candidates beyond this many rows
@@ -259,6 +264,8 @@ def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, writ
             ids.append(i), labels.append(y), pngs.append(encode_png(np.asarray(img, dtype=np.uint8)))
     except DatasetError as e:
         return _error_row(chunk, e)
+    order = layout_order(ids, cfg.seed)  # the shard's rows by id hash: classes interleave within it
+    ids, labels, pngs = [ids[i] for i in order], [labels[i] for i in order], [pngs[i] for i in order]
     codes = assign_splits(ids, np.asarray(labels, np.int64), plan)
     table = pa.table({
         "id": pa.array(ids, pa.string()), "image": pa.array(pngs, pa.binary()),
@@ -272,8 +279,12 @@ def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, writ
         if split == "pool":
             part = part.set_column(2, "label", pa.array(np.full(len(part), UNLABELLED), pa.int64()))
             part = part.set_column(3, "class_name", pa.array([""] * len(part), pa.string()))
-        if len(part):
-            entries[split] = write_shard(storage.join(out, split), write_id, f"part-{chunk:06d}", part, len(class_names))
+        # Shards of about chunk_size rows, dealt round-robin from the id-hash order: each mixes
+        # every source file and row group of the chunk.
+        n = -(-len(part) // cfg.chunk_size)
+        entries[split] = [write_shard(storage.join(out, split), write_id, f"part-{chunk:06d}-{k:03d}",
+                                      part.take(pa.array(np.arange(k, len(part), n))), len(class_names))
+                          for k in range(n)]
     mode, mode_where = seen.get("mode", ("", ""))
     size, size_where = seen.get("size", ([], ""))
     return pa.table({"chunk": [chunk], "error": [""], "entries": [json.dumps(entries)], "mode": [mode],
@@ -413,7 +424,7 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
     # Commit: one manifest per split, each written last.
     manifests = {}
     for split in splits:
-        entries = [e for r in results for s, e in json.loads(r["entries"]).items() if s == split]
+        entries = [e for r in results for e in json.loads(r["entries"]).get(split, [])]
         manifests[split] = commit_dataset(
             storage.join(out, split), entries, class_names=class_names, image_size=image_size, channels=channels,
             config=to_dict(cfg), labelled=split != "pool", check_ids=False,  # ids are unique by construction

@@ -36,6 +36,9 @@ from synthaug.artifacts import DatasetError
 from synthaug.config import IngestConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Parquet chunks hold up to this many times ingest.chunk_size rows (whole row groups, in a seeded
+# order), dealt out over shards of about chunk_size: a task then holds that many encoded images.
+PARQUET_MIX = 8
 
 
 @dataclass
@@ -72,6 +75,13 @@ def pack_chunks(items: pa.Table, chunk_of: np.ndarray) -> list[pa.Table]:
             cols[name] = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
         out.append(pa.table(cols))
     return out
+
+
+def _mixed(items: pa.Table, cfg: IngestConfig) -> pa.Table:
+    """The listing in the writers' seeded order (``shuffle.layout_order``): chunks, and so shards, mix classes."""
+    from synthaug.shuffle import layout_order
+
+    return items.take(pa.array(layout_order(items.column("id").to_pylist(), cfg.seed)))
 
 
 def list_source(cfg: IngestConfig) -> Listing:
@@ -135,7 +145,7 @@ def _list_digits(cfg: IngestConfig) -> Listing:
         "label": pa.array(d.target, pa.int64()),
         "pixels": pa.array([im.tobytes() for im in imgs], pa.binary()),
     })
-    chunks = pack_chunks(items, np.arange(len(imgs)) // cfg.chunk_size)
+    chunks = pack_chunks(_mixed(items, cfg), np.arange(len(imgs)) // cfg.chunk_size)
     fingerprint = hashlib.sha256(imgs.tobytes() + d.target.astype(np.int64).tobytes()).hexdigest()
     return Listing(chunks, [str(c) for c in d.target_names], len(imgs), fingerprint)
 
@@ -160,7 +170,7 @@ def _list_imagefolder(cfg: IngestConfig) -> Listing:
         if not names:
             raise DatasetError(f"{storage.join(root, c)}: empty class folder '{c}' (no .png/.jpg/.jpeg/.webp files)")
         parts.append(pa.table({"id": [f"{c}/{n}" for n in names], "label": pa.array(np.full(len(names), k), pa.int64())}))
-    items = pa.concat_tables(parts)
+    items = _mixed(pa.concat_tables(parts), cfg)
     chunks = pack_chunks(items, np.arange(len(items)) // cfg.chunk_size)
     return Listing(chunks, classes, len(items), fp.hexdigest())
 
@@ -202,7 +212,7 @@ def _check_schema(loc: str, schema: pa.Schema, cfg: IngestConfig) -> None:
 
 
 def _list_parquet(cfg: IngestConfig) -> Listing:
-    """Files and row groups from the footers; chunks are runs of whole row groups of about chunk_size rows."""
+    """Files and row groups from the footers; chunks are whole row groups, in a seeded order, of up to PARQUET_MIX x chunk_size rows."""
     locs, stems, rgs, firsts, nrows = [], [], [], [], []
     for loc, stem in _parquet_files(cfg.path):
         fs, p = storage.resolve(loc)
@@ -221,12 +231,18 @@ def _list_parquet(cfg: IngestConfig) -> Listing:
             first += n
     if not nrows:
         raise DatasetError(f"{cfg.path}: the Parquet source has no rows")
+    # Row groups in a seeded order, PARQUET_MIX x chunk_size rows of them per chunk: a chunk gathers
+    # row groups from all over a label-sorted source, and ingest deals its rows out over
+    # PARQUET_MIX shards (by id hash), so each shard mixes them. A row group is read whole, so one
+    # bigger than that stays a chunk of its own; the trainers' shuffle buffer covers that case.
+    order = np.random.default_rng([int(cfg.seed), 7]).permutation(len(nrows))
+    locs, stems, rgs, firsts, nrows = ([v[i] for i in order] for v in (locs, stems, rgs, firsts, nrows))
     items = pa.table({"file": locs, "stem": stems, "row_group": pa.array(rgs, pa.int32()),
                       "first_row": pa.array(firsts, pa.int64()), "num_rows": pa.array(nrows, pa.int64())})
     # Greedy: a chunk closes once it holds chunk_size rows (a bigger row group is a chunk of its own).
     chunk_of, c, acc = np.zeros(len(nrows), np.int64), 0, 0
     for j, n in enumerate(nrows):
-        if acc and acc + n > cfg.chunk_size:
+        if acc and acc + n > cfg.chunk_size * PARQUET_MIX:
             c, acc = c + 1, 0
         chunk_of[j], acc = c, acc + n
     names = [str(c) for c in cfg.class_names] or None

@@ -44,6 +44,7 @@ from synthaug.data.images import to_float
 from synthaug.errors import InputValueError
 from synthaug.generative import latent_cache, models, registry, train_data
 from synthaug.generative.diffusion import diffusion_loss, lr_schedule
+from synthaug.shuffle import BatchMix, warn_if_blocked
 
 STATE_FILE = "train_state.json"
 
@@ -277,8 +278,10 @@ def plan_tensors(data_dir: str | Path, t: TrainGenConfig) -> tuple[torch.Tensor,
     """
     import itertools
 
-    locations, rows = train_data.shard_locations(storage.absolute(data_dir), read_manifest(data_dir))
-    it = train_data.stream(train_data.local_source(locations), rows, t.seed, 0, 1, t.batch_size, t.shuffle_buffer)
+    m = read_manifest(data_dir)
+    locations, rows = train_data.shard_locations(storage.absolute(data_dir), m)
+    buffer = train_data.shuffle_rows(t, rows, m["channels"], m["image_size"][0])
+    it = train_data.stream(train_data.local_source(locations), rows, t.seed, 0, 1, t.batch_size, buffer)
     xs, ys = zip(*itertools.islice(it, t.steps * t.grad_accum))
     return torch.from_numpy(to_float(np.concatenate(xs))), torch.from_numpy(np.concatenate(ys))
 
@@ -324,8 +327,10 @@ def train_loop_per_worker(config: dict) -> None:
     # This rank's stream, from the micro-batch after the last one the checkpoint consumed.
     micro = t.batch_size // world
     source = train_data.ray_source(config["shards"], config.get("cached"), latent_shape)
-    batches = train_data.stream(source, config["shard_rows"], t.seed, rank, world, micro, t.shuffle_buffer,
-                                start=core.step * t.grad_accum)
+    buffer = train_data.shuffle_rows(t, config["shard_rows"], config["channels"], config["image_size"])
+    mix = BatchMix(len(config["class_names"]))  # the class mix of the micro-batches this worker trains on
+    batches = mix.watch(train_data.stream(source, config["shard_rows"], t.seed, rank, world, micro, buffer,
+                                          start=core.step * t.grad_accum), label=lambda b: b[1])
     t0 = time.time()
 
     for x, y in batches if core.step < t.steps else ():
@@ -341,7 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
             save_val_grid(unwrapped, core.ema, core.params, storage.join(config["grid_dir"], f"step_{step:06d}.png"))
         if step % t.checkpoint_every == 0 or step == t.steps:
             metrics = {"step": step, "start_step": start_step, **{f"restored_{k}": v for k, v in restored.items()},
-                       "loss": core.last_loss, "images_per_s": core.images * world / max(1e-9, time.time() - t0)}
+                       "loss": core.last_loss, "images_per_s": core.images * world / max(1e-9, time.time() - t0),
+                       **mix.summary()}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     core.save(d)
@@ -474,6 +480,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     result = trainer.fit()
     seconds = time.time() - t0
     del cached
+    warn_if_blocked(stage, str(data_dir), result.metrics)
 
     # Export the EMA weights in diffusers layout with a manifest (the base's weights are read once, here).
     with result.checkpoint.as_directory() as d:
@@ -499,4 +506,5 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         "resumed_from": offset_steps,
         "restored_state_sums": {k[len("restored_"):]: v for k, v in result.metrics.items() if k.startswith("restored_")},
         "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
+        **{k: result.metrics.get(k) for k in ("batch_blocked_share", "batch_label_entropy")},
     })

@@ -1,8 +1,10 @@
 """Class-balanced sampling with classifier-free guidance through a Ray Data actor pool.
 
-The plan is never materialised in the driver. It is a list of *chunks*, each a class
-``k`` and an index range ``[a, b)`` (``sample.chunk_size`` images, default
-``sample.batch_size``): O(N / chunk) small rows. Each image's seed derives from
+The plan is never materialised in the driver. It is a list of ``J = ceil(N / chunk_size)``
+*chunks* (``sample.chunk_size`` images, default ``sample.batch_size``): O(N / chunk) small
+rows. Chunk j holds a proportional slice of every class (:class:`Chunk`), laid out in a
+seeded order, so every shard mixes the classes (a trainer's shuffle buffer never meets a
+one-class shard). Each image's seed derives from
 (global seed, class, index), so an image is the same whatever the pool size, chunk or
 batch size, or retries. :class:`ChunkSampler` (a :class:`Sampler` that loads the
 exported generator once per actor) turns a chunk row into its plan rows, samples them
@@ -12,7 +14,7 @@ shard's small manifest entry; the images never pass through the driver.
 Layout of a set (at any location, ``s3://`` included)::
 
     <out>/plan.json                                 {sample_key, write_id, chunk_size, chunks, ...}; while unfinished
-    <out>/data/<write id>/chunk-<kkkk>-<aaaaaaa>.parquet   one shard per chunk (class k, first index a)
+    <out>/data/<write id>/chunk-<jjjjjjj>.parquet   one shard per chunk j: a proportional slice of every class
     <out>/manifest.json                             written last: the commit; plan.json is then removed
 
 Image-to-image (``sample.init: real``, SDEdit as in DA-Fusion): sample i of class c
@@ -82,20 +84,36 @@ def class_counts(s: SampleConfig, class_names: list[str]) -> dict[str, int]:
 
 
 class Chunk(NamedTuple):
-    """Images ``[start, stop)`` of class ``label``: one actor call, one shard."""
+    """Shard ``index`` of ``total`` (J): of the k-th of K classes, with n images, the images
+    ``[floor((j n + o) / J), floor(((j + 1) n + o) / J))`` where ``o = floor(k J / K)``. The
+    offsets stagger the classes' cuts, so every chunk holds about N / J images, with the
+    classes in proportion (a class with fewer images than chunks appears in every
+    J / n-th). One actor call, one shard."""
 
-    label: int
-    class_name: str
-    start: int
-    stop: int
+    index: int
+    total: int
 
     @property
     def name(self) -> str:
-        return chunk_name(self.label, self.start)
+        return chunk_name(self.index)
+
+    def parts(self, counts: dict[str, int], class_names: list[str]) -> list[tuple[int, str, int, int]]:
+        """``(label, class name, start, stop)`` of each class with images in this chunk."""
+        j, t, kk = self.index, self.total, len(counts)
+        out = []
+        for k, (name, n) in enumerate(counts.items()):
+            o = k * t // kk
+            a, b = (j * int(n) + o) // t, ((j + 1) * int(n) + o) // t
+            if b > a:
+                out.append((class_names.index(name), name, a, b))
+        return out
+
+    def rows(self, counts: dict[str, int]) -> int:
+        return sum(b - a for _, _, a, b in self.parts(counts, list(counts)))
 
 
-def chunk_name(label: int, start: int) -> str:
-    return f"chunk-{int(label):04d}-{int(start):07d}"
+def chunk_name(index: int) -> str:
+    return f"chunk-{int(index):07d}"
 
 
 def shard_rel(write_id: str, name: str) -> str:
@@ -108,13 +126,18 @@ def chunk_size(s: SampleConfig) -> int:
 
 
 def plan_chunks(counts: dict[str, int], class_names: list[str], size: int) -> list[Chunk]:
-    """The plan as chunks of at most ``size`` images of one class, in class then index order."""
-    return [Chunk(class_names.index(name), name, a, min(a + size, int(n)))
-            for name, n in counts.items() for a in range(0, int(n), size)]
+    """The plan as ``ceil(N / size)`` chunks, each a proportional slice of every class (so every shard mixes them).
+
+    O(N / size) small rows; a chunk's images are a function of (counts, its index, the
+    chunk count) and each image's seed of (seed, class, index), never of the layout.
+    """
+    total = sum(int(n) for n in counts.values())
+    k = -(-total // max(1, int(size))) if total else 0
+    return [Chunk(j, k) for j in range(k)]
 
 
 def plan_rows(label: int, class_name: str, start: int, stop: int, global_seed: int) -> pa.Table:
-    """The plan rows ``(id, label, class_name, index, seed)`` of one chunk (made inside the tasks)."""
+    """The plan rows ``(id, label, class_name, index, seed)`` of one class's images ``[start, stop)``."""
     idx = range(int(start), int(stop))
     n = len(idx)
     return pa.table({
@@ -126,10 +149,22 @@ def plan_rows(label: int, class_name: str, start: int, stop: int, global_seed: i
     })
 
 
+def chunk_plan(chunk: Chunk, counts: dict[str, int], class_names: list[str], global_seed: int, rows=plan_rows) -> pa.Table:
+    """A chunk's plan rows, its classes interleaved in the writers' seeded order (``shuffle.layout_order``).
+
+    ``rows(label, class_name, start, stop, seed)`` makes one class's part (image-to-image adds its sources).
+    """
+    from synthaug.shuffle import layout_order
+
+    t = pa.concat_tables([rows(*part, global_seed) for part in chunk.parts(counts, class_names)])
+    return t.take(pa.array(layout_order(t.column("id").to_pylist(), global_seed)))
+
+
 def plan_table(s: SampleConfig, class_names: list[str]) -> pa.Table:
     """The whole plan as one table: for bounded uses only (tests, benchmarks' plain loops)."""
-    chunks = plan_chunks(class_counts(s, class_names), class_names, chunk_size(s))
-    return pa.concat_tables([plan_rows(*c, s.seed) for c in chunks])
+    counts = class_counts(s, class_names)
+    chunks = plan_chunks(counts, class_names, chunk_size(s))
+    return pa.concat_tables([chunk_plan(c, counts, class_names, s.seed) for c in chunks])
 
 
 def columns(s: SampleConfig) -> list[str]:
@@ -234,17 +269,17 @@ class ChunkSampler(Sampler):
     so a retried call (a restarted actor) rewrites the same file and never adds rows.
     """
 
-    def __init__(self, generator_dir: str, sample: dict, out: str, write_id: str, num_classes: int,
-                 weights_hash: str | None = None, device: str | None = None, compile_backend: str = "inductor",
-                 source: str | None = None, source_index: pa.Table | None = None):
+    def __init__(self, generator_dir: str, sample: dict, out: str, write_id: str, class_names: list[str],
+                 counts: dict[str, int], weights_hash: str | None = None, device: str | None = None,
+                 compile_backend: str = "inductor", source: str | None = None, source_index: pa.Table | None = None):
         super().__init__(generator_dir, sample, device, compile_backend, weights_hash)
-        self.out, self.write_id, self.num_classes = out, write_id, num_classes
+        self.out, self.write_id, self.class_names, self.counts = out, write_id, list(class_names), dict(counts)
         self.source_fs = storage.resolve(source)[0] if source else None
         self.source_index = source_index  # (label, id, shard) of the real set: image-to-image only
 
-    def plan(self, label: int, class_name: str, start: int, stop: int) -> pa.Table:
-        """A chunk's plan rows; image-to-image adds each row's source (id and PNG bytes, read from its shard)."""
-        plan = plan_rows(label, class_name, start, stop, self.s.seed)
+    def _rows(self, label: int, class_name: str, start: int, stop: int, seed: int) -> pa.Table:
+        """One class's plan rows; image-to-image adds each row's source (id and PNG bytes, read from its shard)."""
+        plan = plan_rows(label, class_name, start, stop, seed)
         if self.source_index is None:
             return plan
         ids, shards = source_rows(self.source_index, label, start, stop)
@@ -254,11 +289,12 @@ class ChunkSampler(Sampler):
 
     def __call__(self, chunks: dict) -> dict:
         entries = []
-        for k, name, a, b in zip(chunks["label"], chunks["class_name"], chunks["start"], chunks["stop"]):
-            plan = self.plan(int(k), str(name), int(a), int(b))
+        for j, total in zip(chunks["index"], chunks["total"]):
+            chunk = Chunk(int(j), int(total))
+            plan = chunk_plan(chunk, self.counts, self.class_names, self.s.seed, rows=self._rows)
             bs = self.s.batch_size
             parts = [self.sample_batch(plan.slice(i, bs).to_pydict()) for i in range(0, plan.num_rows, bs)]
-            entry = write_shard(self.out, self.write_id, chunk_name(k, a), pa.concat_tables(parts), self.num_classes)
+            entry = write_shard(self.out, self.write_id, chunk.name, pa.concat_tables(parts), len(self.class_names))
             entries.append(json.dumps(entry))
         return {"entry": np.asarray(entries, dtype=object)}
 
@@ -320,11 +356,11 @@ def done_chunks(out: str, plan: dict, chunks: list[Chunk]) -> list[Chunk]:
     done = []
     for g, r in zip(groups, rows):
         for (c, p), n in zip(g, r):
-            if n == c.stop - c.start:
+            if n == c.rows(plan["counts"]):
                 done.append(c)
             else:
                 print(f"[sample] {shard_rel(plan['write_id'], c.name)}: {'unreadable' if n < 0 else f'{n} rows'}, "
-                      f"planned {c.stop - c.start}; sampling it again", flush=True)
+                      f"planned {c.rows(plan['counts'])}; sampling it again", flush=True)
                 fs.delete_file(p)
     return done
 
@@ -358,7 +394,8 @@ def _sample_chunks(cfg: Config, generator_dir: str, gen_manifest: dict, out: str
     ds = ds.map_batches(
         ChunkSampler,
         fn_constructor_kwargs={"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
-                               "write_id": plan["write_id"], "num_classes": len(gen_manifest["class_names"]),
+                               "write_id": plan["write_id"], "class_names": list(gen_manifest["class_names"]),
+                               "counts": plan["counts"],
                                "weights_hash": gen_manifest["weights_hash"], **img2img},
         batch_size=1, batch_format="numpy",
         **actor_pool_kwargs(s.min_actors, s.max_actors, s.num_gpus_per_actor),
@@ -420,9 +457,9 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *, source_d
     if stop_after_rows is not None:
         rows, cut = 0, 0
         while cut < len(todo) and rows < stop_after_rows:
-            rows, cut = rows + todo[cut].stop - todo[cut].start, cut + 1
+            rows, cut = rows + todo[cut].rows(plan["counts"]), cut + 1
         todo = todo[:cut]
-    n = sum(c.stop - c.start for c in todo)
+    n = sum(c.rows(plan["counts"]) for c in todo)
 
     # Sample them: each actor writes its chunks' shards and returns their entries.
     intern = _Interner()
@@ -475,20 +512,23 @@ def finish(cfg: Config, out: str, write_id: str | None = None, entries: Iterable
         done = done_chunks(out, plan, chunks)
         entries = [intern(e) for e in shard_stats(out, [shard_rel(wid, c.name) for c in done], len(class_names))]
 
-    # Completeness: every planned chunk has its shard, with the planned rows, all of its class.
+    # Completeness: every planned chunk has its shard, with the planned rows of each class.
     by_path = {e["path"]: e for e in entries}  # a chunk's entry twice is the same file twice
     missing, ordered = [], []
     for c in chunks:
         e = by_path.get(shard_rel(wid, c.name))
-        if e is None or e["rows"] != c.stop - c.start or (e["rows"] and not e["label_min"] == e["label_max"] == c.label):
+        want = [0] * len(class_names)
+        for label, _, a, b in c.parts(plan["counts"], class_names):
+            want[label] = b - a
+        if e is None or list(e["counts"]) != want:
             missing.append(c)
         else:
             ordered.append(e)
     if missing:
         c = missing[0]
         raise DatasetError(f"{out}: {len(missing)} of {len(chunks)} planned chunks missing or wrong (first: "
-                           f"{shard_rel(wid, c.name)}, class {c.class_name!r} images [{c.start}, {c.stop})); "
-                           f"re-run sampling to complete")
+                           f"{shard_rel(wid, c.name)}, {c.rows(plan['counts'])} images of "
+                           f"{len(c.parts(plan['counts'], class_names))} classes); re-run sampling to complete")
     del by_path
     planned = {posixpath.basename(shard_rel(wid, c.name)) for c in chunks}
     for i in storage.list_files(storage.join(out, DATA_DIR, wid)):  # strays: temp files of killed writes

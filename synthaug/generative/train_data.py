@@ -8,8 +8,10 @@ Epoch ``e`` of a run with seed ``s`` on ``W`` workers:
 2. Rank ``r`` takes rows ``[r L, (r + 1) L)`` of it, ``L = N // W``: it reads only the
    shards that overlap its range (decoded in Ray Data ``map_batches`` tasks, anywhere in
    the cluster) and drops the rows of the boundary shards that belong to its neighbours.
-3. Its rows pass through a local shuffle buffer (``shuffle_buffer`` rows, seeded by
-   ``(s, e, r)``) and come out as micro-batches of ``micro`` rows; the last partial one
+3. Its rows pass through a local shuffle buffer (:func:`shuffle_rows`: 16 of the largest
+   shards, at least ``shuffle_buffer`` rows, within ``shuffle_buffer_mb``; seeded by
+   ``(s, e, r)``) and come out as micro-batches of ``micro`` rows, class-mixed even on a
+   set written class by class; the last partial one
    is dropped, so every rank yields ``L // micro`` micro-batches per epoch.
 
 Every step is a function of (seed, epoch, rank, world size) and the manifest, not of
@@ -48,6 +50,15 @@ def decode(batch: dict, latent_shape=None) -> dict:
     else:
         x = decode_batch(batch["image"])
     return {"x": x, "y": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def shuffle_rows(t, shard_rows: list[int], channels: int, image_size: int) -> int:
+    """A worker's local shuffle buffer: 16 of the dataset's largest shards, at least ``shuffle_buffer`` rows,
+    within ``shuffle_buffer_mb`` of decoded uint8 images (``synthaug.shuffle.buffer_rows``)."""
+    from synthaug.shuffle import buffer_rows
+
+    return buffer_rows(shard_rows, int(channels) * int(image_size) ** 2, minimum=t.shuffle_buffer,
+                       cap_mb=t.shuffle_buffer_mb)
 
 
 def per_epoch(total_rows: int, world: int, micro: int) -> int:
