@@ -405,14 +405,18 @@ def dump_config(cfg: Config, run_dir: str | Path, filename: str = "config.yaml")
     return atomic_write_text(storage.join(run_dir, filename), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def reference_markdown(cls: type = Config, prefix: str = "") -> str:
-    """The config reference as a markdown table (key, default, help)."""
+def reference_markdown(cls: type = Config, prefix: str = "", defaults: Any = None) -> str:
+    """The config reference as a markdown table (key, default, help).
+
+    A section's defaults are the values its parent gives it (``Config().finetune`` is not
+    ``TrainGenConfig()``), so nested sections are described from the parent's instance.
+    """
     rows = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
-            rows.append(reference_markdown(type(value), prefix + f.name + ".").strip())
+            rows.append(reference_markdown(type(value), prefix + f.name + ".", value).strip())
             continue
         rows.append(f"| `{prefix}{f.name}` | `{value!r}` | {f.metadata.get('help', '')} |")
     if prefix:

@@ -89,3 +89,31 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert reference_markdown().strip() in readme, "regenerate the README table with `synthaug config-reference`"
+
+
+def test_config_reference_defaults_are_the_dataclasses_own():
+    """Every row's default is the value a default ``Config()`` holds, read field by field from the
+    dataclasses (not from the generator's own walk): e.g. ``finetune.steps`` is Config().finetune's."""
+    import dataclasses as dc
+
+    from synthaug.config import Config
+
+    import re
+
+    rows = {}
+    for line in reference_markdown().splitlines():
+        m = re.match(r"\| `([^`]+)` \| `(.*?)` \| ", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    cfg, seen = Config(), 0
+    for top in dc.fields(Config):
+        section = getattr(cfg, top.name)
+        if dc.is_dataclass(section):
+            for f in dc.fields(section):
+                assert rows[f"{top.name}.{f.name}"] == repr(getattr(section, f.name)), f"{top.name}.{f.name}"
+                seen += 1
+        else:
+            assert rows[top.name] == repr(section), top.name
+            seen += 1
+    assert seen == len(rows)
+    assert rows["finetune.steps"] == repr(Config().finetune.steps) != repr(Config().pretrain.steps)

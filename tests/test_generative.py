@@ -48,6 +48,8 @@ def test_exports_have_manifest_and_sample(gens, digits_dirs):
     assert m["base_hash"] == read_manifest(gens["pre"])["weights_hash"]
     assert m["data_content_hash"] == read_manifest(digits_dirs["train"])["content_hash"]
     assert gens["pre_m"]["unconditional"] is True
+    # The class mix of the micro-batches fine-tuning trained on (8 rows per worker): not blocked.
+    assert m["batch_blocked_share"] < 0.25 and m["batch_label_entropy"] > 0.5, m
     assert (gens["ft"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     gen = models.load_generator(gens["ft"], require_manifest=True)
     x = sample_images(gen, [0, 1], [1, 2], guidance_scale=2.0, steps=3)

@@ -19,6 +19,7 @@ import torch
 from synthaug import cli
 from synthaug.artifacts import is_complete, read_manifest, read_table
 from synthaug.config import ConfigError, TrainGenConfig, load_config
+from synthaug.shuffle import blocked_shards
 from synthaug.data.images import decode_batch, to_float
 from synthaug.generative import finetune, latent_cache, models
 
@@ -92,6 +93,7 @@ def test_finetune_builds_the_cache_once_and_trains_from_it(ray_session, digits_d
     assert m["image_encoding"] == "latent-moments" and m["latent_shape"] == [2, 4, 4, 4]
     assert m["num_rows"] == src["num_rows"] and m["counts"] == src["counts"] and len(m["shards"]) == len(src["shards"])
     assert m["inputs"]["data"] == src["content_hash"] and loc.name == m["key"][:12]
+    assert blocked_shards(m) == blocked_shards(src) == []  # one shard per source shard: its class mix
     # Row by row, the cache holds the moments of the image with the same id.
     rows, imgs = read_table(loc), read_table(train)
     assert rows.column("id").to_pylist() == imgs.column("id").to_pylist()

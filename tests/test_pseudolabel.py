@@ -16,6 +16,7 @@ import pytest
 from synthaug import pipeline as P
 from synthaug import storage
 from synthaug.artifacts import read_manifest, read_table, write_dataset
+from synthaug.shuffle import blocked_shards
 from synthaug.classify import pseudolabel as PL
 from synthaug.classify.mixing import mixture_dataset, plan_mixture
 from synthaug.classify.train import _loop_config
@@ -116,6 +117,8 @@ def test_top_fraction_per_class(setup, tmp_path):
         if inside.any() and (~inside).any():  # the most confident of the class, none below the ones dropped
             assert conf[pred == c][inside].min() >= conf[pred == c][~inside].max()
     assert m["selection"] == {"select": "top_fraction", "top_fraction": 0.3}
+    # Written in the pool's layout, not one shard per predicted class.
+    assert blocked_shards(m) == [] and len(m["shards"]) >= 2
 
 
 def _relabelled_synthetic(d: dict, path: str) -> tuple[str, set]:
@@ -150,6 +153,7 @@ def test_confidence_filter(setup, tmp_path):
     shares = PL.kept_per_class(m)
     assert all(shares[n] == m["counts"][n] / m["counts_before"][n] for n in m["class_names"])
     assert m["num_rows"] == len(kept_ids) < src.num_rows
+    assert blocked_shards(m) == []  # a streaming filter: the synthetic set's class-mixed layout
 
     # The filtered set mixes like any synthetic set: class-balanced, seeded, nested across ratios.
     small, big = plan_mixture(d["train"], out, 0.1, 3), plan_mixture(d["train"], out, 0.2, 3)
