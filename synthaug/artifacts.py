@@ -38,11 +38,19 @@ import pyarrow.parquet as pq
 
 from synthaug import storage
 from synthaug.errors import InputError
+from synthaug.storage import json_default  # noqa: F401  (re-exported: manifests' JSON encoder)
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 BASE_COLUMNS = ("id", "image", "label", "class_name", "source")
+BASE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("label", pa.int64()),
+    ("class_name", pa.string()),
+    ("source", pa.string()),
+])
 PROVENANCE_COLUMNS = ("generator", "seed", "guidance_scale", "sampler", "steps")
 UNLABELLED = -1  # label of rows in an unlabelled pool
 LANES = 4  # uint64 lanes of the content hash (256 bits)
@@ -53,21 +61,6 @@ class DatasetError(InputError, ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o)}")
-
-
-_json_default = json_default
 
 
 def atomic_write_text(path: str | Path, text: str) -> str:
@@ -488,8 +481,6 @@ def shard_paths(path: str | Path, manifest: dict | None = None, check: bool = Tr
 
 
 def _empty_table(columns: list[str] | None, manifest: dict) -> pa.Table:
-    from synthaug.classify.mixing import BASE_SCHEMA
-
     schema = BASE_SCHEMA
     names = columns or [n for n in manifest.get("columns", BASE_COLUMNS) if n in schema.names]
     return pa.table({n: pa.array([], schema.field(n).type) for n in names if n in schema.names})

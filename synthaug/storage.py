@@ -218,9 +218,22 @@ def write_text(location: str | os.PathLike, text: str) -> str:
     return write_bytes(location, text.encode())
 
 
-def write_json(location: str | os.PathLike, obj: Any) -> str:
-    from synthaug.artifacts import json_default
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars, tuples, sets and paths (manifests, records)."""
+    import numpy as np
 
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+def write_json(location: str | os.PathLike, obj: Any) -> str:
     return write_text(location, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 

@@ -42,16 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synthaug.artifacts import BASE_COLUMNS, id_hashes, read_manifest
+from synthaug.artifacts import BASE_COLUMNS, BASE_SCHEMA, id_hashes, read_manifest
 from synthaug.errors import InputValueError
-
-BASE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.binary()),
-    ("label", pa.int64()),
-    ("class_name", pa.string()),
-    ("source", pa.string()),
-])
 
 ALL = -1  # threshold meaning "every row of the class"
 CANDIDATES_PER_CLASS = 256  # expected keys per class that pass 2 sends to the driver

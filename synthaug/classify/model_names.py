@@ -4,7 +4,7 @@ Importing timm (and the torchvision it imports) costs ~3.3 s here, on top of tor
 ~2.7 s, in every stage command that only needs to know whether a name exists. The names
 timm knows, synthaug's own registrations included, are kept in a small file under the
 cache root (:func:`synthaug.storage.cache_root`), named by timm's version and the hash of
-``synthaug/classify/models.py``. A name found there is known; a miss (or no file) asks
+``synthaug/classify/cnn.py``. A name found there is known; a miss (or no file) asks
 timm itself and rewrites the file, so a model registered by the user's own code is
 never refused by a stale list.
 """
@@ -24,14 +24,14 @@ from synthaug.errors import InputNotFound, InputValueError
 def _names_file() -> Path:
     from synthaug.storage import cache_root
 
-    src = hashlib.sha256(Path(__file__).with_name("models.py").read_bytes()).hexdigest()[:12]
+    src = hashlib.sha256(Path(__file__).with_name("cnn.py").read_bytes()).hexdigest()[:12]
     return cache_root() / f"timm-{version('timm')}-models-{src}.json"
 
 
 def _timm_names() -> list[str]:
     import timm
 
-    import synthaug.classify.models  # noqa: F401  (registers synthaug's CNNs with timm)
+    import synthaug.classify.cnn  # noqa: F401  (registers synthaug's CNNs with timm)
 
     names = timm.list_models()
     f = _names_file()

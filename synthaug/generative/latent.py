@@ -22,7 +22,6 @@ directory; neither has a from-scratch preset.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from synthaug.config import prompt_template_problem
 from synthaug.generative.registry import Family, GeneratorError, Loaded, LoadSpec, Shape
+from synthaug.generative.vae import check_vae, factor, load_vae, sample_moments, shift, vae_factor, vae_moments  # noqa: F401
 
 if TYPE_CHECKING:
     from synthaug.generative.models import Generator
@@ -41,38 +41,6 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as
 # ----------------------------------------------------------------------------- the VAE
 
 
-def _check_vae(root, vae_cfg: dict | None) -> dict:
-    cls = (vae_cfg or {}).get("_class_name")
-    if cls != "AutoencoderKL":
-        raise GeneratorError(f"{root}: vae/config.json names a {cls!r}; latent families need an 'AutoencoderKL'")
-    return vae_cfg
-
-
-def _local_config(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _load_vae(root: Path) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    _check_vae(root, _local_config(root / "vae" / "config.json"))
-    vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True)
-    return vae.requires_grad_(False).eval()
-
-
-def _factor(vae_cfg) -> int:
-    return 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-
-
-def vae_factor(vae: nn.Module) -> int:
-    """How much the VAE downsamples: 2 per block after the first."""
-    return _factor(vae.config)
-
-
-def _shift(vae: nn.Module) -> float:
-    return float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
 @torch.no_grad()
 def vae_encode(gen: Generator, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
     """Pixels (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32.
@@ -80,12 +48,10 @@ def vae_encode(gen: Generator, x: torch.Tensor, deterministic: bool = False) -> 
     A draw from the VAE's posterior (training), or its mean when ``deterministic``
     (image-to-image sources, diffusers' ``sample_mode="argmax"``).
     """
-    from synthaug.generative.latent_cache import sample_moments, vae_moments
-
     vae = gen.components["vae"]
     m = vae_moments(vae, x)
     if deterministic:
-        return ((m[:, 0] - _shift(vae)) * vae.config.scaling_factor).float()
+        return ((m[:, 0] - shift(vae)) * vae.config.scaling_factor).float()
     # latent_dist.sample(), written out so that the latent cache draws exactly what this draws.
     return sample_moments(vae, m)
 
@@ -94,7 +60,7 @@ def vae_encode(gen: Generator, x: torch.Tensor, deterministic: bool = False) -> 
 def vae_decode(gen: Generator, z: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, c, h, w) -> pixels (B, gen.channels, h f, w f), float32."""
     vae = gen.components["vae"]
-    x = vae.decode((z / vae.config.scaling_factor + _shift(vae)).to(vae.dtype)).sample  # (B, C_vae, H, W)
+    x = vae.decode((z / vae.config.scaling_factor + shift(vae)).to(vae.dtype)).sample  # (B, C_vae, H, W)
     if x.shape[1] != gen.channels:  # back to grayscale
         x = x.mean(dim=1, keepdim=True)
     return x.float()
@@ -156,13 +122,13 @@ def _dit_shape(root, spec: LoadSpec, c, vae_c) -> Shape:
     if c.get("norm_type") != "ada_norm_zero" or c.get("num_embeds_ada_norm") is None:
         raise GeneratorError(f"{root}: the DiT is not class-conditional (norm_type {c.get('norm_type')!r}, "
                              f"num_embeds_ada_norm {c.get('num_embeds_ada_norm')!r})")
-    _check_vae(root, vae_c)
+    check_vae(root, vae_c)
     cin, cout = c["in_channels"], c.get("out_channels")
     if vae_c["latent_channels"] != cin:
         raise GeneratorError(f"{root}: the VAE makes {vae_c['latent_channels']}-channel latents, the DiT takes {cin}")
     if (cout or cin) not in (cin, 2 * cin):
         raise GeneratorError(f"{root}: DiT out_channels {cout} is neither in_channels nor 2 x in_channels")
-    size = _image_size(root, "dit", spec, c["sample_size"], _factor(vae_c), c["patch_size"], "patch size")
+    size = _image_size(root, "dit", spec, c["sample_size"], factor(vae_c), c["patch_size"], "patch size")
     return Shape(size, _pixel_channels(root, spec, vae_c))
 
 
@@ -174,7 +140,7 @@ def _dit_load(root: Path, spec: LoadSpec) -> Loaded:
     from diffusers import DiTTransformer2DModel
 
     model = DiTTransformer2DModel.from_pretrained(str(root / "transformer"), local_files_only=True)
-    vae = _load_vae(root)
+    vae = load_vae(root)
     shape = _dit_shape(root, spec, dict(model.config), dict(vae.config))
     _resize_label_tables(model, len(spec.class_names))
     return Loaded(model, {"vae": vae}, shape.image_size, shape.channels, {})
@@ -234,13 +200,13 @@ def _t2i_shape(root, spec: LoadSpec, c, vae_c, text_c) -> Shape:
     if extra:
         raise GeneratorError(f"{root}: the UNet also takes {extra!r} conditioning (SDXL-style); "
                              f"family 'text2image' takes text-only UNets (Stable Diffusion 1/2)")
-    _check_vae(root, vae_c)
+    check_vae(root, vae_c)
     width = (text_c or {}).get("hidden_size")
     if width != c.get("cross_attention_dim"):
         raise GeneratorError(f"{root}: text encoder width {width} != UNet cross_attention_dim {c.get('cross_attention_dim')}")
     if vae_c["latent_channels"] != c["in_channels"]:
         raise GeneratorError(f"{root}: the VAE makes {vae_c['latent_channels']}-channel latents, the UNet takes {c['in_channels']}")
-    size = _image_size(root, "text2image", spec, c.get("sample_size") or 64, _factor(vae_c),
+    size = _image_size(root, "text2image", spec, c.get("sample_size") or 64, factor(vae_c),
                        2 ** (len(c["block_out_channels"]) - 1), "UNet downsampling")
     return Shape(size, _pixel_channels(root, spec, vae_c))
 
@@ -258,7 +224,7 @@ def _t2i_load(root: Path, spec: LoadSpec) -> Loaded:
     if problem:  # before any weights are read
         raise GeneratorError(problem)
     unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
-    vae = _load_vae(root)
+    vae = load_vae(root)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
     text_encoder.requires_grad_(False).eval()

@@ -35,26 +35,9 @@ from synthaug import identity, storage
 from synthaug.artifacts import (BASE_COLUMNS, DatasetError, commit_dataset, hash_tree, is_complete, new_write_id,
                                 read_manifest, write_shard)
 from synthaug.data.images import decode_batch, to_float
+from synthaug.generative.vae import check_vae, factor, load_vae, sample_moments, vae_moments  # noqa: F401  (re-exported)
 
 ENCODING = "latent-moments"
-LOGVAR_RANGE = (-30.0, 20.0)
-
-
-def vae_moments(vae, x: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, C, H, W) in [-1, 1] -> (B, 2, c, h, w): the posterior's mean and clamped log-variance."""
-    if x.shape[1] != vae.config.in_channels:  # grayscale: repeat the channel (as vae_encode does)
-        x = x.expand(-1, vae.config.in_channels, -1, -1)
-    dist = vae.encode(x.to(vae.dtype)).latent_dist
-    return torch.stack([dist.mean, dist.logvar], dim=1).float()
-
-
-def sample_moments(vae, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 2, c, h, w) moments -> scaled latents, drawing the noise ``latent_dist.sample()`` would draw."""
-    mean, logvar = moments[:, 0], moments[:, 1].clamp(*LOGVAR_RANGE)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    z = mean + torch.exp(0.5 * logvar) * eps
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return ((z - shift) * vae.config.scaling_factor).float()
 
 
 def decode_moments(images, latent_shape) -> np.ndarray:
@@ -80,14 +63,13 @@ class ShardEncoder:
 
     def __init__(self, base: str, vae_key: str, data_loc: str, out: str, write_id: str, num_classes: int,
                  hflip: bool, batch_size: int, use_gpu: bool):
-        from synthaug.generative.latent import _load_vae
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         # Only the base's vae/ folder is needed (and copied, when the base is on an object store):
         # a text-to-image base's UNet and text encoder stay where they are.
         vae_dir = storage.localize(storage.join(base, "vae"), key=f"vae-{vae_key}/vae")
-        self.vae = _load_vae(vae_dir.parent).to(self.device)
+        self.vae = load_vae(vae_dir.parent).to(self.device)
         self.data_loc, self.out, self.write_id = data_loc, out, write_id
         self.num_classes, self.hflip, self.batch_size = num_classes, hflip, batch_size
 
@@ -133,13 +115,12 @@ def build(data_dir: str, base: str, out: str, *, hflip: bool, batch_size: int = 
     if done is not None and done.get("key") == key:
         print(f"[latents] {out}: reusing the latent cache (same key {key[:12]})", flush=True)
         return done
-    from synthaug.generative.latent import _check_vae, _factor
     from synthaug.generative.models import read_config
 
     # The VAE's shape from its config alone (its weights are read by the actors, not here).
     vae_key, where = inputs["vae"], storage.join(base, "vae", "config.json")
-    vae_cfg = _check_vae(base, read_config(where))
-    f, size = _factor(vae_cfg), int(m["image_size"][0])
+    vae_cfg = check_vae(base, read_config(where))
+    f, size = factor(vae_cfg), int(m["image_size"][0])
     shape = [4 if hflip else 2, int(vae_cfg["latent_channels"]), size // f, size // f]
     write_id = new_write_id()
     rows = [{"index": i, "path": s["path"]} for i, s in enumerate(m["shards"])]
