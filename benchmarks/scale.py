@@ -600,10 +600,9 @@ def main() -> None:
         print("INGEST " + json.dumps(ingest_only(args.ingest_only, args.px, args.num_cpus)), flush=True)
         return
     if args.library_only:
-        from synthaug.raylocal import init_ray, quiet_ray_data
+        from synthaug.raylocal import init_ray
 
         init_ray()
-        quiet_ray_data()
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help in STAGES.items():
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--debug", action="store_true", help="show the traceback of an input error (also: SYNTHAUG_DEBUG=1)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="show Ray's own console output too: Train reports, Ray Data logs and progress bars (also: SYNTHAUG_VERBOSE=1)")
         if name == "tiny-base":
             sp.add_argument("--family", required=True, choices=("unet", "dit", "text2image"), help="generator family")
             sp.add_argument("--out", required=True, help="directory to create (must not hold anything yet)")
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("SYNTHAUG_DEBUG", "") not in ("", "0")
+    if args.verbose:
+        os.environ["SYNTHAUG_VERBOSE"] = "1"
     try:
         return _main(args)
     except KeyboardInterrupt:

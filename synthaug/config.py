@@ -367,6 +367,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml(read, where: str) -> Any:
+    """YAML from ``read()`` (bytes); a syntax or encoding error is a ConfigError naming ``where``, line and column."""
+    try:
+        return yaml.safe_load(read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x) or str(e)
+        raise ConfigError(f"{where}: YAML syntax error{at}: {what}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Load a YAML config (or the defaults) and apply ``key.sub=value`` overrides."""
     tree: dict = {}
@@ -374,7 +387,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _yaml(p.read_bytes, str(p)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         tree = loaded
@@ -382,7 +395,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_dotted(tree, key.strip(), _yaml(raw.encode, f"override '{item}'") if raw else "")
     return _build(Config, tree)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from synthaug import console
 from synthaug.config import RayConfig
 from synthaug.malloc import TRIM_ENV, interval
 
@@ -56,7 +57,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
     keys = ("HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PARQUET_V2_ENV, PRINT_PATCH_ENV)
     keys += tuple(k for k in (TRIM_ENV, "MALLOC_ARENA_MAX", *STORAGE_ENV) if os.environ.get(k))  # only when set
-    runtime_env = {"env_vars": {k: os.environ[k] for k in keys}}
+    console.quiet()
+    runtime_env = {"env_vars": {**{k: os.environ[k] for k in keys}, **console.worker_env()}}
     _data_context()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
@@ -81,17 +83,22 @@ def _data_context() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = console.progress_bars()  # datasets carry this context to the workers
     if hasattr(ctx, "use_datasource_v2"):
         ctx.use_datasource_v2 = os.environ.get(PARQUET_V2_ENV, "0") not in ("0", "false", "False")
 
 
-def quiet_ray_data() -> None:
-    """Keep Ray Data's progress bars (the issue asks for them) but not its verbose logs."""
-    import ray.data
+def train_logging() -> dict:
+    """``RunConfig`` kwargs for Ray Train's console: warnings only, unless ``--verbose`` (``synthaug.console``).
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.print_on_execution_start = False
+    Train's per-report ("Reporting training result ... TrainingReport(...)") and
+    per-checkpoint lines are INFO; its system log files keep everything.
+    """
+    import ray
+
+    if console.verbose() or not hasattr(ray, "LoggingConfig"):
+        return {}
+    return {"logging_config": ray.LoggingConfig(log_level="WARNING")}
 
 
 def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:

@@ -80,17 +80,24 @@ class BatchMix:
     ``summary()`` gives ``batch_blocked_share`` (blocked batches / batches, against the
     classes' shares over everything seen) and ``batch_label_entropy`` (the mean batch label
     entropy over the entropy of everything seen: about 1 for i.i.d. batches of a few dozen
-    rows, 0 when every batch is one class).
+    rows, 0 when every batch is one class). It keeps three numbers per batch and the class
+    totals, whatever the number of classes.
     """
 
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
-        self.batches: list[np.ndarray] = []
+        self.total = np.zeros(self.num_classes, np.int64)
+        self.top: list[tuple[int, int, int, float]] = []  # (rows, most frequent class, its rows, label entropy)
 
     def add(self, labels) -> None:
         y = np.asarray(labels).astype(np.int64).ravel()
         y = y[(y >= 0) & (y < self.num_classes)]
-        self.batches.append(np.bincount(y, minlength=self.num_classes).astype(np.int32))
+        if not len(y):
+            return
+        counts = np.bincount(y, minlength=self.num_classes)
+        self.total += counts
+        c = int(np.argmax(counts))
+        self.top.append((len(y), c, int(counts[c]), _entropy(counts / len(y))))
 
     def watch(self, batches: Iterable, label=lambda b: b["label"]) -> Iterator:
         for b in batches:
@@ -99,21 +106,18 @@ class BatchMix:
             yield b
 
     def summary(self) -> dict:
-        if not self.batches:
+        if not self.top:
             return {"batch_blocked_share": float("nan"), "batch_label_entropy": float("nan")}
-        counts = np.stack(self.batches).astype(np.float64)  # (batches, classes)
-        total = counts.sum(0)
-        shares = total / max(total.sum(), 1.0)
-        blocked_share = float(np.mean([blocked(c, shares) for c in counts]))
-
-        def entropy(p):
-            p = p[p > 0]
-            return float(-(p * np.log(p)).sum())
-
-        full = entropy(shares)
-        per = [entropy(c / c.sum()) for c in counts if c.sum()]
-        ratio = float(np.mean(per) / full) if full > 0 else 1.0
+        shares = self.total / self.total.sum()
+        blocked_share = float(np.mean([over(n, rows, shares[c]) for rows, c, n, _ in self.top]))
+        full = _entropy(shares)
+        ratio = float(np.mean([e for *_, e in self.top]) / full) if full > 0 else 1.0
         return {"batch_blocked_share": round(blocked_share, 4), "batch_label_entropy": round(ratio, 4)}
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
 
 
 def warn_if_blocked(stage: str, dataset: str, summary: dict) -> str | None:

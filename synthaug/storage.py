@@ -18,6 +18,7 @@ reach the same storage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -172,6 +173,30 @@ def list_files(location: str | os.PathLike, recursive: bool = True) -> list[pafs
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
+def walk_files(location: str | os.PathLike) -> list[str]:
+    """Paths, relative to ``location`` and sorted, of every file below it, following symlinks.
+
+    As ``os.walk(followlinks=True)`` (torchvision's ``ImageFolder``), but a directory reached
+    again through a link (a cycle, or one tree linked twice) is not walked again, so a link
+    loop ends. Object stores have no links: a recursive listing.
+    """
+    lp = local_path(location)
+    if lp is None:
+        _, root = resolve(location)
+        return sorted(i.path[len(root):].lstrip("/") for i in list_files(location))
+    out, seen = [], set()
+    for d, dirs, files in os.walk(lp, followlinks=True):
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        rel = os.path.relpath(d, lp)
+        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files
+                if os.path.isfile(os.path.join(d, f))]
+    return sorted(out)
+
+
 def list_dirs(location: str | os.PathLike) -> list[str]:
     """Names of the direct sub-directories (prefixes) of a location."""
     fs, path = resolve(location)
@@ -203,11 +228,16 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> str:
     """Write a whole file atomically: a temporary sibling and a rename locally, one PUT on an object store."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:  # missing, not a directory, read-only, permission denied, disk full
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(f"{location}: cannot write it ({e.strerror or e}{_where(e, path)})") from None
     else:
         with fs.open_output_stream(path) as f:  # the object appears only when the upload completes
             f.write(data)
@@ -239,7 +269,16 @@ def write_json(location: str | os.PathLike, obj: Any) -> str:
 
 def makedirs(location: str | os.PathLike) -> None:
     fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as e:
+        raise StorageError(f"{location}: cannot create it ({e.strerror or e})") from None
+
+
+def _where(e: OSError, path: str) -> str:
+    """`` at <the path the OS refused>`` when that is not the file itself (a parent that is a file, say)."""
+    name = getattr(e, "filename", None)
+    return f" at {name}" if name and os.path.abspath(str(name)) != os.path.abspath(path) else ""
 
 
 def delete(location: str | os.PathLike) -> None:

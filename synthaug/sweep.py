@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthaug import identity, storage
+from synthaug import console, identity, storage
 from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
@@ -244,6 +244,7 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
         tune_config=tune_cfg,
         run_config=tune.RunConfig(
             name=name,
+            verbose=None if console.verbose() else 0,  # Tune's console table only with --verbose
             **ray_store,
             failure_config=tune.FailureConfig(max_failures=cfg.classify.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -183,3 +183,49 @@ def test_killed_ingest_then_rerun_completes(run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = {s: json.loads((data / s / "manifest.json").read_text())["content_hash"] for s in ("train", "val")}
     assert got == want
+
+
+def _class_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """Bad inputs by class of cause: config syntax, an unwritable location, a dataset no classifier
+    can be trained on. (name, argv after the stage, culprit)."""
+    (tmp / "flow.yaml").write_text("name: tiny\nclassify:\n  seeds: [0, 1\n  lr: 3\n")
+    (tmp / "tab.yaml").write_text("name: tiny\n\tclassify: 1\n")
+    (tmp / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp / "a_file").write_text("not a directory")
+    one = tmp / "one_class"
+    (one / "only").mkdir(parents=True)
+    for i in range(4):
+        _png(one / "only" / f"{i}.png")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = [(one / "only" / f"{i}.png").read_bytes() for i in range(4)]
+    pq.write_table(pa.table({"image": buf, "label": [0, 0, 0, 0]}), tmp / "one_label.parquet")
+    return [
+        ("config: unclosed list", ["--config", f"{tmp}/flow.yaml"], "flow.yaml: YAML syntax error at line 4, column 5"),
+        ("config: tab", ["--config", f"{tmp}/tab.yaml"], "tab.yaml: YAML syntax error at line 2, column 1"),
+        ("config: not UTF-8", ["--config", f"{tmp}/latin1.yaml"], "latin1.yaml: not UTF-8"),
+        ("override: unclosed list", ["--config", TINY, "classify.seeds=[0,1"], "classify.seeds"),
+        ("work_dir under a file", ["--config", TINY, f"work_dir={tmp}/a_file/work"], "a_file"),
+        ("work_dir not creatable", ["--config", TINY, "work_dir=/proc/synthaug-no-such-dir"], "/proc/synthaug-no-such-dir"),
+        ("image folder of one class", ["--config", TINY, "ingest.source=imagefolder", f"ingest.path={one}"],
+         "one class folder"),
+        ("Parquet source of one label", ["--config", TINY, "ingest.source=parquet", f"ingest.path={tmp}/one_label.parquet"],
+         "at least 2 classes"),
+    ]
+
+
+def test_bad_input_by_class(run):
+    """Members of each error class the CASES above do not list: one line, exit 2, no traceback."""
+    tmp = run["tmp"] / "by_class"
+    tmp.mkdir(exist_ok=True)
+    base = [b for b in run["base"] if not b.startswith("work_dir=")]
+    for name, argv, culprit in _class_cases(tmp):
+        work = [] if any(a.startswith("work_dir=") for a in argv) else [f"work_dir={run['work']}"]
+        before = tree_hashes(run["work"], run["results"])
+        proc = synthaug("ingest", *argv, *work, *base)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in out, (name, out[-3000:])
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("synthaug ingest: error: ")]
+        assert len(lines) == 1 and culprit in lines[0], (name, proc.stderr[-3000:])
+        assert tree_hashes(run["work"], run["results"]) == before, name

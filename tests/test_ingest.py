@@ -291,3 +291,21 @@ def test_unknown_config_key_leaves_outputs(tmp_path, earlier):
     with pytest.raises(ConfigError, match="unknown config key 'ingest.kk'"):
         load_config(None, ["ingest.kk=3"])
     assert _snapshot(out) == snap
+
+
+def test_imagefolder_recurses_into_subfolders_and_cuts_link_loops(tmp_path):
+    """Images below a class folder belong to it, as in torchvision's ImageFolder; a symlink back up
+    the tree is walked once, not forever."""
+    import os
+
+    root = _folder(tmp_path / "src", n=3)
+    (root / "cat" / "more" / "deeper").mkdir(parents=True)
+    (root / "cat" / "more" / "a.png").write_bytes(_png((1, 2, 3)))
+    (root / "cat" / "more" / "deeper" / "b.png").write_bytes(_png((4, 5, 6)))
+    os.symlink(root / "cat", root / "cat" / "more" / "loop")
+    cfg = load_config(None, ["ingest.source=imagefolder", f"ingest.path={root}", "ingest.k_per_class=0"])
+    m = ingest.run(cfg, str(tmp_path / "out"))
+    ids = {i for s in ("train", "val") for i in read_table(tmp_path / "out" / s, ["id"]).column("id").to_pylist()}
+    assert ids == {f"cat/{i}.png" for i in range(3)} | {f"dog/{i}.png" for i in range(3)} | {
+        "cat/more/a.png", "cat/more/deeper/b.png"}
+    assert m["train"]["counts"]["cat"] + m["val"]["counts"]["cat"] == 5

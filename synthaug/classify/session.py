@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from synthaug import console
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
 from synthaug.classify.checkpoints import TaskCheckpoints
 from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
@@ -187,6 +188,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from timm.utils import ModelEmaV3
 
     cfg: ClassifyConfig = config["classify"]
+    console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     seed, num_classes, in_chans = int(config["seed"]), int(config["num_classes"]), int(config["in_chans"])
     session = _Session(config)
     if session.kind != "local":

@@ -187,6 +187,8 @@ def plan_splits(merged: _PlanMerger, class_names: list[str], cfg: IngestConfig) 
     """The split plan for the tasks (O(classes)) and the per-class (val, train) counts; bad classes raise."""
     parts = merged.reduce()
     c = len(class_names)
+    if c < 2:
+        raise DatasetError(f"{cfg.path or cfg.source}: {c} class ({class_names}); a classifier needs at least 2 classes")
     n_val = np.pad(merged.n_val, (0, max(0, c - len(merged.n_val))))
     n_train = np.pad(merged.n_train, (0, max(0, c - len(merged.n_train))))
     low = dict(zip(parts["low"].column("label").to_pylist(), parts["low"].column("id").to_pylist()))

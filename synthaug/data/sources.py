@@ -13,7 +13,7 @@ Each source has three parts:
   an unreadable or truncated image raises :class:`DatasetError` naming ``where`` (the
   file, or ``file row N`` for Parquet).
 
-Ids: ``digits-NNNN``; ``<class>/<file name>`` for image folders; ``<stem>-NNNNNNN`` for
+Ids: ``digits-NNNN``; ``<class>/<path below the class folder>`` for image folders; ``<stem>-NNNNNNN`` for
 Parquet, where ``stem`` is the file's name without ``.parquet`` (its path relative to the
 source directory for a directory source) and ``N`` the row within that file.
 """
@@ -154,19 +154,23 @@ def _list_digits(cfg: IngestConfig) -> Listing:
 
 
 def _list_imagefolder(cfg: IngestConfig) -> Listing:
-    """``root/<class>/<image>``; class names are the sorted folder names, files sorted by name."""
+    """``root/<class>/**/<image>``; class names are the sorted folder names. Images in sub-folders of a
+    class folder belong to it (as in torchvision's ``ImageFolder``), symlinks followed, loops cut."""
     root = cfg.path
     if not root or not storage.is_dir(root):
         raise DatasetError(f"ingest.path: image folder {root} does not exist")
     classes = storage.list_dirs(root)
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected root/<class>/<image>)")
+    if len(classes) < 2:
+        raise DatasetError(f"{root}: one class folder ({classes[0]!r}); a classifier needs at least 2 classes")
     parts, fp = [], hashlib.sha256()
+    fs, root_path = storage.resolve(root)
     for k, c in enumerate(classes):
-        infos = [i for i in storage.list_files(storage.join(root, c), recursive=False)
-                 if posixpath.basename(i.path).lower().endswith(IMAGE_SUFFIXES)]
+        # Images anywhere below the class folder, as torchvision's ImageFolder finds them.
+        names = [n for n in storage.walk_files(storage.join(root, c)) if n.lower().endswith(IMAGE_SUFFIXES)]
+        infos = fs.get_file_info([posixpath.join(root_path, c, n) for n in names]) if names else []
         fp.update(f"{c}\0{_fingerprint(infos)}\n".encode())
-        names = sorted(posixpath.basename(i.path) for i in infos)
         if not names:
             raise DatasetError(f"{storage.join(root, c)}: empty class folder '{c}' (no .png/.jpg/.jpeg/.webp files)")
         parts.append(pa.table({"id": [f"{c}/{n}" for n in names], "label": pa.array(np.full(len(names), k), pa.int64())}))

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthaug import identity, storage
+from synthaug import console, identity, storage
 from synthaug.artifacts import DatasetError, hash_tree, is_complete, read_manifest
 from synthaug.config import Config, TrainGenConfig, to_dict
 from synthaug.data.images import to_float
@@ -305,6 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     t: TrainGenConfig = TrainGenConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
+    console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("SYNTHAUG_TORCH_THREADS", "1"))))
@@ -413,7 +414,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from synthaug.raylocal import init_ray
+    from synthaug.raylocal import init_ray, train_logging
 
     t: TrainGenConfig = getattr(cfg, stage)
     data_dir = storage.absolute(data_dir)
@@ -474,6 +475,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
             name=name, **storage.ray_storage(storage_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            **train_logging(),
         ),
     )
     t0 = time.time()
