@@ -23,7 +23,7 @@ import re
 import sys
 
 VERBOSE_ENV = "SYNTHAUG_VERBOSE"
-QUIET_LOGGERS = ("ray.tune", "ray.air")  # Train's own level comes from its RunConfig (raylocal.train_logging)
+QUIET_LOGGERS = ("ray.tune", "ray.air")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -42,10 +42,11 @@ def quiet() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("tensorboardX").setLevel(logging.ERROR)
-    data = logging.getLogger("ray.data")  # Ray Data logs DEBUG to its file: only its console handlers
-    for h in data.handlers:
-        if "File" not in type(h).__name__:
-            h.setLevel(logging.WARNING)
+    # Ray Data and Ray Train log DEBUG to their own files: only their console handlers are raised.
+    for name in ("ray.data", "ray.train"):
+        for h in logging.getLogger(name).handlers:
+            if "File" not in type(h).__name__:
+                h.setLevel(logging.WARNING)
     if not terminal():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         start = logging.getLogger("ray._private.worker")  # "View the dashboard at <bold green URL>"

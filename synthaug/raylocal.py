@@ -88,19 +88,6 @@ def _data_context() -> None:
         ctx.use_datasource_v2 = os.environ.get(PARQUET_V2_ENV, "0") not in ("0", "false", "False")
 
 
-def train_logging() -> dict:
-    """``RunConfig`` kwargs for Ray Train's console: warnings only, unless ``--verbose`` (``synthaug.console``).
-
-    Train's per-report ("Reporting training result ... TrainingReport(...)") and
-    per-checkpoint lines are INFO; its system log files keep everything.
-    """
-    import ray
-
-    if console.verbose() or not hasattr(ray, "LoggingConfig"):
-        return {}
-    return {"logging_config": ray.LoggingConfig(log_level="WARNING")}
-
-
 def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
     """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions).
 

@@ -214,8 +214,6 @@ def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from synthaug.raylocal import train_logging
-
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=config,
@@ -226,7 +224,6 @@ def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_
             name=name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            **train_logging(),
             callbacks=list(callbacks or []),
             **storage.ray_storage(out_dir),
         ),

@@ -414,7 +414,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from synthaug.raylocal import init_ray, train_logging
+    from synthaug.raylocal import init_ray
 
     t: TrainGenConfig = getattr(cfg, stage)
     data_dir = storage.absolute(data_dir)
@@ -475,7 +475,6 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
             name=name, **storage.ray_storage(storage_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            **train_logging(),
         ),
     )
     t0 = time.time()
