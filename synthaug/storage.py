@@ -173,28 +173,26 @@ def list_files(location: str | os.PathLike, recursive: bool = True) -> list[pafs
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
-def walk_files(location: str | os.PathLike) -> list[str]:
-    """Paths, relative to ``location`` and sorted, of every file below it, following symlinks.
+def walk_files(location: str | os.PathLike) -> list[pafs.FileInfo]:
+    """Every file below a location (path, size, mtime), sorted by path, following symlinks.
 
     As ``os.walk(followlinks=True)`` (torchvision's ``ImageFolder``), but a directory reached
     again through a link (a cycle, or one tree linked twice) is not walked again, so a link
-    loop ends. Object stores have no links: a recursive listing.
+    loop ends. Object stores have no links: one recursive listing.
     """
     lp = local_path(location)
     if lp is None:
-        _, root = resolve(location)
-        return sorted(i.path[len(root):].lstrip("/") for i in list_files(location))
-    out, seen = [], set()
+        return list_files(location)
+    paths, seen = [], set()
     for d, dirs, files in os.walk(lp, followlinks=True):
         st = os.stat(d)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        rel = os.path.relpath(d, lp)
-        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files
-                if os.path.isfile(os.path.join(d, f))]
-    return sorted(out)
+        paths += [os.path.join(d, f) for f in files]
+    infos = pafs.LocalFileSystem().get_file_info(paths)  # follows links; a broken one is NotFound
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
 def list_dirs(location: str | os.PathLike) -> list[str]:

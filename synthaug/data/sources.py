@@ -165,11 +165,11 @@ def _list_imagefolder(cfg: IngestConfig) -> Listing:
     if len(classes) < 2:
         raise DatasetError(f"{root}: one class folder ({classes[0]!r}); a classifier needs at least 2 classes")
     parts, fp = [], hashlib.sha256()
-    fs, root_path = storage.resolve(root)
     for k, c in enumerate(classes):
-        # Images anywhere below the class folder, as torchvision's ImageFolder finds them.
-        names = [n for n in storage.walk_files(storage.join(root, c)) if n.lower().endswith(IMAGE_SUFFIXES)]
-        infos = fs.get_file_info([posixpath.join(root_path, c, n) for n in names]) if names else []
+        # Images anywhere below the class folder, as torchvision's ImageFolder finds them (one listing).
+        base = storage.resolve(storage.join(root, c))[1]
+        infos = [i for i in storage.walk_files(storage.join(root, c)) if i.path.lower().endswith(IMAGE_SUFFIXES)]
+        names = [i.path[len(base):].lstrip("/") for i in infos]
         fp.update(f"{c}\0{_fingerprint(infos)}\n".encode())
         if not names:
             raise DatasetError(f"{storage.join(root, c)}: empty class folder '{c}' (no .png/.jpg/.jpeg/.webp files)")
