@@ -352,3 +352,34 @@ def test_unknown_model_name_suggests_close_names(digits_dirs, tmp_path):
     with pytest.raises(ValueError, match="unknown timm model 'synthaug_cnn_tinny'.*synthaug_cnn_tiny"):
         fit(ClassifyConfig(model="synthaug_cnn_tinny"), train, digits_dirs["val"], seed=0, out_dir=tmp_path,
             name="bad", class_names=names, in_chans=1)
+
+
+def test_epoch_longer_than_the_set_replays_passes_from_memory(ray_session, digits_dirs):
+    """An epoch of several passes over a small shard: one Ray Data execution, the later passes
+    replayed from memory, each pass every row once, in a new seeded order; same seed, same batches."""
+    from synthaug.classify.data import iterate, training_dataset
+    from synthaug.classify.mixing import real_only
+
+    spec = real_only(str(digits_dirs["train"]))
+    cfg = ClassifyConfig()
+    n, bs = spec.num_rows, 16
+    steps = 3 * -(-n // bs)  # three passes
+
+    def epoch(buffer_rows):
+        ds = training_dataset(spec, seed=0)
+        before = ds.context._execution_idx
+        it = iterate(ds.iterator(), steps, cfg, batch_size=bs, seed=0, epoch=0, rank=0, in_chans=1,
+                     image_size=spec.image_size, buffer_rows=buffer_rows)
+        labels = [b["label"].numpy() for b in it]
+        return labels, ds.context._execution_idx - before
+
+    labels, executions = epoch(4 * n)
+    assert len(labels) == steps and executions == 1
+    per_pass = [np.concatenate(labels[i * (steps // 3):(i + 1) * (steps // 3)]) for i in range(3)]
+    truth = np.sort(read_table(digits_dirs["train"]).column("label").to_numpy())
+    assert all(np.array_equal(np.sort(p), truth) for p in per_pass)
+    assert not np.array_equal(per_pass[1], per_pass[2])  # a fresh order each pass
+    again, _ = epoch(4 * n)
+    assert all(np.array_equal(a, b) for a, b in zip(labels, again))
+    _, streamed = epoch(n // 2)  # a pass that does not fit the buffer streams again
+    assert streamed == 3
