@@ -50,7 +50,9 @@ class IngestConfig:
     class_names: tuple = _f((), "Parquet source: class names in label order; default str(label).")
     image_size: int = _f(0, "Resize images to this square size; 0 keeps the native size (digits: 8).")
     mode: Literal["", "L", "RGB"] = _f("", "Image mode to normalise to: 'L' or 'RGB'; '' keeps the source's single mode.")
-    val_fraction: float = _f(0.3, "Share of each class held out as the real val split (stable, seeded).")
+    val_fraction: float = _f(0.3, "Share of each class held out as the real val split (stable, seeded): what recipes are chosen on.")
+    test_fraction: float = _f(0.0, "Share of each class held out as the test split (stable, seeded): reported, never trained or chosen on; 0 = none (or test_path).")
+    test_path: str = _f("", "A second source of the same kind (an official test set: Parquet file/dir or image folder) whose rows all form the test split; excludes test_fraction.")
     k_per_class: int = _f(0, "Low-data regime: keep k labelled train images per class; 0 keeps all.")
     unlabelled_pool: bool = _f(True, "With k > 0, write the rest of the train split as an unlabelled pool.")
     seed: int = _f(0, "Seed of the train/val split and of the k-per-class choice.")
@@ -491,6 +493,10 @@ def _check_choices(section: Any, p: str) -> None:
 def _check_ingest(i: IngestConfig, p: str) -> None:
     _check_choices(i, p)
     _check(0.0 < i.val_fraction < 1.0, f"config key '{p}val_fraction' must be in (0, 1)")
+    _check(0.0 <= i.test_fraction < 1.0 - i.val_fraction,
+           f"config key '{p}test_fraction' must be in [0, 1 - val_fraction)")
+    _check(not (i.test_fraction and i.test_path), f"config keys '{p}test_fraction' and '{p}test_path' exclude each other")
+    _check(not i.test_path or i.source != "digits", f"config key '{p}test_path': the digits source has no test file (use test_fraction)")
     _check(i.k_per_class >= 0, f"config key '{p}k_per_class' must be >= 0")
     _check(i.image_size >= 0, f"config key '{p}image_size' must be >= 0")
     _check(i.chunk_size >= 1, f"config key '{p}chunk_size' must be >= 1")

@@ -309,3 +309,39 @@ def test_imagefolder_recurses_into_subfolders_and_cuts_link_loops(tmp_path):
     assert ids == {f"cat/{i}.png" for i in range(3)} | {f"dog/{i}.png" for i in range(3)} | {
         "cat/more/a.png", "cat/more/deeper/b.png"}
     assert m["train"]["counts"]["cat"] + m["val"]["counts"]["cat"] == 5
+
+
+def test_test_split_is_carved_apart_and_stable(tmp_path):
+    """test_fraction: a seeded share of each class that no other split holds; the val rows stay the val rows."""
+    root = _noise_folder(tmp_path / "src")
+    base = ["ingest.source=imagefolder", f"ingest.path={root}", "ingest.k_per_class=5"]
+    a = ingest.run(load_config(None, [*base, "ingest.test_fraction=0.2", "ingest.chunk_size=16"]), str(tmp_path / "a"))
+    b = ingest.run(load_config(None, [*base, "ingest.test_fraction=0.2"]), str(tmp_path / "b"))
+    none = ingest.run(load_config(None, base), str(tmp_path / "none"))
+    assert set(a) == {"train", "val", "pool", "train_full", "test"} and "test" not in none
+    assert a["test"]["content_hash"] == b["test"]["content_hash"]
+    assert a["val"]["content_hash"] == none["val"]["content_hash"]  # val is chosen before test
+    ids = {s: set(read_table(tmp_path / "a" / s, ["id"]).column("id").to_pylist()) for s in a}
+    assert not ids["test"] & (ids["train_full"] | ids["val"] | ids["pool"])
+    assert ids["train"] <= ids["train_full"] and len(ids["test"]) + len(ids["train_full"]) + len(ids["val"]) == 210
+    assert 0.13 < len(ids["test"]) / 210 < 0.27 and set(a["train"]["counts"].values()) == {5}
+
+
+def test_test_path_is_a_second_source(tmp_path):
+    """test_path: every row of an official test file is the test split; its classes and labels are checked."""
+    def table(n, seed, labels=3):
+        rng = np.random.default_rng(seed)
+        return pa.table({"image": [_png(tuple(int(c) for c in rng.integers(0, 255, 3))) for _ in range(n)],
+                         "label": [i % labels for i in range(n)]})
+    pq.write_table(table(30, 0), tmp_path / "train.parquet")
+    pq.write_table(table(9, 1), tmp_path / "test.parquet")
+    base = ["ingest.source=parquet", f"ingest.path={tmp_path / 'train.parquet'}", "ingest.class_names=[a,b,c]"]
+    m = ingest.run(load_config(None, [*base, f"ingest.test_path={tmp_path / 'test.parquet'}"]), str(tmp_path / "out"))
+    assert m["test"]["num_rows"] == 9 and m["test"]["counts"] == {"a": 3, "b": 3, "c": 3}
+    assert m["train"]["num_rows"] + m["val"]["num_rows"] == 30
+    assert set(read_table(tmp_path / "out" / "test", ["id"]).column("id").to_pylist()) == {f"test-{r:07d}" for r in range(9)}
+    pq.write_table(table(8, 2, labels=4), tmp_path / "bad.parquet")
+    with pytest.raises(DatasetError, match="bad.parquet: row 3: label 3 out of range"):
+        ingest.run(load_config(None, [*base, f"ingest.test_path={tmp_path / 'bad.parquet'}"]), str(tmp_path / "bad"))
+    with pytest.raises(Exception, match="exclude each other"):
+        load_config(None, [*base, f"ingest.test_path={tmp_path / 'test.parquet'}", "ingest.test_fraction=0.1"])

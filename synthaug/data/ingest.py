@@ -32,6 +32,9 @@ number of workers. With ``d = blake2b(id, digest_size=16, key=f"synthaug-ingest-
 ``h1`` = its first 8 bytes and ``h2`` the next 8, both little-endian uint64:
 
 - a row is *val* iff ``h1 < floor(val_fraction * 2**64)``, i.e. ``u = h1 / 2**64 < val_fraction``;
+- with ``test_fraction > 0`` a row is *test* iff ``val_fraction <= u < val_fraction + test_fraction``:
+  the reported split, never trained or chosen on (``test_path`` instead makes every row of a
+  second source test, e.g. an official test set);
 - a class needs at least 2 images. If none of a class's rows is val by that rule, its row
   with the smallest ``(h1, id)`` is val; if all of them are, its row with the largest
   ``(h1, id)`` is train (so both parts are never empty);
@@ -58,7 +61,7 @@ from synthaug.data import sources
 from synthaug.data.images import encode_png
 from synthaug.shuffle import layout_order
 
-VAL, TRAIN, POOL = 0, 1, 2
+VAL, TRAIN, POOL, TEST = 0, 1, 2, 3
 CANDIDATE_ROWS = 200_000  # the driver reduces merged pre-pass candidates beyond this many rows
 
 
@@ -77,25 +80,36 @@ def val_threshold(val_fraction: float) -> int:
     return min(int(val_fraction * 2.0**64), 2**64 - 1)
 
 
+def held_masks(h1: np.ndarray, cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(val, test) by the rule alone: ``h1`` below the val threshold, or between it and the test one."""
+    val = h1 < np.uint64(val_threshold(cfg.val_fraction))
+    test = ~val & (h1 < np.uint64(val_threshold(cfg.val_fraction + cfg.test_fraction))) if cfg.test_fraction else \
+        np.zeros(len(h1), bool)
+    return val, test
+
+
 def assign_splits(ids, labels: np.ndarray, plan: dict) -> np.ndarray:
-    """Per row VAL, TRAIN or POOL, from the plan of :func:`plan_splits` (pure; any chunk of rows)."""
+    """Per row VAL, TRAIN, POOL or TEST, from the plan of :func:`plan_splits` (pure; any chunk of rows)."""
     ids = np.asarray(ids, dtype=object)
     labels = np.asarray(labels, dtype=np.int64)
+    if plan.get("all_test"):  # the rows of ingest.test_path
+        return np.full(len(ids), TEST)
     h = split_keys(ids, plan["seed"])
     val = h[:, 0] < np.uint64(plan["val_threshold"])
+    test = ~val & (h[:, 0] < np.uint64(plan["test_threshold"])) if plan.get("test_threshold") else np.zeros(len(ids), bool)
     for forced, value in ((plan["forced_val"], True), (plan["forced_train"], False)):
         if forced:
             wanted = set(forced.values())
             hit = np.fromiter((i in wanted for i in ids), bool, len(ids))
             val[hit] = value
-    codes = np.where(val, VAL, TRAIN)
+    codes = np.where(val, VAL, np.where(test, TEST, TRAIN))
     if plan["k"]:
         thr = np.asarray(plan["k_h2"], dtype=np.uint64)[labels]
         thr_id = np.asarray(plan["k_id"], dtype=object)[labels]
         keep = h[:, 1] < thr
         tie = h[:, 1] == thr
         keep[tie] = ids[tie] <= thr_id[tie]  # Python str order == Arrow's (UTF-8 bytes)
-        codes[~val & ~keep] = POOL
+        codes[~val & ~test & ~keep] = POOL
     return codes
 
 
@@ -137,10 +151,10 @@ def _prepass_chunk(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
     except DatasetError as e:
         return _error_row(desc["chunk"], e)
     h = split_keys(ids, cfg.seed)
-    val = h[:, 0] < np.uint64(val_threshold(cfg.val_fraction))
+    val, test = held_masks(h[:, 0], cfg)
     n = int(labels.max()) + 1 if len(labels) else 0
     rows = pa.table({"label": labels, "h1": h[:, 0], "h2": h[:, 1], "id": pa.array(ids, pa.string())})
-    train, held = rows.filter(pa.array(~val)), rows.filter(pa.array(val))
+    train, held = rows.filter(pa.array(~val & ~test)), rows.filter(pa.array(val))
     k = cfg.k_per_class
     parts = {
         "cand": _smallest(train.select(["label", "h2", "id"]), "h2", k + 1) if k else _SCHEMAS["cand"].empty_table(),
@@ -150,7 +164,7 @@ def _prepass_chunk(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
     return pa.table({
         "chunk": [desc["chunk"]], "error": [""],
         "n_val": [np.bincount(labels[val], minlength=n).tolist()],
-        "n_train": [np.bincount(labels[~val], minlength=n).tolist()],
+        "n_train": [np.bincount(labels[~val & ~test], minlength=n).tolist()],
         **{name: pa.array([_ipc(t)], pa.binary()) for name, t in parts.items()},
     })
 
@@ -206,6 +220,7 @@ def plan_splits(merged: _PlanMerger, class_names: list[str], cfg: IngestConfig) 
         if k and k > n_train[y]:
             raise DatasetError(f"ingest.k_per_class={k} is larger than class '{name}', which has {n_train[y]} train images")
     plan = {"seed": cfg.seed, "val_threshold": val_threshold(cfg.val_fraction), "k": k,
+            "test_threshold": val_threshold(cfg.val_fraction + cfg.test_fraction) if cfg.test_fraction else 0,
             "forced_val": forced_val, "forced_train": forced_train, "k_h2": [], "k_id": []}
     if k:
         cand = parts["cand"]
@@ -262,6 +277,8 @@ def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, writ
     ids, labels, pngs, seen = [], [], [], {}
     try:
         for i, y, where, img in sources.chunk_images(cfg, desc):
+            if not 0 <= y < len(class_names):
+                raise DatasetError(f"{where}: label {y} is outside the {len(class_names)} classes {class_names}")
             img = normalise(img, where, cfg, seen)
             ids.append(i), labels.append(y), pngs.append(encode_png(np.asarray(img, dtype=np.uint8)))
     except DatasetError as e:
@@ -274,7 +291,8 @@ def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, writ
         "label": pa.array(labels, pa.int64()), "class_name": pa.array([class_names[y] for y in labels], pa.string()),
         "source": pa.array(["real"] * len(ids), pa.string()),
     })
-    masks = {"val": codes == VAL, "train": codes == TRAIN, "pool": codes == POOL, "train_full": codes != VAL}
+    masks = {"val": codes == VAL, "train": codes == TRAIN, "pool": codes == POOL, "test": codes == TEST,
+             "train_full": (codes == TRAIN) | (codes == POOL)}
     entries = {}
     for split in splits:
         part = table.filter(pa.array(masks[split]))
@@ -325,9 +343,11 @@ def _rows(ds):
 
 
 def _output_splits(cfg: IngestConfig) -> list[str]:
+    """The splits this source's rows go to (``test`` from ``test_path`` is ingested apart)."""
+    test = ["test"] if cfg.test_fraction else []
     if not cfg.k_per_class:
-        return ["train", "val"]
-    return ["train", "val"] + (["pool"] if cfg.unlabelled_pool else []) + ["train_full"]
+        return ["train", "val"] + test
+    return ["train", "val"] + (["pool"] if cfg.unlabelled_pool else []) + ["train_full"] + test
 
 
 def _image_geometry(results: list[dict], cfg: IngestConfig) -> tuple[tuple[int, int], int]:
@@ -363,6 +383,32 @@ def _all_cpus_to_tasks():
         ctx.op_resource_reservation_enabled = saved
 
 
+_TASK = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": 1}
+
+
+def _main_pass(chunks, ic: IngestConfig, plan: dict, out: str, write_id: str, class_names: list[str],
+               splits: list[str]) -> list[dict]:
+    kwargs = {"cfg": ic, "plan": plan, "out": out, "write_id": write_id, "class_names": class_names, "splits": splits}
+    return sorted(_rows(chunks.map_batches(_ingest_chunk, fn_kwargs=kwargs, **_TASK)), key=lambda r: r["chunk"])
+
+
+def _test_config(ic: IngestConfig) -> IngestConfig:
+    from synthaug.config import replace
+
+    return replace(ic, path=ic.test_path, test_path="", k_per_class=0)
+
+
+def _test_listing(ic: IngestConfig, listing):
+    """The listing of ``ingest.test_path`` (None without one); its classes must be the train source's."""
+    if not ic.test_path:
+        return None
+    test = sources.list_source(_test_config(ic))
+    if listing.class_names and test.class_names and list(test.class_names) != list(listing.class_names):
+        raise DatasetError(f"{ic.test_path}: test classes {list(test.class_names)} differ from "
+                           f"{list(listing.class_names)} in {ic.path}")
+    return test
+
+
 def ingest_key(ic, fingerprint: str) -> str:
     """The content key of an ingest: the result-changing ``ingest`` fields and the source's fingerprint."""
     from synthaug import identity
@@ -390,9 +436,12 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
 
     # List (driver); a complete earlier ingest of the same source and config is reused.
     listing = sources.list_source(ic)
-    key = ingest_key(ic, listing.fingerprint)
+    test_listing = _test_listing(ic, listing)
+    fingerprint = listing.fingerprint + (f"+test:{test_listing.fingerprint}" if test_listing else "")
+    key = ingest_key(ic, fingerprint)
     splits = _output_splits(ic)
     locations = {s: storage.join(out, s) for s in splits}
+    locations.update({"test": storage.join(out, "test")} if test_listing else {})
     done = {s: read_manifest(d) if is_complete(d) else {} for s, d in locations.items()}
     if all(m.get("key") == key for m in done.values()):
         print(f"[ingest] {out}: reusing the datasets (same source and config, key {key[:12]})", flush=True)
@@ -400,25 +449,26 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
 
     # The split pre-pass over ids and labels (tasks).
     init_ray(cfg.ray)
-    task = {"batch_size": 1, "batch_format": "pyarrow", "num_cpus": 1}
     write_id = new_write_id()
     with _all_cpus_to_tasks():  # a Dataset keeps the DataContext it was created under
         chunks = ray.data.from_arrow(listing.chunks)  # the descriptors now live in the object store
         listing.chunks.clear()
         merged = _PlanMerger(ic.k_per_class)
-        for row in _rows(chunks.map_batches(_prepass_chunk, fn_kwargs={"cfg": ic}, **task)):
+        for row in _rows(chunks.map_batches(_prepass_chunk, fn_kwargs={"cfg": ic}, **_TASK)):
             merged.add(row)
         class_names = listing.class_names or [str(y) for y in range(len(merged.n_val))]
         plan, _ = plan_splits(merged, class_names, ic)
 
         # Decode, normalise, encode and write shards (tasks); collect one small row per chunk.
         try:
-            kwargs = {"cfg": ic, "plan": plan, "out": out, "write_id": write_id, "class_names": class_names,
-                      "splits": splits}
-            results = sorted(_rows(chunks.map_batches(_ingest_chunk, fn_kwargs=kwargs, **task)), key=lambda r: r["chunk"])
+            results = _main_pass(chunks, ic, plan, out, write_id, class_names, splits)
+            if test_listing is not None:
+                splits.append("test")
+                results += _main_pass(ray.data.from_arrow(test_listing.chunks), _test_config(ic), {"all_test": True},
+                                      out, write_id, class_names, ["test"])
             image_size, channels = _image_geometry(results, ic)
         except BaseException:
-            for split in splits:  # best effort: this attempt's shards only
+            for split in {*splits, "test"}:  # best effort: this attempt's shards only
                 with contextlib.suppress(Exception):
                     storage.delete(storage.join(out, split, "data", write_id))
             raise
@@ -431,6 +481,6 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
             storage.join(out, split), entries, class_names=class_names, image_size=image_size, channels=channels,
             config=to_dict(cfg), labelled=split != "pool", check_ids=False,  # ids are unique by construction
             extra={"stage": "ingest", "split": split, "source": ic.source, "key": key,
-                   "source_fingerprint": listing.fingerprint},
+                   "source_fingerprint": fingerprint},
         )
     return manifests
