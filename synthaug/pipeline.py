@@ -58,6 +58,10 @@ class RunPaths:
         """Ray Train / Tune storage: absolute, since Ray's workers need the same path on every node."""
         return storage.absolute(storage.join(self.work, "ray"))
 
+    def test(self) -> str | None:
+        """The test split (reported, never chosen on), or None when the ingest wrote none."""
+        return self.data("test") if is_complete(self.data("test")) else None
+
     def train_full(self) -> str:
         """The whole labelled train split (low-data runs) or the train split itself."""
         full = self.data("train_full")
@@ -219,10 +223,11 @@ def stage_pseudolabel(cfg: Config, train: str | None = None, val: str | None = N
         "dataset": out, "n_pseudo": int(m["num_rows"]), "pool_rows": int(m["pool_rows"]),
         "kept_share": int(m["num_rows"]) / max(1, int(m["pool_rows"])), "pseudo_counts": dict(m["counts"]),
         "selection": m["selection"], "teacher_top1": float(teacher["metrics"]["top1"]),
-        "students": PL.train_students(cfg, train, val, out, runs),
+        "students": PL.train_students(cfg, train, val, out, runs, test=p.test()),
     }
     if synthetic is not None:
-        result["combined"] = PL.train_students(cfg, train, val, out, runs, synthetic=str(synthetic), ratio=ratio)
+        result["combined"] = PL.train_students(cfg, train, val, out, runs, synthetic=str(synthetic), ratio=ratio,
+                                               test=p.test())
         result["combined_ratio"] = float(ratio)
     return result
 
@@ -323,7 +328,7 @@ def run_all(cfg: Config) -> dict:
     grid = set(settings(sweep_cfg))
     sweep = timer("sweep", run_sweep, sweep_cfg, p.data("train"), p.data("val"),
                   {k: v for k, v in mix_sets.items() if k in grid}, storage.join(out.results, "sweep"),
-                  name=cfg.sweep.name, storage_dir=p.ray)
+                  name=cfg.sweep.name, storage_dir=p.ray, test_dir=p.test())
 
     pseudo = None
     if cfg.pseudolabel.enabled and is_complete(p.data("pool")):

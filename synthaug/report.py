@@ -14,6 +14,7 @@ import numpy as np
 
 from synthaug import storage
 from synthaug.artifacts import atomic_write_text, iter_batches, read_manifest
+from synthaug.stats import excludes_zero, mean_std, paired, verdict
 from synthaug.config import Config
 from synthaug.data.images import decode_batch
 from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
@@ -86,11 +87,6 @@ def sample_grid(real_dir, synthetic: dict, path, per_class: int = 8, scale: int 
     return storage.write_bytes(path, buf.getvalue())
 
 
-def _mean_std(values) -> tuple[float, float]:
-    v = np.asarray(list(values), dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-
-
 def _fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -101,23 +97,22 @@ def headline_ratio(ratios) -> float:
     return 1.0 if 1.0 in rs else float(sorted(rs - {0.0})[0]) if rs - {0.0} else 0.0
 
 
-def _paired_row(real, runs: list[dict]) -> dict:
-    """Mean/std of ``runs``' top-1 and their paired difference (by seed) against ``real`` (a seed -> top1 Series)."""
+def _paired_row(real, runs: list[dict], column: str = "top1") -> dict:
+    """Mean/std of ``runs``' ``column`` and their paired difference (by seed) against ``real`` (a seed -> top-1 Series)."""
     import pandas as pd
 
-    top1 = pd.Series({int(r["seed"]): float(r["top1"]) for r in runs})
-    diffs = (top1 - real.reindex(top1.index)).dropna()
-    (m, sd), (dm, dsd) = _mean_std(top1), _mean_std(diffs) if len(diffs) else (float("nan"), float("nan"))
-    return {"mean": m, "std": sd, "gain_mean": dm, "gain_std": dsd, "n_paired": len(diffs),
-            "within": not (len(diffs) > 1 and abs(dm) > dsd)}
+    top1 = pd.Series({int(r["seed"]): float(r.get(column, np.nan)) for r in runs})
+    g = paired((top1 - real.reindex(top1.index)).dropna())
+    m, sd = mean_std(top1)
+    return {"mean": m, "std": sd, "gain_mean": g["mean"], "gain_std": g["std"], "n_paired": g["n"],
+            "gain_ci95": g["ci95"], "within": not excludes_zero(g), "verdict": verdict(g)}
 
 
-def _verdict(row: dict) -> str:
-    if row["n_paired"] < 2:
-        return "one seed: noise cannot be judged"
-    if row["within"]:
-        return "within seed noise"
-    return "beyond seed noise" if row["gain_mean"] > 0 else "a loss beyond seed noise"
+def report_split(sweep) -> tuple[str, str]:
+    """("test", "test_top1") when the runs evaluated a test split, else ("val", "top1")."""
+    if "test_top1" in sweep and sweep["test_top1"].notna().any():
+        return "test", "test_top1"
+    return "val", "top1"
 
 
 def _kept_markdown(kept: dict) -> list[str]:
@@ -159,18 +154,20 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
                         *([f"filtered at tau={t0:g}"] if t0 else [])])
 
     # Headline: real-only vs real + synthetic (the headline ratio, the config's recipe), paired by seed.
-    real = sweep[sweep.ratio == 0].drop_duplicates("seed").set_index("seed")["top1"]
+    # Reported on test when the run has a test split (nothing is chosen on it), else on val.
+    split, column = report_split(sweep)
+    real = sweep[sweep.ratio == 0].drop_duplicates("seed").set_index("seed")[column]
     ratio = headline_ratio(sweep.ratio)
     setting = sweep.setting if "setting" in sweep else sweep.guidance.map(lambda g: setting_label(g))
-    mixed = sweep[(setting == setting_label(w0, s0, t0)) & (sweep.ratio == ratio)].set_index("seed")["top1"]
-    diffs = (mixed - real.reindex(mixed.index)).dropna()
-    real_m, real_s = _mean_std(real)
-    mix_m, mix_s = _mean_std(mixed)
-    gain_m, gain_s = _mean_std(diffs)
-    within = not (len(diffs) > 1 and abs(gain_m) > gain_s)
+    mixed = sweep[(setting == setting_label(w0, s0, t0)) & (sweep.ratio == ratio)].set_index("seed")[column]
+    gain = paired((mixed - real.reindex(mixed.index)).dropna())
+    real_m, real_s = mean_std(real)
+    mix_m, mix_s = mean_std(mixed)
+    gain_m, gain_s, within = gain["mean"], gain["std"], not excludes_zero(gain)
 
     metrics = {
-        "run": cfg.name, "seeds": len(real), "headline_guidance": w0, "headline_ratio": ratio,
+        "run": cfg.name, "seeds": len(real), "headline_guidance": w0, "headline_ratio": ratio, "report_split": split,
+        "paired_gain_ci95": gain["ci95"],
         "real_only_top1_mean": real_m, "real_only_top1_std": real_s,
         "real_plus_synthetic_top1_mean": mix_m, "real_plus_synthetic_top1_std": mix_s,
         "paired_gain_mean": gain_m, "paired_gain_std": gain_s, "gain_within_noise": within,
@@ -192,7 +189,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
     pl_rows = []  # (label, row)
     if pseudo is not None:
         pl_rows.append((f"pseudo-label ({pseudo['n_pseudo']} of {pseudo['pool_rows']} pool images)",
-                        _paired_row(real, pseudo["students"])))
+                        _paired_row(real, pseudo["students"], column)))
         metrics.update({"pseudo_label_n": pseudo["n_pseudo"], "pseudo_label_pool_rows": pseudo["pool_rows"],
                         "pseudo_label_kept_share": pseudo["kept_share"], "pseudo_label_teacher_top1": pseudo["teacher_top1"],
                         "pseudo_label_selection": " ".join(f"{k}={v}" for k, v in pseudo["selection"].items())})
@@ -245,7 +242,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         + f". Classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of |real| images each, seeds {list(cfg.classify.seeds)}.",
         "",
         "## Headline: does synthetic data help?", "",
-        "| training set | top-1 on real val (mean ± std over seeds) |", "| --- | --- |",
+        f"| training set | top-1 on real {split} (mean ± std over seeds) |", "| --- | --- |",
         f"| real only | {_fmt(real_m)} ± {_fmt(real_s)} |",
         f"| real + synthetic (1:{ratio:g}, {recipe}) | {_fmt(mix_m)} ± {_fmt(mix_s)} |",
         *([f"| real + synthetic, the sweep's best cell (1:{summary['best_ratio']:g}, {summary['best_setting']}) "
@@ -253,16 +250,15 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
           if summary.get("best_setting") and (summary["best_setting"] != setting_label(w0, s0, t0)
                                               or summary["best_ratio"] != ratio) else []),
         *[f"| {label} | {_fmt(r['mean'])} ± {_fmt(r['std'])} |" for label, r in pl_rows],
-        f"| synthetic only (CAS, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
+        f"| synthetic only (CAS on val, w={w0:g}) | {_fmt(head.get('cas_top1_mean'))} ± {_fmt(head.get('cas_top1_std'))} |",
         "",
-        f"Paired gain of real + synthetic over real only: **{_fmt(gain_m)} ± {_fmt(gain_s)} points** over {len(diffs)} seeds"
-        + (" — the sweep left this cell out (below)." if mixed.empty and summary.get("skipped") else
-           " — one seed: noise cannot be judged." if len(diffs) < 2 else
-           " — **within seed noise**." if within else (" — beyond seed noise." if gain_m > 0 else " — a loss beyond seed noise.")),
+        f"Recipes and the sweep's best cell are chosen on val; the figures above are on {split}"
+        + (" (a split nothing was chosen on)." if split == "test" else " (the run has no test split: set ingest.test_fraction or ingest.test_path)."),
         "",
-        *[line for label, r in pl_rows for line in (
-            f"Paired gain of {label} over real only: **{_fmt(r['gain_mean'])} ± {_fmt(r['gain_std'])} points** over "
-            f"{r['n_paired']} seeds — {_verdict(r)}.", "")],
+        "Paired gain of real + synthetic over real only: "
+        + ("the sweep left this cell out (below)." if mixed.empty and summary.get("skipped") else f"**{verdict(gain)}**."),
+        "",
+        *[line for label, r in pl_rows for line in (f"Paired gain of {label} over real only: **{r['verdict']}**.", "")],
         *([f"Pseudo-labels: a teacher trained on the labelled set (real only, seed {cfg.pseudolabel.teacher_seed}, "
            f"top-1 {_fmt(pseudo['teacher_top1'])}) labelled the unlabelled pool; kept "
            + describe_selection(cfg) + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "

@@ -33,6 +33,7 @@ import pandas as pd
 
 from synthaug import storage
 from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete, read_manifest
+from synthaug.stats import paired
 from synthaug.config import Config, dump_config, replace
 
 REAL, PSEUDO = "real only", "pseudo-label"
@@ -117,18 +118,6 @@ def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
 
     short = first_short(read_manifest(real_train), read_manifest(synthetic), ratio)
     return None if short is None else f"class {short[0]!r} kept {short[1]} images, ratio {ratio:g} needs {short[2]}"
-
-
-def paired(diffs) -> dict:
-    """Mean, sample std, n and the 95% t interval of paired differences."""
-    from scipy import stats
-
-    d = np.asarray(list(diffs), dtype=float)
-    n = len(d)
-    mean = float(d.mean()) if n else float("nan")
-    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": mean, "std": sd, "n": n, "ci95": [mean - half, mean + half]}
 
 
 def summarize(table: pd.DataFrame) -> dict:

@@ -47,9 +47,10 @@ from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manife
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
 from synthaug.errors import InputValueError
+from synthaug.stats import excludes_zero, paired, verdict
 
 TABLE_COLUMNS = ("guidance", "strength", "tau", "setting", "ratio", "seed", "top1", "top5", "epochs", "seconds",
-                 "trial_id", "shared_real_only")
+                 "trial_id", "shared_real_only", "test_top1")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -182,7 +183,8 @@ def short_cells(cfg: Config, real_train_dir, dirs: dict[str, str]) -> dict[tuple
 # ----------------------------------------------------------------------------- trials
 
 
-def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list, in_chans: int, train_dir: str) -> None:
+def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list, in_chans: int,
+           train_dir: str, test_dir: str | None = None) -> None:
     """One Tune trial: plan the mixture from locations, then train in this process (1 worker) or a TorchTrainer (N)."""
     import ray.tune
 
@@ -193,7 +195,7 @@ def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_
     ratio = float(cell["ratio"])
     synthetic = synthetic_dirs[cell["setting"]] if ratio > 0 else None
     train = plan_mixture(real_dir, synthetic, ratio, seed)  # a small spec; the rows are streamed by the workers
-    kw = dict(seed=seed, class_names=class_names, in_chans=in_chans)
+    kw = dict(seed=seed, class_names=class_names, in_chans=in_chans, test_dir=test_dir)
     if cfg.classify.num_workers == 1:
         fit_local(cfg.classify, train, val_dir, reporter="tune", **kw)
     else:
@@ -253,7 +255,7 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
 
 
 def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name: str = "sweep",
-               asha: bool = False, skip=()) -> tuple[str, dict]:
+               asha: bool = False, skip=(), test_dir=None) -> tuple[str, dict]:
     """The sweep's keyed experiment name ``<name>-<key[:12]>`` and what the key covers.
 
     The key (``synthaug.identity``) covers the grid, the seeds, every result-changing
@@ -266,6 +268,8 @@ def experiment(cfg: Config, real_train_dir, val_dir, synthetic_dirs: dict, name:
         "real": identity.dataset_hash(str(real_train_dir)), "val": identity.dataset_hash(str(val_dir)),
         "synthetic": {_key_label(k, cfg): identity.dataset_hash(str(p)) for k, p in synthetic_dirs.items()}, "asha": asha,
     }
+    if test_dir:  # only then: sweeps without a test split keep their keys
+        fingerprint["test"] = identity.dataset_hash(str(test_dir))
     key = identity.artifact_key("sweep", fingerprint["classify"], {k: v for k, v in fingerprint.items() if k != "classify"})
     return identity.run_name(name, key), {"hash": key, **fingerprint}
 
@@ -280,6 +284,7 @@ def run_sweep(
     *,
     asha: bool = False,
     storage_dir=None,
+    test_dir=None,
 ) -> pd.DataFrame:
     """Run (or resume) the sweep; returns the table, with the summary dict in ``df.attrs["summary"]``.
 
@@ -288,7 +293,9 @@ def run_sweep(
     epochs they ran in the ``epochs`` column and the summary counts them.
 
     ``storage_dir`` holds the Tune experiment (trial checkpoints; default ``out_dir``); keep
-    it out of a committed results directory.
+    it out of a committed results directory. ``test_dir``: a test split each trial evaluates
+    once with its final weights (``test_top1``); the best cell is chosen on val and its gain
+    reported on test.
     """
     from ray import tune
 
@@ -303,7 +310,7 @@ def run_sweep(
     store = storage.absolute(str(storage_dir)) if storage_dir else str(out_dir)
     dump_config(cfg, out_dir, "sweep_config.yaml")
     real = read_manifest(real_train_dir)
-    name, fingerprint = experiment(cfg, real_train_dir, val_dir, dirs, name, asha, skip)
+    name, fingerprint = experiment(cfg, real_train_dir, val_dir, dirs, name, asha, skip, test_dir)
 
     init_ray(cfg.ray)
     use_gpu = cfg.classify.use_gpu and cfg.classify.num_workers == 1
@@ -312,6 +319,7 @@ def run_sweep(
             _trial, cfg=cfg, real_dir=storage.absolute(str(real_train_dir)), val_dir=storage.absolute(str(val_dir)),
             synthetic_dirs=dirs, class_names=real["class_names"], in_chans=int(real["channels"]),
             train_dir=storage.join(store, f"{name}-train"),
+            test_dir=storage.absolute(str(test_dir)) if test_dir else None,
         ),
         {"cpu": 1, "gpu": 1 if use_gpu else 0},
     )
@@ -346,6 +354,7 @@ def results_table(trials: list[tuple[dict, dict, str]], grid_settings) -> pd.Dat
         base = {
             "ratio": float(cell["ratio"]), "seed": seed, "top1": float(metrics["top1"]), "top5": float(metrics["top5"]),
             "epochs": int(metrics["epochs"]), "seconds": float(metrics["seconds"]), "trial_id": trial_id,
+            "test_top1": float(metrics.get("test_top1", np.nan)),
         }
         shared = cell["guidance"] is None
         for g, st, t in (norm if shared else [(cell["guidance"], cell.get("strength"), cell.get("tau") or 0.0)]):
@@ -396,22 +405,20 @@ def summarize(df: pd.DataFrame) -> dict:
     if real.empty:
         out["verdict"] = "no real-only baseline (ratio 0 is not in the grid); the gain cannot be computed"
         return out
-    best_rows = df[(df.setting == best.setting) & (df.ratio == best.ratio)].set_index("seed")["top1"]
-    diffs = (best_rows - real.reindex(best_rows.index)).dropna()
-    out["gain_mean"] = float(diffs.mean())
-    out["real_only_is_best"] = bool(out["real_only_top1_mean"] > out["best_top1_mean"])
     cell = (f"guidance {first.guidance:g}" if best.setting == setting_label(first.guidance) else str(best.setting)) \
         + f", ratio {best.ratio:g}"
-    if len(diffs) < 2:
-        out["verdict"] = f"best cell {cell}: gain {out['gain_mean']:+.2f} points from one seed; noise cannot be judged"
-        return out
-    out["gain_std"] = float(diffs.std(ddof=1))
-    gain = f"gain {out['gain_mean']:+.2f} +- {out['gain_std']:.2f} points over {len(diffs)} paired seeds"
-    if abs(out["gain_mean"]) <= out["gain_std"]:
-        out["verdict"] = f"best cell {cell}: {gain}, within noise"
-    else:
-        word = "better" if out["gain_mean"] > 0 else "worse"
-        out["verdict"] = f"best cell {cell}: {gain}, {word} than real-only beyond the seed noise"
+    # Chosen on val (above); reported on test when the run has a test split, else on val.
+    split = "test" if "test_top1" in df and df["test_top1"].notna().any() else "val"
+    column = "test_top1" if split == "test" else "top1"
+    real = df[df.ratio == 0].drop_duplicates("seed").set_index("seed")[column]
+    best_rows = df[(df.setting == best.setting) & (df.ratio == best.ratio)].set_index("seed")[column]
+    g = paired(best_rows - real.reindex(best_rows.index))
+    out.update(report_split=split, gain_mean=g["mean"], gain_std=None if np.isnan(g["std"]) else g["std"],
+               gain_ci95=g["ci95"], real_only_is_best=bool(out["real_only_top1_mean"] > out["best_top1_mean"]),
+               beyond_noise=excludes_zero(g))
+    if split == "test":
+        out.update(real_only_test_top1_mean=float(real.mean()), best_test_top1_mean=float(best_rows.mean()))
+    out["verdict"] = f"best cell on val {cell}: on {split}, " + verdict(g)
     return out
 
 

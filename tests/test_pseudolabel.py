@@ -190,11 +190,16 @@ def test_cli_without_pool_is_one_line(tmp_path, capsys):
 def test_report_rows_pair_by_seed():
     import pandas as pd
 
-    from synthaug.report import _paired_row, _verdict, headline_ratio
+    from synthaug.report import _paired_row, headline_ratio
 
     real = pd.Series({0: 90.0, 1: 92.0, 2: 94.0})
     row = _paired_row(real, [{"seed": 2, "top1": 97.0}, {"seed": 0, "top1": 92.0}, {"seed": 1, "top1": 95.0}])
     assert row["mean"] == pytest.approx(94.667, abs=1e-3) and row["n_paired"] == 3
     assert row["gain_mean"] == pytest.approx(8 / 3) and row["gain_std"] == pytest.approx(np.std([2, 3, 3], ddof=1))
-    assert _verdict(row) == "beyond seed noise"
+    assert not row["within"] and "better than real only (the interval excludes 0)" in row["verdict"]
+    assert row["gain_ci95"][0] == pytest.approx(8 / 3 - 4.3027 * np.std([2, 3, 3], ddof=1) / np.sqrt(3), abs=1e-3)
+    noisy = _paired_row(real, [{"seed": 0, "top1": 95.0}, {"seed": 1, "top1": 91.0}, {"seed": 2, "top1": 95.0}])
+    assert noisy["within"] and "within noise" in noisy["verdict"]  # diffs 5, -1, 1
+    on_test = _paired_row(real, [{"seed": 0, "top1": 99.0, "test_top1": 90.0}], "test_top1")
+    assert on_test["mean"] == 90.0 and on_test["gain_mean"] == 0.0
     assert headline_ratio([0, 3, 1]) == 1.0 and headline_ratio([0, 3, 2]) == 2.0 and headline_ratio([0]) == 0.0

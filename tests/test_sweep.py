@@ -87,9 +87,14 @@ def test_summary_paired_gain():
         return pd.DataFrame(rows, columns=["guidance", "ratio", "seed", "top1"])
 
     clear = summarize(table([50, 60, 70], [55, 65, 76]))  # diffs 5, 5, 6: far beyond their std
-    assert clear["gain_mean"] == pytest.approx(16 / 3) and "beyond the seed noise" in clear["verdict"]
-    noisy = summarize(table([50, 60, 70], [58, 57, 72]))  # diffs 8, -3, 2: mean 2.33 <= std 5.5
-    assert "within noise" in noisy["verdict"]
+    assert clear["gain_mean"] == pytest.approx(16 / 3) and "interval excludes 0" in clear["verdict"]
+    assert clear["report_split"] == "val" and clear["beyond_noise"] and clear["gain_ci95"][0] > 0
+    noisy = summarize(table([50, 60, 70], [58, 57, 72]))  # diffs 8, -3, 2: the interval holds 0
+    assert "within noise" in noisy["verdict"] and not noisy["beyond_noise"]
+    # With a test split: the cell is still chosen on val, the gain is reported on test.
+    tested = table([50, 60, 70], [55, 65, 76]).assign(test_top1=[40, 41, 42, 40, 41, 42])
+    s = summarize(tested)
+    assert s["report_split"] == "test" and s["gain_mean"] == 0 and "on test" in s["verdict"] and not s["beyond_noise"]
 
 
 def _bypass(cfg, section: str, **changes):
@@ -149,7 +154,7 @@ def test_strength_and_tau_axes_table_and_summary(digits_dirs, synthetic_dirs):
     summary = summarize(df)
     assert (summary["best_setting"], summary["best_strength"], summary["best_tau"], summary["best_ratio"]) == ("w=1 s=0.3", 0.3, 0.0, 1.0)
     assert summary["gain_mean"] == pytest.approx(4.75) and summary["best_top1_std"] == pytest.approx(np.std([85, 86.5], ddof=1))
-    assert "best cell w=1 s=0.3, ratio 1" in summary["verdict"] and "beyond the seed noise" in summary["verdict"]
+    assert "best cell on val w=1 s=0.3, ratio 1" in summary["verdict"] and "interval excludes 0" in summary["verdict"]
 
 
 def test_short_filtered_cells_are_left_out_and_named(digits_dirs, synthetic_dirs, tmp_path):

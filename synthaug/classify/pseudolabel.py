@@ -231,7 +231,7 @@ def label_pool(cfg: Config, teacher: dict, pool: str, out: str) -> dict:
 
 
 def train_students(cfg: Config, train: str, val: str, pseudo: str, out_dir: str, *, synthetic: str | None = None,
-                   ratio: float = 0.0, seeds=None) -> list[dict]:
+                   ratio: float = 0.0, seeds=None, test: str | None = None) -> list[dict]:
     """One classifier per seed on labelled + pseudo-labelled (+ ``ratio`` x synthetic) rows.
 
     Same recipe and optimiser steps as real-only: the pseudo-labelled rows are the
@@ -246,12 +246,12 @@ def train_students(cfg: Config, train: str, val: str, pseudo: str, out_dir: str,
         spec = plan_mixture(str(train), synthetic, ratio if synthetic else 0.0, int(seed), extra=str(pseudo))
         tag = f"pl-r{ratio:g}" if synthetic else "pl"
         r = fit(cfg.classify, spec, str(val), seed=int(seed), out_dir=out_dir, name=f"{tag}-seed{seed}",
-                class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=cfg.ray)
+                class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=cfg.ray, test_dir=test)
         runs.append({**r, "seed": int(seed)})
     return runs
 
 
-def real_only_runs(cfg: Config, train: str, val: str, out_dir: str, seeds=None) -> list[dict]:
+def real_only_runs(cfg: Config, train: str, val: str, out_dir: str, seeds=None, test: str | None = None) -> list[dict]:
     """Real-only runs per seed, as ``synthaug classify --ratio 0`` names and keys them (reused when recorded)."""
     from synthaug.classify.train import fit
 
@@ -259,7 +259,8 @@ def real_only_runs(cfg: Config, train: str, val: str, out_dir: str, seeds=None) 
     runs = []
     for seed in (cfg.classify.seeds if seeds is None else seeds):
         r = fit(cfg.classify, plan_mixture(str(train), None, 0.0, int(seed)), str(val), seed=int(seed), out_dir=out_dir,
-                name=teacher_name(seed), class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=cfg.ray)
+                name=teacher_name(seed), class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=cfg.ray,
+                test_dir=test)
         runs.append({**r, "seed": int(seed)})
     return runs
 

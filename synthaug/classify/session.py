@@ -182,8 +182,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     Config keys: ``classify`` (ClassifyConfig), ``seed``, ``num_classes``, ``in_chans``,
     ``class_names``, ``image_size``, ``val_dir`` (a location), ``n_train``,
-    ``epoch_images``, ``_reporter`` and, outside Ray Train, ``_dataset`` (the decoded
-    train Ray Dataset).
+    ``epoch_images``, ``_reporter``, ``test_dir`` (None, or a test split evaluated once at the
+    last epoch: ``test_top1``) and, outside Ray Train, ``_dataset`` (the decoded train Ray Dataset).
     """
     from timm.utils import ModelEmaV3
 
@@ -249,6 +249,10 @@ def train_loop_per_worker(config: dict) -> dict:
             res = _evaluate(models, val, num_classes, session.device)
             final = res["ema"] if ema is not None else res["model"]
             evaluated = {**final, "top1_no_ema": res["model"]["top1"], "eval_epoch": epoch + 1}
+        if config.get("test_dir") and epoch + 1 == cfg.epochs:  # the reported split: the final weights, once
+            final_model = {"final": ema.module if ema is not None else bare}
+            evaluated["test_top1"] = _evaluate(final_model, val_dataset(config["test_dir"], rank, world), num_classes,
+                                               session.device)["final"]["top1"]
         elapsed += time.perf_counter() - t0
         metrics = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / max(images, 1.0)), **evaluated, "epochs": epoch + 1,

@@ -48,7 +48,7 @@ def __getattr__(name: str):
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
-    "per_class_top1", "batch_blocked_share", "batch_label_entropy",
+    "per_class_top1", "batch_blocked_share", "batch_label_entropy", "test_top1",
 )
 
 
@@ -62,7 +62,8 @@ def as_mixture(train: Mixture | str | Path) -> Mixture:
                     "(tables no longer pass through the driver)")
 
 
-def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int, reporter: str) -> dict:
+def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int, reporter: str,
+                 test_dir=None) -> dict:
     if spec.num_rows == 0:
         raise InputValueError("train set is empty")
     if list(spec.class_names) != list(class_names):
@@ -77,10 +78,12 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
         "class_names": list(class_names), "image_size": list(spec.image_size),
         "val_dir": storage.absolute(str(val_dir)), "n_train": int(spec.num_rows), "_reporter": reporter,
         "shuffle_rows": shuffle_rows(cfg, spec),
+        "test_dir": storage.absolute(str(test_dir)) if test_dir else None,
     }
 
 
-def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int) -> tuple[str, dict]:
+def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int,
+            test_dir=None) -> tuple[str, dict]:
     """The content key of one classifier run, and the inputs it covers (see ``synthaug.identity``).
 
     Inputs: the mixture by content (the real, synthetic and extra sets' hashes, the per-class
@@ -102,6 +105,8 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
     }
     if getattr(spec, "extra", None) is not None:  # only then: the keys of runs without one stay as they were
         inputs["extra"] = identity.dataset_hash(spec.extra)
+    if test_dir:  # likewise: only a run that reports on a test split
+        inputs["test"] = identity.dataset_hash(str(test_dir))
     key = identity.artifact_key("classify", identity.config_fields("classify", cfg), inputs, seed=int(seed),
                                 class_names=list(class_names), in_chans=int(in_chans))
     return key, inputs
@@ -110,7 +115,7 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
 def _result(metrics: dict | None) -> dict:
     if not metrics:
         raise RuntimeError("training reported no metrics")
-    return {k: metrics[k] for k in RESULT_KEYS}
+    return {k: metrics.get(k, float("nan")) for k in RESULT_KEYS}
 
 
 def _data_config(num_workers: int):
@@ -140,6 +145,7 @@ def fit(
     ray_cfg: RayConfig | None = None,
     save_model: bool = False,
     callbacks: list | None = None,
+    test_dir: str | Path | None = None,
 ) -> dict:
     """Train ``cfg.num_workers`` workers; returns the final epoch's flat metrics.
 
@@ -154,13 +160,14 @@ def fit(
     ``artifact.json`` records its key, inputs and config. With ``save_model`` the final
     model is published at ``out_dir/model`` for ``load_classifier`` (its
     ``classifier.json`` carries the key). ``callbacks`` go to ``RunConfig`` (a Tune trial passes
-    ``TuneReportCallback`` to forward each epoch).
+    ``TuneReportCallback`` to forward each epoch). ``test_dir``: a test split, evaluated once with
+    the final weights (``test_top1``); nothing is chosen on it (NaN without one).
     """
     from synthaug.raylocal import init_ray
 
     spec = as_mixture(train)
-    config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, "train")
-    key, inputs = run_key(cfg, spec, val_dir, seed, class_names, in_chans)
+    config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, "train", test_dir)
+    key, inputs = run_key(cfg, spec, val_dir, seed, class_names, in_chans, test_dir)
     name = identity.run_name(name, key)
     out_dir = storage.absolute(str(out_dir))
     run_loc, model_loc = storage.join(out_dir, name), storage.join(out_dir, "model")
@@ -251,6 +258,7 @@ def fit_local(
     in_chans: int,
     reporter: str = "tune",
     ray_cfg: RayConfig | None = None,
+    test_dir: str | Path | None = None,
 ) -> dict:
     """Run ``train_loop_per_worker`` in this process (a Tune trial: ``reporter="tune"``).
 
@@ -264,7 +272,7 @@ def fit_local(
     from synthaug.raylocal import init_ray
 
     spec = as_mixture(train)
-    config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, reporter)
+    config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, reporter, test_dir)
     init_ray(ray_cfg)  # a no-op inside a Tune trial, where Ray is already up
     config["_dataset"] = training_dataset(spec, seed=seed, cache=cfg.cache)
     from synthaug.classify.session import train_loop_per_worker
