@@ -3,7 +3,8 @@
 Layout of a contract dataset at any location (local path, shared mount, ``s3://...``)::
 
     <dataset>/
-      data/<write id>/<shard>.parquet   rows: id, image (PNG bytes), label, class_name, source, [provenance]
+      data/<write id>/<shard>.parquet   rows: id, image (PNG bytes), label, class_name, source, [provenance];
+                                        Hugging Face datasets features in the schema metadata
       manifest.json                     the commit record: lists the shards (path, rows, bytes), written last
 
 The manifest *is* the commit, because object stores have no rename: readers read only

@@ -97,9 +97,10 @@ def test_ray_written_dataset_with_extra_columns(ray_session, tmp_path):
     import ray.data
 
     names = ["a", "b", "c"]
-    t = pa.table({"id": [f"r{i:02d}" for i in range(12)], "image": pa.array([_png(i * 20) for i in range(12)], pa.binary()),
-                  "label": pa.array([i % 3 for i in range(12)], pa.int64()), "class_name": [names[i % 3] for i in range(12)],
-                  "source": ["pseudo"] * 12, "confidence": pa.array(np.linspace(0.5, 1, 12), pa.float32())})
+    n = 12
+    t = pa.table({"id": [f"r{i:02d}" for i in range(n)], "image": pa.array([_png(i * 20) for i in range(n)], pa.binary()),
+                  "label": pa.array([i % 3 for i in range(n)], pa.int64()), "class_name": [names[i % 3] for i in range(n)],
+                  "source": ["pseudo"] * n, "confidence": pa.array(np.linspace(0.5, 1, n), pa.float32())})
     loc = str(tmp_path / "ds")
     m = artifacts.write_dataset(ray.data.from_arrow([t.slice(0, 5), t.slice(5)]), loc, class_names=names,
                                 image_size=(5, 3), channels=1, config={})

@@ -92,7 +92,8 @@ class ShardEncoder:
                 table = pq.read_table(f, columns=list(BASE_COLUMNS))
             table = table.set_column(table.schema.get_field_index("image"), "image",
                                      pa.array(self._encode(table.column("image").to_pylist()), pa.binary()))
-            entries.append(write_shard(self.out, self.write_id, f"part-{int(index):05d}", table, self.class_names, ENCODING))
+            entries.append(write_shard(self.out, self.write_id, f"part-{int(index):05d}", table, self.class_names,
+                                       ENCODING))
         return {"entry": [json.dumps(e) for e in entries]}
 
 
