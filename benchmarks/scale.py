@@ -381,7 +381,7 @@ def _synthetic_chunk(chunks: dict, out: str, write_id: str, px: int, counts: dic
                           "generator": pa.array(["bench"] * n), "seed": plan.column("seed"),
                           "guidance_scale": pa.array([1.0] * n), "sampler": pa.array(["none"] * n),
                           "steps": pa.array([0] * n, pa.int64())})
-        entries.append(json.dumps(write_shard(out, write_id, chunk.name, table, CLASSES)))
+        entries.append(json.dumps(write_shard(out, write_id, chunk.name, table, names)))
     return {"entry": np.asarray(entries, dtype=object)}
 
 

@@ -3,7 +3,8 @@
 Layout of a contract dataset at any location (local path, shared mount, ``s3://...``)::
 
     <dataset>/
-      data/<write id>/<shard>.parquet   rows: id, image (PNG bytes), label, class_name, source, [provenance]
+      data/<write id>/<shard>.parquet   rows: id, image (PNG bytes), label, class_name, source, [provenance];
+                                        Hugging Face datasets features in the schema metadata
       manifest.json                     the commit record: lists the shards (path, rows, bytes), written last
 
 The manifest *is* the commit, because object stores have no rename: readers read only
@@ -30,7 +31,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -230,18 +231,58 @@ def new_write_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def write_shard(dataset: str | Path, write_id: str, name: str, table: pa.Table, num_classes: int) -> dict:
+def write_shard(dataset: str | Path, write_id: str, name: str, table: pa.Table, class_names: Sequence[str],
+                image_encoding: str = "png") -> dict:
     """Write one shard atomically under ``dataset/data/<write_id>/<name>.parquet``; its manifest entry.
 
     Called inside Ray tasks. A retried task writes the same name again, so retries never
-    leave two copies of its rows.
+    leave two copies of its rows. The file carries :func:`with_hf_features`' metadata.
     """
     rel = f"{DATA_DIR}/{write_id}/{name}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(with_hf_features(table, class_names, image_encoding), sink)
     buf = sink.getvalue().to_pybytes()
     storage.write_bytes(storage.join(dataset, rel), buf)
-    return {"path": rel, "bytes": len(buf), **batch_stats(table, num_classes)}
+    return {"path": rel, "bytes": len(buf), **batch_stats(table, len(class_names))}
+
+
+# ----------------------------------------------------------------------------- Hugging Face features
+
+_HF_FLOATS = {"halffloat": "float16", "float": "float32", "double": "float64"}
+
+
+def _hf_value(t: pa.DataType) -> dict | None:
+    """A ``datasets.Value`` of a primitive Arrow type, or None (``datasets`` then infers the column's type)."""
+    if pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t) or t in (
+            pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
+        return {"dtype": _HF_FLOATS.get(str(t), str(t)), "_type": "Value"}
+    return None
+
+
+def hf_features(schema: pa.Schema, class_names: Sequence[str], image_encoding: str = "png") -> dict:
+    """The Hugging Face ``datasets`` features of a contract schema, as ``Features.to_dict()`` writes them.
+
+    ``image`` is an ``Image`` when it holds PNG bytes (its storage stays plain binary:
+    ``datasets.Image.cast_storage`` accepts it), ``label`` is a ``ClassLabel`` of ``class_names`` (an unlabelled pool's
+    -1 is ``datasets``' own "no label"), other primitive columns are ``Value``; columns of
+    other types are left out, and ``datasets`` infers them from the Arrow type.
+    """
+    out = {}
+    for f in schema:
+        if f.name == "image" and image_encoding == "png" and pa.types.is_binary(f.type):
+            out[f.name] = {"_type": "Image"}
+        elif f.name == "label" and class_names and pa.types.is_integer(f.type):
+            out[f.name] = {"names": [str(c) for c in class_names], "_type": "ClassLabel"}
+        elif (v := _hf_value(f.type)) is not None:
+            out[f.name] = v
+    return out
+
+
+def with_hf_features(table: pa.Table, class_names: Sequence[str], image_encoding: str = "png") -> pa.Table:
+    """``table`` with :func:`hf_features` as its ``huggingface`` schema metadata (the columns are untouched)."""
+    meta = dict(table.schema.metadata or {})
+    meta[b"huggingface"] = json.dumps({"info": {"features": hf_features(table.schema, class_names, image_encoding)}})
+    return table.replace_schema_metadata(meta)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -397,15 +438,21 @@ def write_dataset(data: pa.Table | Any, path: str | Path, **manifest_kwargs: Any
     A Ray Dataset is written by Ray Data's Parquet writer into a fresh write id; the
     shards' figures are then computed by Ray Data tasks over those files.
     """
-    n_classes = len(manifest_kwargs["class_names"])
+    names = list(manifest_kwargs["class_names"])
+    n_classes = len(names)
     wid = new_write_id()
+    encoding = (manifest_kwargs.get("extra") or {}).get("image_encoding", "png")
     if isinstance(data, pa.Table):
         labelled = manifest_kwargs.get("labelled", True)
-        validate_table(data, manifest_kwargs["class_names"], str(path), labelled=labelled)
-        shard = write_shard(path, wid, "part-00000", data, n_classes)
+        validate_table(data, names, str(path), labelled=labelled)
+        shard = write_shard(path, wid, "part-00000", data, names, encoding)
         manifest_kwargs.setdefault("columns", data.column_names)
         return commit_dataset(path, [shard], check_ids=False, **manifest_kwargs)
     fs, root = storage.resolve(storage.join(path, DATA_DIR, wid))
+    # Each block carries the features metadata, which Ray's writer keeps (the first block's schema
+    # metadata); batch_size=None maps whole blocks, so the files' layout is unchanged.
+    data = data.map_batches(with_hf_features, fn_kwargs={"class_names": names, "image_encoding": encoding},
+                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     # Rows reach the files in the dataset's order, whatever order its tasks or actors finish in:
     # readers (a classifier's file order + shuffle buffer) then see the same layout every run.
     data.context.execution_options.preserve_order = True

@@ -39,7 +39,7 @@ def _table(counts: dict[str, int], source: str, prefix: str, provenance: bool = 
 def _write(table: pa.Table, path, shards: int = 1, names=NAMES) -> str:
     """A contract dataset of ``table`` in ``shards`` shards (rows dealt round-robin)."""
     wid = new_write_id()
-    entries = [write_shard(path, wid, f"part-{k:05d}", table.take(list(range(k, table.num_rows, shards))), len(names))
+    entries = [write_shard(path, wid, f"part-{k:05d}", table.take(list(range(k, table.num_rows, shards))), names)
                for k in range(shards)]
     commit_dataset(path, entries, class_names=list(names), image_size=(8, 8), channels=1, config={},
                    columns=table.column_names)

@@ -10,14 +10,16 @@ training reads instead of re-encoding every epoch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from synthaug import cli
-from synthaug.artifacts import is_complete, read_manifest, read_table
+from synthaug.artifacts import is_complete, read_manifest, read_table, shard_paths
 from synthaug.config import ConfigError, TrainGenConfig, load_config
 from synthaug.shuffle import blocked_shards
 from synthaug.data.images import decode_batch, to_float
@@ -102,6 +104,9 @@ def test_finetune_builds_the_cache_once_and_trains_from_it(ray_session, digits_d
         want = latent_cache.vae_moments(vae, torch.from_numpy(to_float(decode_batch(imgs.column("image").to_pylist()[:4]))))
     got = latent_cache.decode_moments(rows.column("image").to_pylist()[:4], m["latent_shape"])
     assert np.allclose(got, want.numpy(), atol=1e-5)
+    # For Hugging Face datasets the moments are plain bytes, not an Image (the labels are still classes).
+    hf = json.loads(pq.read_schema(shard_paths(loc)[0]).metadata[b"huggingface"])["info"]["features"]
+    assert hf["image"] == {"dtype": "binary", "_type": "Value"} and hf["label"]["names"] == NAMES
     capsys.readouterr()
 
     # Built once: the same inputs reuse it; a changed input (hflip) is a new cache.

@@ -39,7 +39,7 @@ def write_set(path, images, labels, order, shard: int, prefix: str = "r", source
         t = pa.table({"id": [f"{prefix}{i:06d}" for i in idx], "image": [encode_png(images[i]) for i in idx],
                       "label": pa.array(labels[idx], pa.int64()), "class_name": [names[y] for y in labels[idx]],
                       "source": [source] * len(idx)})
-        entries.append(write_shard(path, wid, f"part-{j:05d}", t, len(names)))
+        entries.append(write_shard(path, wid, f"part-{j:05d}", t, names))
     return commit_dataset(path, entries, class_names=names, image_size=(8, 8), channels=1, config={}, check_ids=False)
 
 

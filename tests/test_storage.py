@@ -211,7 +211,7 @@ def test_rewrite_keeps_old_readable_until_the_new_manifest(ray_session, storage_
     old_wid = old["shards"][0]["path"].split("/")[1]
     # A new write's shards land first (as a stage's Ray tasks write them) ...
     wid = artifacts.new_write_id()
-    entries = [artifacts.write_shard(loc, wid, f"part-{k:05d}", rows(5, start=50 + 5 * k, tag="new"), 3)
+    entries = [artifacts.write_shard(loc, wid, f"part-{k:05d}", rows(5, start=50 + 5 * k, tag="new"), CLASSES)
                for k in range(2)]
     assert artifacts.read_manifest(loc)["content_hash"] == old["content_hash"]
     assert ids_of(artifacts.read_table(loc)) == ids_of(rows(9))  # ... and readers still see the old dataset

@@ -303,7 +303,7 @@ def _ingest_chunk(batch: pa.Table, cfg: IngestConfig, plan: dict, out: str, writ
         # every source file and row group of the chunk.
         n = -(-len(part) // cfg.chunk_size)
         entries[split] = [write_shard(storage.join(out, split), write_id, f"part-{chunk:06d}-{k:03d}",
-                                      part.take(pa.array(np.arange(k, len(part), n))), len(class_names))
+                                      part.take(pa.array(np.arange(k, len(part), n))), class_names)
                           for k in range(n)]
     mode, mode_where = seen.get("mode", ("", ""))
     size, size_where = seen.get("size", ([], ""))

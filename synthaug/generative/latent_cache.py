@@ -61,7 +61,7 @@ def cache_key(data_manifest: dict, base: str, hflip: bool) -> tuple[str, dict]:
 class ShardEncoder:
     """Ray Data actor: encodes whole input shards and writes each as the cache shard of the same index."""
 
-    def __init__(self, base: str, vae_key: str, data_loc: str, out: str, write_id: str, num_classes: int,
+    def __init__(self, base: str, vae_key: str, data_loc: str, out: str, write_id: str, class_names: list[str],
                  hflip: bool, batch_size: int, use_gpu: bool):
 
         torch.set_num_threads(1)
@@ -71,7 +71,7 @@ class ShardEncoder:
         vae_dir = storage.localize(storage.join(base, "vae"), key=f"vae-{vae_key}/vae")
         self.vae = load_vae(vae_dir.parent).to(self.device)
         self.data_loc, self.out, self.write_id = data_loc, out, write_id
-        self.num_classes, self.hflip, self.batch_size = num_classes, hflip, batch_size
+        self.class_names, self.hflip, self.batch_size = list(class_names), hflip, batch_size
 
     @torch.no_grad()
     def _encode(self, images: list[bytes]) -> list[bytes]:
@@ -92,7 +92,8 @@ class ShardEncoder:
                 table = pq.read_table(f, columns=list(BASE_COLUMNS))
             table = table.set_column(table.schema.get_field_index("image"), "image",
                                      pa.array(self._encode(table.column("image").to_pylist()), pa.binary()))
-            entries.append(write_shard(self.out, self.write_id, f"part-{int(index):05d}", table, self.num_classes))
+            entries.append(write_shard(self.out, self.write_id, f"part-{int(index):05d}", table, self.class_names,
+                                       ENCODING))
         return {"entry": [json.dumps(e) for e in entries]}
 
 
@@ -126,7 +127,7 @@ def build(data_dir: str, base: str, out: str, *, hflip: bool, batch_size: int = 
     rows = [{"index": i, "path": s["path"]} for i, s in enumerate(m["shards"])]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map_batches(ShardEncoder, batch_size=1, fn_constructor_kwargs=dict(
-        base=base, vae_key=vae_key, data_loc=data_dir, out=out, write_id=write_id, num_classes=len(m["class_names"]),
+        base=base, vae_key=vae_key, data_loc=data_dir, out=out, write_id=write_id, class_names=list(m["class_names"]),
         hflip=hflip, batch_size=batch_size, use_gpu=use_gpu), **actor_pool_kwargs(1, max_actors, 1.0 if use_gpu else 0.0))
     entries = sorted((json.loads(r["entry"]) for r in ds.iter_rows()), key=lambda e: e["path"])
     if len(entries) != len(rows):

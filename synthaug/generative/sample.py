@@ -294,7 +294,7 @@ class ChunkSampler(Sampler):
             plan = chunk_plan(chunk, self.counts, self.class_names, self.s.seed, rows=self._rows)
             bs = self.s.batch_size
             parts = [self.sample_batch(plan.slice(i, bs).to_pydict()) for i in range(0, plan.num_rows, bs)]
-            entry = write_shard(self.out, self.write_id, chunk.name, pa.concat_tables(parts), len(self.class_names))
+            entry = write_shard(self.out, self.write_id, chunk.name, pa.concat_tables(parts), self.class_names)
             entries.append(json.dumps(entry))
         return {"entry": np.asarray(entries, dtype=object)}
 
