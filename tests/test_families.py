@@ -130,7 +130,9 @@ def test_finetuned_export_reloads_and_samples(finetuned, bases, family, parts):
     if family == "text2image":  # the template from the YAML
         assert m["prompts"][3] == "a photo of the handwritten digit 3" and m["prompts"][-1] == ""
     elif family == "dit":
-        assert json.loads((out / "transformer" / "config.json").read_text())["num_embeds_ada_norm"] == 10
+        # Label tables padded on disk so that DiTPipeline's null class 1000 is ours (tests/test_diffusers_pipelines.py).
+        assert json.loads((out / "transformer" / "config.json").read_text())["num_embeds_ada_norm"] == 1000
+        assert json.loads((out / "model_index.json").read_text())["id2label"]["9"] == "9"
     else:
         assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 11
 

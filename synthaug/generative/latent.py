@@ -10,18 +10,25 @@ directory; neither has a from-scratch preset.
   per block (``transformer_blocks[i].norm1.emb.class_embedder.embedding_table``, sized by
   the ``num_embeds_ada_norm`` config); each is resized to the user's classes + 1 null
   row. DiT predicts eps and (learned sigma) a variance: only the eps half is used.
-  Diffusers' ``DiTPipeline`` hard-codes null class 1000, so sampling goes through our
-  own guidance loop with null = number of classes.
+  Sampling goes through our own guidance loop with null = number of classes. Diffusers'
+  ``DiTPipeline`` hard-codes null class 1000, so an export pads every table to 1001 rows
+  on disk (null row last, the unused rows copies of it; see :func:`_dit_export`) and a
+  reload takes the padding off again.
 * ``text2image``: Stable-Diffusion-style ``UNet2DConditionModel`` (``unet/``) with a
   frozen ``CLIPTextModel`` and ``CLIPTokenizer``. Class k is the prompt
   ``template.format(class_name=...)``, the null class the empty prompt; the prompts
   are encoded once into a (K + 1, seq, dim) table looked up by label, so the denoiser
   takes labels like every other family. The UNet is fully fine-tuned, or LoRA
   adapters (peft) are trained and folded into the weights on export.
+
+Both exports carry a ``model_index.json`` (``DiTPipeline`` with ``id2label`` from the class
+names; ``StableDiffusionPipeline`` without safety checker), so diffusers loads them as
+pipelines; the manifest keeps the prompt template and every class's prompt.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
     from synthaug.generative.models import Generator
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as diffusers' LoRA scripts
+DIT_PIPELINE_NULL = 1000  # the null class diffusers' DiTPipeline samples classifier-free guidance with
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -94,27 +102,61 @@ def _image_size(root, family: str, spec: LoadSpec, native_latent: int, vae_f: in
 # ----------------------------------------------------------------------------- DiT
 
 
-def _resize_label_tables(model: nn.Module, num_classes: int) -> None:
+def _resize_label_tables(model: nn.Module, num_classes: int, trained_classes: int = 0) -> None:
     """Give every block's label table ``num_classes + 1`` rows, the last one the null class.
 
-    With a different class count the new classes have nothing to do with the old ones,
-    so every row starts from the old null row (the unconditional model). Diffusers' own
-    label dropout is switched off: it would redraw in every block, and the training
-    loop already drops labels to the null class once per sample.
+    A table's null row is row ``num_embeds_ada_norm`` (diffusers' convention). Rows trained
+    for these classes are kept: a base's with ``num_classes`` classes, or an export's
+    (``trained_classes``, its manifest's count; on disk its tables are padded for
+    ``DiTPipeline``, see :func:`_dit_export`). With a different class count the new classes
+    have nothing to do with the old ones, so every row starts from the old null row (the
+    unconditional model). Diffusers' own label dropout is switched off: it would redraw in
+    every block, and the training loop already drops labels to the null class once per sample.
     """
     want = num_classes + 1
     for block in model.transformer_blocks:
         emb = block.norm1.emb.class_embedder
-        table = emb.embedding_table
-        if not (emb.num_classes == num_classes and table.num_embeddings == want):
-            old_null = table.weight[emb.num_classes] if table.num_embeddings > emb.num_classes else table.weight.mean(0)
+        table, own = emb.embedding_table, emb.num_classes
+        has_null = table.num_embeddings > own
+        keep = has_null and (trained_classes or own) == num_classes and own >= num_classes
+        if not (keep and own == num_classes):
+            old_null = table.weight[own] if has_null else table.weight.mean(0)
+            rows = torch.cat([table.weight[:num_classes], old_null[None]]) if keep else old_null.expand(want, -1)
             new = nn.Embedding(want, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
             with torch.no_grad():
-                new.weight.copy_(old_null.expand(want, -1))
+                new.weight.copy_(rows)
             emb.embedding_table = new
         emb.num_classes = num_classes
         emb.dropout_prob = 0.0
     model.register_to_config(num_embeds_ada_norm=num_classes)
+
+
+def _dit_export(model: nn.Module) -> nn.Module:
+    """The DiT to save: a copy whose label tables ``DiTPipeline`` can guide with.
+
+    The pipeline takes class 1000 as the null class, whatever the model's class count, so
+    with K < 1000 classes each table is padded to 1001 rows: the K class rows, copies of the
+    null row, the null row at 1000 (labels 0..K behave as before). The copy shares every
+    other parameter with ``model``, which is left unchanged. With K >= 1000 it is saved as is
+    (at K > 1000, the pipeline's guidance would use class 1000 as null; see docs/families.md).
+    """
+    k = int(model.config.num_embeds_ada_norm)
+    if k >= DIT_PIPELINE_NULL:
+        return model
+    out = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})  # new modules, shared weights
+    for block in out.transformer_blocks:
+        emb = block.norm1.emb.class_embedder
+        w = emb.embedding_table.weight  # (K + 1, D), the null row last
+        padded = torch.cat([w[:k], w[k:].expand(DIT_PIPELINE_NULL + 1 - k, -1)])  # (1001, D)
+        emb.embedding_table = nn.Embedding.from_pretrained(padded.detach().clone(), freeze=False)
+        emb.num_classes = DIT_PIPELINE_NULL
+    out.register_to_config(num_embeds_ada_norm=DIT_PIPELINE_NULL)
+    return out
+
+
+def _dit_pipeline_config(class_names: list[str]) -> dict:
+    """``DiTPipeline``'s labels: ``pipe.get_label_ids([name])`` -> the class's index."""
+    return {"id2label": {str(i): name for i, name in enumerate(class_names)}}
 
 
 def _dit_shape(root, spec: LoadSpec, c, vae_c) -> Shape:
@@ -142,7 +184,7 @@ def _dit_load(root: Path, spec: LoadSpec) -> Loaded:
     model = DiTTransformer2DModel.from_pretrained(str(root / "transformer"), local_files_only=True)
     vae = load_vae(root)
     shape = _dit_shape(root, spec, dict(model.config), dict(vae.config))
-    _resize_label_tables(model, len(spec.class_names))
+    _resize_label_tables(model, len(spec.class_names), spec.trained_classes)
     return Loaded(model, {"vae": vae}, shape.image_size, shape.channels, {})
 
 
@@ -152,7 +194,8 @@ def _dit_denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: tor
 
 
 DIT = Family("dit", None, _dit_load, _dit_denoise, "transformer", "DiTTransformer2DModel", ("vae",),
-             vae_encode, vae_decode, _latent_shape, latent=True, probe=_dit_probe)
+             vae_encode, vae_decode, _latent_shape, _dit_export, latent=True, probe=_dit_probe,
+             pipeline="DiTPipeline", pipeline_config=_dit_pipeline_config)
 
 
 # ----------------------------------------------------------------------------- text-to-image
@@ -253,6 +296,12 @@ def _t2i_export(model: nn.Module) -> nn.Module:
     return unet
 
 
+def _t2i_pipeline_config(class_names: list[str]) -> dict:
+    """``StableDiffusionPipeline`` without its safety checker (class k's prompt is in the manifest's ``prompts``)."""
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
 TEXT2IMAGE = Family("text2image", None, _t2i_load, _t2i_denoise, "unet", "UNet2DConditionModel",
                     ("vae", "text_encoder", "tokenizer"), vae_encode, vae_decode, _latent_shape, _t2i_export,
-                    latent=True, probe=_t2i_probe)
+                    latent=True, probe=_t2i_probe, pipeline="StableDiffusionPipeline",
+                    pipeline_config=_t2i_pipeline_config)

@@ -8,6 +8,7 @@ A *generator directory* is diffusers ``save_pretrained`` layout plus our manifes
       text_encoder/         text2image: the frozen CLIPTextModel
       tokenizer/            text2image: its CLIPTokenizer
       scheduler/            scheduler_config.json (the training noise schedule)
+      model_index.json      dit, text2image: the diffusers pipeline that loads the export (Family.pipeline)
       manifest.json         family, class_names, null_class, image size, hashes, config
 
 Families come from :mod:`synthaug.generative.registry`: ``unet`` (pixel-space
@@ -332,7 +333,8 @@ def load_generator(path: str | Path, family: str | None = None, class_names: lis
         raise GeneratorError(f"{path}: class count of 0 (no class names in the manifest or the config)")
     spec = LoadSpec(tuple(names), image_size or int(manifest.get("image_size") or 0),
                     channels or int(manifest.get("channels") or 0),
-                    prompt_template or manifest.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, lora_rank)
+                    prompt_template or manifest.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, lora_rank,
+                    len(manifest.get("class_names") or []))
     root = storage.localize(path, key=manifest.get("weights_hash") or None)  # a local dir for from_pretrained
     loaded = fam.load_model(root, spec)
     sched_file = root / "scheduler" / "scheduler_config.json"
@@ -359,20 +361,46 @@ def _drop_source_paths(root: Path) -> None:
             f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _write_model_index(root: Path, fam: Family, model: nn.Module, components: dict, scheduler,
+                       class_names: list[str]) -> None:
+    """``model_index.json`` for ``fam.pipeline``, as diffusers writes it (the pipeline built from the parts).
+
+    Its init arguments that the pipeline keeps out of its own config (``DiTPipeline``'s
+    ``id2label``) are recorded too, so ``from_pretrained`` passes them back.
+    """
+    import warnings
+
+    import diffusers
+
+    cls = getattr(diffusers, fam.pipeline)
+    extra = fam.pipeline_config(class_names)
+    with warnings.catch_warnings():  # its checks of the parts' configs (e.g. a scheduler's steps_offset) warn on load
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = cls(**{fam.model_subdir: model, **components, "scheduler": scheduler}, **extra)
+    pipe.register_to_config(**{k: v for k, v in extra.items() if k not in pipe.config})
+    pipe.save_config(str(root))
+
+
 def save_generator(gen: Generator, path: str | Path, extra: dict) -> dict:
     """Export in diffusers layout (safetensors) to a location: built locally, published manifest last.
 
-    ``weights_hash`` is the hash of the local tree before it is uploaded.
+    A family with a diffusers pipeline (``Family.pipeline``) also gets its ``model_index.json``;
+    one that a base came with is never copied. ``weights_hash`` is the hash of the local tree
+    before it is uploaded.
     """
     from diffusers import DDPMScheduler
 
     lp = storage.local_path(path)
     tmp = staging_dir(lp) if lp is not None else Path(tempfile.mkdtemp(prefix="synthaug-generator-"))
     fam = registry.get(gen.family)
-    fam.export_model(gen.model).save_pretrained(str(tmp / fam.model_subdir), safe_serialization=True)
+    model = fam.export_model(gen.model)
+    model.save_pretrained(str(tmp / fam.model_subdir), safe_serialization=True)
     for name, part in gen.components.items():  # frozen parts, unchanged
         part.save_pretrained(str(tmp / name))
     DDPMScheduler.from_config(gen.scheduler_config).save_pretrained(str(tmp / "scheduler"))
+    if fam.pipeline:  # a scheduler object of its own: a pipeline may rewrite the config it is given
+        _write_model_index(tmp, fam, model, gen.components, DDPMScheduler.from_config(gen.scheduler_config),
+                           gen.class_names)
     _drop_source_paths(tmp)
     manifest = {
         "schema_version": SCHEMA_VERSION,

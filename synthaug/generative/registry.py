@@ -46,6 +46,7 @@ class LoadSpec:
     channels: int = 0
     prompt_template: str = ""
     lora_rank: int = 0
+    trained_classes: int = 0  # an export's own class count (its manifest's); 0 for a plain diffusers base
 
 
 class Loaded(NamedTuple):
@@ -77,6 +78,10 @@ def _same(model: "nn.Module") -> "nn.Module":
     return model
 
 
+def _no_pipeline_config(class_names: list[str]) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build, probe, load, call, encode for and save one kind of generator."""
@@ -96,6 +101,11 @@ class Family:
     latent: bool = False  # diffusion in a VAE's latent space (no [-1, 1] clipping of x0)
     # From the configs of a base at a location (any storage): the pixel shape it runs at, or GeneratorError.
     probe: Callable[[Callable[[str], dict | None], str, LoadSpec], Shape] | None = None
+    # The diffusers pipeline class an export's model_index.json names, so `<pipeline>.from_pretrained(export)`
+    # loads it ('' = none: no diffusers pipeline takes this family's class labels), and its other init
+    # arguments, from the class names (components left out, e.g. safety_checker=None; labels for the user).
+    pipeline: str = ""
+    pipeline_config: Callable[[list[str]], dict] = _no_pipeline_config
 
 
 _REGISTERED: dict[str, Family] = {}
