@@ -182,6 +182,11 @@ class ClassifyConfig:
     seeds: tuple = _f((0, 1, 2), "Seeds for the repeated classifier runs (mean +- std).")
     checkpoint_every: int = _f(10, "Checkpoint every N epochs (and at the last); metrics are reported every epoch.")
     eval_every: int = _f(1, "Evaluate on the real val split (sharded over the workers) every N epochs and at the last; reports in between repeat the latest numbers (eval_epoch says which). Each evaluation is one Ray Data pass over val.")
+    added_batch: int = _f(0, "Two-stream batches (He et al. 2023): each step a full real batch of batch_size plus this many added rows (the mixture's synthetic and pseudo-labelled parts, their own stream); 0 = one stream, the parts shuffled together.")
+    added_weight: float = _f(1.0, "Two-stream: the added batch's loss weight (loss = real loss + added_weight x added loss).")
+    kd_teacher: str = _f("", "Soft targets on the added rows (knowledge distillation, He et al.; DM-KD): saved classifier(s) whose averaged tempered probabilities are the targets, comma-separated locations (e.g. the real-only seeds' models); needs added_batch.")
+    kd_weight: float = _f(0.5, "Soft targets: the weight of the distillation term against the hard labels on the added rows (0 = hard labels only, 1 = soft only).")
+    kd_temperature: float = _f(2.0, "Soft targets: the temperature of teacher and student probabilities (the term is scaled by T^2).")
     cache: bool = _f(False, "Materialise the decoded train mixture in Ray's object store once, and keep each worker's decoded val share in its memory (only for sets that fit); epochs then keep the first epoch's file order (the local shuffle still reshuffles). Off: every epoch streams and decodes the Parquet shards again, in a new file order.")
     shuffle_buffer_mb: int = _f(1024, "Upper bound (MiB of decoded uint8 rows) of each worker's local shuffle buffer; the buffer holds 16 of the mixture's largest shards (at least 8 batches), so class-sorted shards still give class-mixed batches.")
     num_workers: int = _f(1, "Training workers: 1 runs the loop in one Ray task; more are Ray Train workers (DDP).")
@@ -578,6 +583,11 @@ def _check_classify(c: ClassifyConfig, p: str) -> None:
     _check(0.0 < c.model_ema_decay < 1.0, f"config key '{p}model_ema_decay' must be in (0, 1)")
     _check(c.warmup_epochs >= 0, f"config key '{p}warmup_epochs' must be >= 0")
     _check(c.max_failures >= 0, f"config key '{p}max_failures' must be >= 0")
+    _check(c.added_batch >= 0, f"config key '{p}added_batch' must be >= 0")
+    _check(c.added_weight >= 0, f"config key '{p}added_weight' must be >= 0")
+    _check(not c.kd_teacher or c.added_batch > 0, f"config key '{p}kd_teacher' needs two-stream batches ({p}added_batch > 0)")
+    _check(0.0 <= c.kd_weight <= 1.0, f"config key '{p}kd_weight' must be in [0, 1]")
+    _check(c.kd_temperature > 0, f"config key '{p}kd_temperature' must be > 0")
 
 
 def _check_pseudolabel(c: PseudoLabelConfig, p: str) -> None:

@@ -393,3 +393,58 @@ def test_test_split_is_evaluated_once_with_the_final_weights(ray_session, digits
     with_test = fit_local(cfg, str(digits_dirs["train"]), digits_dirs["val"], test_dir=digits_dirs["val"], **kw)
     assert with_test["test_top1"] == with_test["top1"] > 20
     assert np.isnan(fit_local(cfg, str(digits_dirs["train"]), digits_dirs["val"], **kw)["test_top1"])
+
+
+def test_two_stream_loss_is_real_plus_weighted_added():
+    """A two-stream batch: loss = real loss + added_weight x added loss (checked on a model without batch statistics)."""
+    from synthaug.classify.core import train_epoch, two_stream
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    real = {"image": x[:8], "label": y[:8], "domain": torch.zeros(8, dtype=torch.bool)}
+    added = {"image": x[8:], "label": y[8:], "domain": torch.ones(4, dtype=torch.bool)}
+
+    def step(batches, weight):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        torch.nn.init.constant_(model[1].weight, 0.01), torch.nn.init.zeros_(model[1].bias)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_epoch(model, batches, opt, None, torch.nn.CrossEntropyLoss(), "cpu", added_weight=weight)
+        return model[1].weight.detach().clone()
+
+    only_real = step([real], 1.0)
+    assert torch.equal(step(list(two_stream([real], [added])), 0.0), only_real)  # weight 0: the added rows do nothing
+    ce = torch.nn.CrossEntropyLoss()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    torch.nn.init.constant_(model[1].weight, 0.01), torch.nn.init.zeros_(model[1].bias)
+    (ce(model(x[:8]), y[:8]) + 0.5 * ce(model(x[8:]), y[8:])).backward()
+    expected = 0.01 - model[1].weight.grad
+    assert torch.allclose(step(list(two_stream([real], [added])), 0.5), expected, atol=1e-6)
+
+
+def test_two_stream_and_soft_targets_train(ray_session, digits_dirs, tmp_path):
+    """Two-stream batches with distillation from a saved teacher: they train, repeat, and differ from one stream."""
+    from synthaug.classify.core import Distiller, classifier_meta
+    from synthaug.classify.models import build_classifier, save_classifier
+    from synthaug.errors import InputValueError
+
+    _, names = _digits(digits_dirs)
+    train = _as_mixture(digits_dirs, tmp_path)
+    base = ClassifyConfig(epochs=2, batch_size=32)
+    teacher = tmp_path / "teacher"
+    save_classifier(build_classifier(base, len(names), 1, 3), teacher, classifier_meta(base, names, 1, (8, 8)))
+    kd = replace(base, added_batch=16, added_weight=0.5, kd_teacher=str(teacher), kd_weight=0.5)
+    d = Distiller([str(teacher)], kd, "cpu")  # the distillation term vanishes when the student is the teacher
+    xb = torch.randn(5, 1, 8, 8)
+    t_logits = d.models[0](xb)
+    assert d.loss(t_logits, xb).abs() < 1e-5 and d.loss(-t_logits, xb) > 0.01
+    kw = dict(class_names=names, in_chans=1, reporter="local", seed=0)
+    one = fit_local(base, train, digits_dirs["val"], **kw)
+    two = fit_local(replace(kd, kd_teacher=""), train, digits_dirs["val"], **kw)
+    soft, again = (fit_local(kd, train, digits_dirs["val"], **kw) for _ in range(2))
+    assert soft["train_loss"] == again["train_loss"] and soft["top1"] == again["top1"]
+    assert len({one["train_loss"], two["train_loss"], soft["train_loss"]}) == 3
+    assert two["top1"] > 30 and soft["epochs"] == 2
+    with pytest.raises(InputValueError, match="two-stream batches need real rows and added ones"):
+        fit_local(replace(kd, kd_teacher=""), str(digits_dirs["train"]), digits_dirs["val"], **kw)
+    with pytest.raises(InputValueError, match="not a saved classifier"):
+        fit_local(replace(kd, kd_teacher=str(tmp_path)), train, digits_dirs["val"], **kw)

@@ -47,6 +47,8 @@ def train_epoch(
     ema: Any = None,
     amp: bool = False,
     channels_last: bool = False,
+    added_weight: float = 1.0,
+    kd: "Distiller | None" = None,
 ) -> dict:
     """One pass over ``batches`` ({"image": (B, C, H, W) float, "label": (B,), "domain": (B,) bool}).
 
@@ -67,18 +69,25 @@ def train_epoch(
         x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)  # (B, C, H, W)
         y = batch["label"].to(device, non_blocking=True)  # (B,)
         domain = batch.get("domain")
-        target = y
-        if mixup is not None:
-            keep = len(y) - len(y) % 2  # timm's Mixup pairs a batch with its reverse: even sizes only
-            x, y = x[:keep], y[:keep]
-            domain = domain[:keep] if domain is not None else None
-            if keep == 0:
+        n_real = int(batch.get("n_real", len(y)))  # two-stream batches: the first n_real rows are real
+        if mixup is not None:  # each stream mixed within itself
+            x, target, y, domain, n_real = _mix_streams(mixup, x, y, domain, n_real, _seed(seed, step))
+            if len(y) == 0:
                 continue
-            x, target = mixup(x, y, seed=_seed(seed, step))
+        else:
+            target = y
         if split_bn:
             set_domain(bare, domain.to(device) if domain is not None else None)
         with autocast:
-            loss = loss_fn(model(x), target)
+            logits = model(x)
+            if n_real == len(y):
+                loss = loss_fn(logits, target)
+            else:  # real loss + added_weight x added loss (soft targets on the added rows with a teacher)
+                added = loss_fn(logits[n_real:], target[n_real:])
+                if kd is not None:
+                    added = (1 - kd.weight) * added + kd.weight * kd.loss(logits[n_real:], x[n_real:])
+                real = loss_fn(logits[:n_real], target[:n_real]) if n_real else 0.0
+                loss = real + added_weight * added
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -97,6 +106,59 @@ def train_epoch(
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def _mix_streams(mixup: MixupCutmix, x, y, domain, n_real: int, seed: int):
+    """timm Mixup/CutMix on each stream of a batch separately (one stream: the whole batch).
+
+    Mixup pairs a batch with its reverse and wants even sizes, so each stream drops its odd row.
+    Returns (x, soft targets, labels, domain, real rows) of the rows kept, real rows first.
+    """
+    two = n_real < len(y)
+    cuts = [(0, n_real), (n_real, len(y))] if two else [(0, len(y))]
+    xs, ts, ys, ds = [], [], [], []
+    for i, (a, b) in enumerate(cuts):
+        b = a + (b - a) - (b - a) % 2
+        if b <= a:
+            continue
+        xi, ti = mixup(x[a:b], y[a:b], seed=seed + i)
+        xs.append(xi), ts.append(ti), ys.append(y[a:b]), ds.append(domain[a:b] if domain is not None else None)
+    if not xs:
+        return x[:0], y[:0], y[:0], domain[:0] if domain is not None else None, 0
+    y = torch.cat(ys)
+    kept_real = n_real - n_real % 2 if two else len(y)
+    return torch.cat(xs), torch.cat(ts), y, torch.cat(ds) if domain is not None else None, kept_real
+
+
+def two_stream(real: Iterable[dict], added: Iterable[dict]) -> Iterable[dict]:
+    """Each step's real batch followed by its added batch, as one batch with ``n_real``."""
+    for r, a in zip(real, added):
+        yield {"image": torch.cat([r["image"], a["image"]]), "label": torch.cat([r["label"], a["label"]]),
+               "domain": torch.cat([r["domain"], a["domain"]]), "n_real": len(r["label"])}
+
+
+class Distiller:
+    """Soft targets from saved classifiers: their averaged probabilities at temperature T.
+
+    ``loss(student_logits, x)`` is ``T^2 KL(teacher_T || student_T)`` (Hinton et al.), on the
+    same (augmented, mixed) images the student sees. ``weight`` is ``classify.kd_weight``.
+    """
+
+    def __init__(self, locations: list[str], cfg: ClassifyConfig, device):
+        from synthaug.classify.models import load_classifier
+
+        self.models = [load_classifier(loc)[0].to(device).eval() for loc in locations]
+        self.temperature, self.weight = float(cfg.kd_temperature), float(cfg.kd_weight)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.softmax(m(x).float() / self.temperature, dim=1) for m in self.models]).mean(0)
+
+    def loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        target = self.probabilities(x)
+        log_p = torch.log_softmax(logits.float() / t, dim=1)
+        return torch.nn.functional.kl_div(log_p, target, reduction="batchmean") * t * t
 
 
 def count_width(num_classes: int) -> int:

@@ -371,3 +371,14 @@ def real_only(loc: str) -> Mixture:
     return Mixture(real=str(loc), synthetic=None, thresholds={}, counts={}, seed=0, ratio=0.0, synthetic_only=False,
                    n_real=int(m["num_rows"]), class_names=tuple(m["class_names"]),
                    image_size=tuple(int(v) for v in m["image_size"]), channels=int(m["channels"]))
+
+
+def streams(spec: Mixture) -> tuple[Mixture, Mixture]:
+    """A mixture as two streams (two-stream batches): its real rows, and its added rows (the kept
+    synthetic rows and the extra set). A mixture without both raises (one stream is all it has)."""
+    if spec.real is None or not (spec.n_synthetic or spec.n_extra):
+        raise InputValueError("classify.added_batch: two-stream batches need real rows and added ones "
+                              "(a synthetic ratio > 0 or pseudo-labelled rows)")
+    real = dataclasses.replace(spec, synthetic=None, thresholds={}, counts={}, extra=None, n_extra=0)
+    added = dataclasses.replace(spec, real=None, n_real=0)
+    return real, added

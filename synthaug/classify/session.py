@@ -40,8 +40,8 @@ from torch import nn
 from synthaug import console
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
 from synthaug.classify.checkpoints import TaskCheckpoints
-from synthaug.classify.core import (build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
-                                    metrics_from_counts, read_checkpoint, train_epoch, write_checkpoint)
+from synthaug.classify.core import (Distiller, build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
+                                    metrics_from_counts, read_checkpoint, train_epoch, two_stream, write_checkpoint)
 from synthaug.classify.data import iterate, val_batches, val_dataset
 from synthaug.classify.models import build_classifier
 from synthaug.config import ClassifyConfig
@@ -69,12 +69,13 @@ class _Session:
             use_gpu = config["classify"].use_gpu and torch.cuda.is_available()
             self.device = torch.device("cuda" if use_gpu else "cpu")
 
-    def train_data(self):
+    def train_data(self, name: str = "train"):
+        """This worker's stream of the ``"train"`` set, or of the ``"added"`` one (two-stream batches)."""
         if self.kind == "train":
             import ray.train
 
-            return ray.train.get_dataset_shard("train")
-        return self.config["_dataset"].iterator()
+            return ray.train.get_dataset_shard(name)
+        return self.config["_dataset" if name == "train" else "_added"].iterator()
 
     @property
     def _data_context(self):
@@ -229,6 +230,9 @@ def train_loop_per_worker(config: dict) -> dict:
         val = val.materialize()
 
     data = session.train_data()
+    added = session.train_data("added") if cfg.added_batch else None
+    added_batch = max(1, cfg.added_batch // world)
+    kd = Distiller(config["kd_teachers"], cfg, session.device) if config.get("kd_teachers") else None
     last: dict = {}
     evaluated = {"top1": float("nan"), "top5": float("nan"), "top1_no_ema": float("nan"),
                  "per_class_top1": [float("nan")] * num_classes, "eval_epoch": 0}
@@ -237,9 +241,14 @@ def train_loop_per_worker(config: dict) -> dict:
         torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
         batches = iterate(data, steps_per_epoch, cfg, batch_size=per_worker_batch, seed=seed, epoch=epoch, rank=rank,
                           in_chans=in_chans, image_size=config["image_size"], buffer_rows=config.get("shuffle_rows"))
+        if added is not None:  # each step: the real batch, then the added batch from its own stream
+            batches = two_stream(batches, iterate(
+                added, steps_per_epoch, cfg, batch_size=added_batch, seed=_seed(seed, 7), epoch=epoch, rank=rank,
+                in_chans=in_chans, image_size=config["image_size"], buffer_rows=config.get("added_shuffle_rows")))
         mix = BatchMix(num_classes)  # the class mix of this epoch's batches (rank 0's are reported)
         stats = train_epoch(model, mix.watch(batches), optimizer, scheduler, loss_fn, session.device, step=step,
-                            seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last)
+                            seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last,
+                            added_weight=cfg.added_weight, kd=kd)
         step = stats["step"]
         loss_sum, images = all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from synthaug import identity, storage
 from synthaug.classify.data import decode_to_uint8, iterate, shuffle_rows, training_dataset, val_batches, val_dataset  # noqa: F401
-from synthaug.classify.mixing import Mixture, parts, real_only
+from synthaug.classify.mixing import Mixture, parts, real_only, streams
 from synthaug.classify.model_names import check_classifier_config
 from synthaug.config import ClassifyConfig, RayConfig, replace, to_dict
 from synthaug.errors import InputValueError
@@ -79,7 +79,30 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
         "val_dir": storage.absolute(str(val_dir)), "n_train": int(spec.num_rows), "_reporter": reporter,
         "shuffle_rows": shuffle_rows(cfg, spec),
         "test_dir": storage.absolute(str(test_dir)) if test_dir else None,
+        **_two_stream_config(cfg, spec),
     }
+
+
+def _two_stream_config(cfg: ClassifyConfig, spec: Mixture) -> dict:
+    """Two-stream batches: the added stream's shuffle buffer and the distillation teachers (checked here)."""
+    if not cfg.added_batch:
+        return {}
+    _, added = streams(spec)
+    teachers = [t.strip() for t in cfg.kd_teacher.split(",") if t.strip()]
+    for t in teachers:
+        if not storage.is_file(storage.join(t, "classifier.json")):
+            raise InputValueError(f"classify.kd_teacher: {t} is not a saved classifier (no classifier.json)")
+    return {"added_shuffle_rows": shuffle_rows(cfg, added), "kd_teachers": [storage.absolute(t) for t in teachers]}
+
+
+def train_datasets(cfg: ClassifyConfig, spec: Mixture, seed: int) -> dict:
+    """The lazy decoded train datasets: ``{"train"}``, or ``{"train": real rows, "added": added rows}`` for
+    two-stream batches (each with its own seeded file order)."""
+    if not cfg.added_batch:
+        return {"train": training_dataset(spec, seed=seed, cache=cfg.cache)}
+    real, added = streams(spec)
+    return {"train": training_dataset(real, seed=seed, cache=cfg.cache),
+            "added": training_dataset(added, seed=seed + 1_000_003, cache=cfg.cache)}
 
 
 def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names, in_chans: int,
@@ -105,6 +128,12 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
     }
     if getattr(spec, "extra", None) is not None:  # only then: the keys of runs without one stay as they were
         inputs["extra"] = identity.dataset_hash(spec.extra)
+    if cfg.kd_teacher:  # the teachers by the key their classifier.json records (the run that made their weights)
+        import hashlib
+        import json
+
+        metas = [storage.read_bytes(storage.join(t.strip(), "classifier.json")) for t in cfg.kd_teacher.split(",") if t.strip()]
+        inputs["kd_teachers"] = [json.loads(m).get("key") or hashlib.sha256(m).hexdigest() for m in metas]
     if test_dir:  # likewise: only a run that reports on a test split
         inputs["test"] = identity.dataset_hash(str(test_dir))
     key = identity.artifact_key("classify", identity.config_fields("classify", cfg), inputs, seed=int(seed),
@@ -118,7 +147,7 @@ def _result(metrics: dict | None) -> dict:
     return {k: metrics.get(k, float("nan")) for k in RESULT_KEYS}
 
 
-def _data_config(num_workers: int):
+def _data_config(num_workers: int, names=("train",)):
     """Ray Train ingest: "train" split over the workers (each streams its shard), in a fixed row order.
 
     One worker gets the dataset unsplit: the same rows in the same order, without the
@@ -128,8 +157,8 @@ def _data_config(num_workers: int):
 
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
-    return ray.train.DataConfig(datasets_to_split=["train"] if num_workers > 1 else [],
-                                execution_options={"train": opts})
+    return ray.train.DataConfig(datasets_to_split=list(names) if num_workers > 1 else [],
+                                execution_options={n: opts for n in names})
 
 
 def fit(
@@ -208,8 +237,8 @@ def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_l
 
     from synthaug.classify.checkpoints import TaskCheckpoints
 
-    config = {**config, "_reporter": "task", "_run_loc": run_loc,
-              "_dataset": training_dataset(spec, seed=seed, cache=cfg.cache)}
+    ds = train_datasets(cfg, spec, seed)
+    config = {**config, "_reporter": "task", "_run_loc": run_loc, "_dataset": ds["train"], "_added": ds.get("added")}
     task = ray.remote(_train_loop).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
                                            max_retries=cfg.max_failures, name="classify")
     metrics = _result(ray.get(task.remote(config)))
@@ -234,8 +263,8 @@ def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_
             callbacks=list(callbacks or []),
             **storage.ray_storage(out_dir),
         ),
-        datasets={"train": training_dataset(spec, seed=seed, cache=cfg.cache)},
-        dataset_config=_data_config(cfg.num_workers),
+        datasets=(datasets := train_datasets(cfg, spec, seed)),
+        dataset_config=_data_config(cfg.num_workers, tuple(datasets)),
     )
     result = trainer.fit()
     return _result(result.metrics), result.checkpoint
@@ -274,7 +303,8 @@ def fit_local(
     spec = as_mixture(train)
     config = _loop_config(cfg, spec, val_dir, seed, class_names, in_chans, reporter, test_dir)
     init_ray(ray_cfg)  # a no-op inside a Tune trial, where Ray is already up
-    config["_dataset"] = training_dataset(spec, seed=seed, cache=cfg.cache)
+    ds = train_datasets(cfg, spec, seed)
+    config["_dataset"], config["_added"] = ds["train"], ds.get("added")
     from synthaug.classify.session import train_loop_per_worker
 
     return _result(train_loop_per_worker(config))
