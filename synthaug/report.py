@@ -101,7 +101,7 @@ def _paired_row(real, runs: list[dict], column: str = "top1") -> dict:
     """Mean/std of ``runs``' ``column`` and their paired difference (by seed) against ``real`` (a seed -> top-1 Series)."""
     import pandas as pd
 
-    top1 = pd.Series({int(r["seed"]): float(r.get(column, np.nan)) for r in runs})
+    top1 = pd.Series({int(r["seed"]): np.nan if r.get(column) is None else float(r[column]) for r in runs})
     g = paired((top1 - real.reindex(top1.index)).dropna())
     m, sd = mean_std(top1)
     return {"mean": m, "std": sd, "gain_mean": g["mean"], "gain_std": g["std"], "n_paired": g["n"],

@@ -354,7 +354,7 @@ def results_table(trials: list[tuple[dict, dict, str]], grid_settings) -> pd.Dat
         base = {
             "ratio": float(cell["ratio"]), "seed": seed, "top1": float(metrics["top1"]), "top5": float(metrics["top5"]),
             "epochs": int(metrics["epochs"]), "seconds": float(metrics["seconds"]), "trial_id": trial_id,
-            "test_top1": float(metrics.get("test_top1", np.nan)),
+            "test_top1": np.nan if metrics.get("test_top1") is None else float(metrics["test_top1"]),
         }
         shared = cell["guidance"] is None
         for g, st, t in (norm if shared else [(cell["guidance"], cell.get("strength"), cell.get("tau") or 0.0)]):

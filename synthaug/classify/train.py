@@ -144,7 +144,7 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
 def _result(metrics: dict | None) -> dict:
     if not metrics:
         raise RuntimeError("training reported no metrics")
-    return {k: metrics.get(k, float("nan")) for k in RESULT_KEYS}
+    return {k: metrics.get(k) for k in RESULT_KEYS}  # test_top1: None without a test split
 
 
 def _data_config(num_workers: int, names=("train",)):
@@ -190,7 +190,7 @@ def fit(
     model is published at ``out_dir/model`` for ``load_classifier`` (its
     ``classifier.json`` carries the key). ``callbacks`` go to ``RunConfig`` (a Tune trial passes
     ``TuneReportCallback`` to forward each epoch). ``test_dir``: a test split, evaluated once with
-    the final weights (``test_top1``); nothing is chosen on it (NaN without one).
+    the final weights (``test_top1``); nothing is chosen on it (None without one).
     """
     from synthaug.raylocal import init_ray
 
