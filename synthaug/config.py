@@ -67,6 +67,8 @@ class TrainGenConfig:
     """Diffusion generator training (pretraining on the pool, or class-conditional fine-tuning)."""
 
     family: str = _f("unet", "Generator family from the registry: 'unet', 'dit' or 'text2image' (the last two fine-tune a `base`).")
+    data: str = _f("", "`synthaug run`: train on this contract dataset (any location) instead of the run's own (pretrain: the unlabelled pool; finetune: the labelled train split). Pretraining ignores labels, so any unlabelled corpus of the same image size and channels works.")
+    extra_data: tuple = _f((), "More contract datasets trained on together with the main one, e.g. the pseudo-labelled pool rows (DPT: a generator fine-tuned on labelled + pseudo-labelled data); same classes, size and channels.")
     base: str = _f("", "Local diffusers directory to start from; '' builds a new model from `arch` (unet only).")
     arch: str = _f("tiny", "Architecture preset for a new model: 'tiny' or 'small'.")
     steps: int = _f(1500, "Optimiser steps.")

@@ -101,12 +101,12 @@ def stage_ingest(cfg: Config) -> dict:
 
 
 def stage_pretrain(cfg: Config, data: str | Path | None = None, out: str | Path | None = None) -> dict:
-    """Unconditional pretraining on the unlabelled pool (labels = null class)."""
+    """Unconditional pretraining on the unlabelled pool, or on ``pretrain.data`` (any corpus; labels = null class)."""
     from synthaug.generative import finetune
 
     p = RunPaths(cfg)
-    return finetune.run(cfg, "pretrain", data or p.data("pool"), out or p.generator("pretrain"), p.ray,
-                        unconditional=True)
+    return finetune.run(cfg, "pretrain", data or cfg.pretrain.data or p.data("pool"), out or p.generator("pretrain"),
+                        p.ray, unconditional=True)
 
 
 def stage_finetune(cfg: Config, data: str | Path | None = None, base: str | Path | None = None,
@@ -117,7 +117,8 @@ def stage_finetune(cfg: Config, data: str | Path | None = None, base: str | Path
     p = RunPaths(cfg)
     if base is None and not cfg.finetune.base and is_complete(p.generator("pretrain")):
         base = p.generator("pretrain")
-    return finetune.run(cfg, "finetune", data or p.data("train"), out or p.generator("finetune"), p.ray, base_dir=base)
+    return finetune.run(cfg, "finetune", data or cfg.finetune.data or p.data("train"), out or p.generator("finetune"),
+                        p.ray, base_dir=base)
 
 
 def with_strength(cfg: Config, guidance: float, strength: float | None) -> Config:
@@ -309,7 +310,7 @@ def run_all(cfg: Config) -> dict:
     out = RunPaths(replace(cfg, results_dir=staging)) if staging else p  # where reports are drawn
     timer = Timer()
     timer("ingest", stage_ingest, cfg)
-    if is_complete(p.data("pool")):  # a low-data run pretrains on its unlabelled pool; a full-data run has none
+    if cfg.pretrain.data or is_complete(p.data("pool")):  # the unlabelled pool of a low-data run, or any corpus
         timer("pretrain", stage_pretrain, cfg)
     timer("finetune", stage_finetune, cfg)
 

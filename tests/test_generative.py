@@ -365,3 +365,17 @@ def test_finetune_bad_input(gens, digits_dirs, tmp_path):
     with pytest.raises(models.GeneratorError, match="not divisible"):
         models.new_generator("unet", "tiny", ["a"], 7, 1)
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_on_labelled_plus_extra_rows(gens, digits_dirs, tmp_path):
+    """finetune.extra_data (DPT: labelled + pseudo-labelled rows): its content is in the key and the export's
+    inputs; an unlabelled or differently-classed extra set fails before training."""
+    cfg = load_config(None, ["finetune.steps=2", "finetune.batch_size=8", "finetune.num_workers=1",
+                             "finetune.checkpoint_every=2", f"finetune.extra_data=[{digits_dirs['val']}]"])
+    m = finetune.run(cfg, "finetune", digits_dirs["train"], tmp_path / "o", tmp_path / "r")
+    assert m["inputs"]["extra"] == [read_manifest(digits_dirs["val"])["content_hash"]] and m["steps"] == 2
+    plain = finetune.run_key(cfg.finetune, "finetune", read_manifest(digits_dirs["train"]), "", False)[0]
+    assert m["key"] != plain
+    pool = load_config(None, ["finetune.steps=2", f"finetune.extra_data=[{digits_dirs['pool']}]"])
+    with pytest.raises(DatasetError, match="extra_data.*unlabelled dataset"):
+        finetune.run(pool, "finetune", digits_dirs["train"], tmp_path / "p", tmp_path / "r")

@@ -394,12 +394,35 @@ def base_hash(base: str) -> str:
     return hash_tree(base)
 
 
-def run_key(t: TrainGenConfig, stage: str, data_manifest: dict, base: str, unconditional: bool) -> tuple[str, dict]:
+def run_key(t: TrainGenConfig, stage: str, data_manifest: dict, base: str, unconditional: bool,
+            extra: list[dict] = ()) -> tuple[str, dict]:
     """The content key of a generator training run and the inputs it covers (``synthaug.identity``)."""
     inputs = {"data": data_manifest["content_hash"], "base": base_hash(base)}
+    if extra:  # only then: runs on one dataset keep their keys
+        inputs["extra"] = [m["content_hash"] for m in extra]
     key = identity.artifact_key(stage, identity.config_fields("train_gen", t), inputs, unconditional=bool(unconditional),
                                 class_names=list(data_manifest["class_names"]))
     return key, inputs
+
+
+def _extra_data(stage: str, t: TrainGenConfig, main: dict, unconditional: bool) -> list[tuple[str, dict]]:
+    """``<stage>.extra_data``: (location, manifest) of each, checked against the main dataset."""
+    out = []
+    for loc in t.extra_data:
+        loc = storage.absolute(str(loc))
+        m = read_manifest(loc)
+        where = f"config key '{stage}.extra_data': {loc}"
+        if t.latent_cache:
+            raise InputValueError(f"{where}: extra datasets do not go through the latent cache (set {stage}.latent_cache=false)")
+        if not unconditional and not m.get("labelled", True):
+            raise DatasetError(f"{where}: unlabelled dataset; class-conditional training needs labels")
+        if list(m["class_names"]) != list(main["class_names"]):
+            raise DatasetError(f"{where}: class names {list(m['class_names'])} differ from {list(main['class_names'])}")
+        if list(m["image_size"]) != list(main["image_size"]) or int(m["channels"]) != int(main["channels"]):
+            raise DatasetError(f"{where}: images {m['image_size']} x {m['channels']} channels differ from "
+                               f"{main['image_size']} x {main['channels']}")
+        out.append((loc, m))
+    return out
 
 
 def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, storage_dir: str | Path,
@@ -433,13 +456,17 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     if t.latent_cache and "vae" not in registry.get(t.family).components:
         raise InputValueError(f"config key '{stage}.latent_cache': family {t.family!r} has no VAE to encode with")
     shards, shard_rows = train_data.shard_locations(data_dir, data_manifest)
+    extra = _extra_data(stage, t, data_manifest, unconditional)
+    for loc, m in extra:
+        more, more_rows = train_data.shard_locations(loc, m)
+        shards, shard_rows = shards + more, shard_rows + more_rows
     micro = t.batch_size // t.num_workers
     if train_data.per_epoch(sum(shard_rows), t.num_workers, micro) == 0:
         raise DatasetError(f"{data_dir}: {sum(shard_rows)} rows, fewer than one micro-batch of {micro} for each of "
                            f"{t.num_workers} workers (config keys '{stage}.batch_size', '{stage}.num_workers')")
 
     # The content key: the same config and inputs reuse the export, or resume their own run.
-    key, inputs = run_key(t, stage, data_manifest, base, unconditional)
+    key, inputs = run_key(t, stage, data_manifest, base, unconditional, [m for _, m in extra])
     out_dir = storage.absolute(str(out_dir))
     done = read_manifest(out_dir) if is_complete(out_dir) else None
     if done is not None and done.get("key") == key:
