@@ -8,9 +8,7 @@ import logging
 import os
 import sys
 
-from synthaug import pipeline as P
 from synthaug import storage
-from synthaug.artifacts import read_manifest
 from synthaug.errors import InputNotFound, InputValueError, find_input_error, first_line
 
 STAGES = {
@@ -173,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         err = find_input_error(e)
         if err is None or debug:
             raise
-        # Refused for its input: this attempt's config record goes too (earlier records stay).
-        if getattr(args, "attempt_record", None):
-            storage.delete(args.attempt_record)
         print(f"synthaug {args.stage}: error: {first_line(err)}", file=sys.stderr)
         return 2
 
@@ -204,188 +199,30 @@ def _main(args) -> int:
             print(f"synthaug fashion-mnist: {split} -> {loc}")
         return 0
 
-    from synthaug.checks import check_inputs
-    from synthaug.config import dump_config, load_config
-    from synthaug.pipeline import RunPaths
+    from synthaug import api
 
     # Check the config, then every name and path, before any work (and for --dry-run).
     if args.config and not os.path.isfile(args.config) and not storage.is_uri(args.config):
         raise InputNotFound(f"--config: {args.config} does not exist")
-    cfg = load_config(args.config, args.overrides)
+    cfg = api.load(args.config, args.overrides)
     if args.stage == "estimate":
         from synthaug.estimate import run as estimate
 
         print(estimate(cfg, args.gpus, args.gpu_type, train_images=args.train_images, mfu=args.mfu, bench_dir=args.bench_dir))
         return 0
-    check_inputs(cfg, args.stage, args)
+    inputs = {k: getattr(args, k, None) for k in api.INPUTS[args.stage]}
+    if args.stage == "study":
+        inputs["command"] = " ".join(["synthaug study", *([f"--config {args.config}"] if args.config else []), *args.overrides])
+    call = api.check(args.stage, cfg, inputs=inputs)
     print(_plan(args.stage, cfg, args), flush=True)
     if args.dry_run:
         return 0
-    # The record of this attempt sits beside the last successful one, which only a
-    # successful run replaces: a failed run never changes an earlier run's records.
-    work = RunPaths(cfg).work
-    args.attempt_record = dump_config(cfg, work, f"config.{args.stage}.attempt.yaml")
-    result = _dispatch(args, cfg)
-    dump_config(cfg, work, f"config.{args.stage}.yaml")
-    storage.delete(args.attempt_record)
-    if isinstance(result, dict):
-        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
+    # The stage, with the record of this attempt beside the last successful one (see api.Checked.run).
+    result = call.run()
+    if args.stage == "filter":
+        print(json.dumps(result.sets, indent=2, default=str))
+    print(api.to_json(result))
     return 0
-
-
-# ----------------------------------------------------------------------------- stage adapters
-# The CLI's glue around the library stages in synthaug.pipeline: they resolve defaults
-# from the run layout, loop over seeds or sets, and write the command's report.
-
-
-def evaluate_cli(cfg, real, synthetic: list, extractor, train) -> dict:
-    """``synthaug evaluate``: metrics for each synthetic set into <results>/<name>/evaluate/."""
-    from synthaug import report
-    from synthaug.artifacts import is_complete
-
-    p = P.RunPaths(cfg)
-    real = real or p.data("val")
-    extractor = extractor or P.stage_extractor(cfg)
-    if not synthetic:
-        raise InputValueError("synthaug evaluate: give at least one --synthetic <dataset dir>")
-    labelled_train = p.data("train") if is_complete(p.data("train")) else None
-    rows = []
-    for d in synthetic:
-        m = P.stage_evaluate(cfg, real, d, extractor, train, labelled_train=labelled_train)
-        flat = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
-        flat["guidance_scale"] = float(read_manifest(d).get("sample", {}).get("guidance_scale", float("nan")))
-        rows.append(flat)
-    out = storage.join(str(p.results), "evaluate")
-    for i, r in enumerate(rows):
-        report.write_metrics(out, r, name=f"metrics_{i}" if len(rows) > 1 else "metrics")
-    if len(rows) > 1:
-        report.plot_vs_guidance([{**r, "cas": r.get("cas_top1_mean"), "cas_std": r.get("cas_top1_std")} for r in rows],
-                                storage.join(out, "fidelity_vs_guidance.png"))
-    return rows[0] if len(rows) == 1 else {"evaluated": len(rows), "out": str(out)}
-
-
-def classify_cli(cfg, data, real, synthetic: list, ratio: float, synthetic_only: bool) -> dict:
-    """``synthaug classify``: one mix, every seed, through Ray Train; mean and std of top-1.
-
-    The mixtures are planned from the datasets' locations (all checks before any
-    training); the workers stream the rows.
-    """
-    import numpy as np
-
-    from synthaug.classify.mixing import plan_mixture
-    from synthaug.classify.train import fit
-
-    p = P.RunPaths(cfg)
-    train_dir = str(data or p.data("train"))
-    m = read_manifest(train_dir)
-    syn = str(synthetic[0]) if synthetic else None
-    specs = [plan_mixture(train_dir, syn, ratio if syn is not None else 0.0, int(seed), synthetic_only=synthetic_only)
-             for seed in cfg.classify.seeds]
-    runs = []
-    for seed, spec in zip(cfg.classify.seeds, specs):
-        runs.append(fit(cfg.classify, spec, str(real or p.data("val")), seed=int(seed), out_dir=storage.join(p.work, "classify"),
-                        name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
-                        in_chans=int(m["channels"]), ray_cfg=cfg.ray))
-    top1 = np.array([r["top1"] for r in runs])
-    return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else None,
-            "seeds": len(runs), "n_train": runs[0]["n_train"]}
-
-
-def sweep_cli(cfg, _overrides) -> dict:
-    """``synthaug sweep``: sample each (guidance, strength) and filter each tau once (reused by
-    content hash), then Ray Tune over the settings x ratios x seeds."""
-    from synthaug.sweep import run_sweep, settings
-
-    p = P.RunPaths(cfg)
-    _, mix_sets, _, _ = P.synthetic_sets(cfg, headline=False)
-    grid = set(settings(cfg))
-    df = run_sweep(cfg, p.data("train"), p.data("val"), {k: v for k, v in mix_sets.items() if k in grid},
-                   storage.join(p.results, cfg.sweep.name), name=cfg.sweep.name, storage_dir=p.ray)
-    return df.attrs["summary"]
-
-
-def _top1(runs: list[dict]) -> tuple[float, float | None]:
-    import numpy as np
-
-    t = np.array([r["top1"] for r in runs])
-    return float(t.mean()), (float(t.std(ddof=1)) if len(t) > 1 else None)
-
-
-def pseudolabel_cli(cfg, data, real, pool, synthetic: list, ratio: float) -> dict:
-    """``synthaug pseudolabel``: teacher, pseudo-labelled pool, students; paired with real-only by seed.
-
-    Real-only runs are those of ``synthaug classify --ratio 0`` (same keys, same place),
-    so either command reuses the other's.
-    """
-    from synthaug.classify.pseudolabel import real_only_runs
-
-    p = P.RunPaths(cfg)
-    train, val = str(data or p.data("train")), str(real or p.data("val"))
-    teacher = P.stage_teacher(cfg, train, val)
-    res = P.stage_pseudolabel(cfg, train, val, pool, teacher=teacher, synthetic=synthetic[0] if synthetic else None,
-                              ratio=ratio)
-    real_runs = {r["seed"]: r["top1"] for r in real_only_runs(cfg, train, val, storage.join(p.work, "classify"))}
-    out = {"dataset": res["dataset"], "n_pseudo": res["n_pseudo"], "pool_rows": res["pool_rows"],
-           "kept_share": res["kept_share"], "teacher_top1": res["teacher_top1"]}
-    out["real_only_top1_mean"], out["real_only_top1_std"] = _top1([{"top1": v} for v in real_runs.values()])
-    for name in ("students", "combined"):
-        if name not in res:
-            continue
-        tag = "pseudo_label" if name == "students" else "pseudo_plus_synthetic"
-        out[f"{tag}_top1_mean"], out[f"{tag}_top1_std"] = _top1(res[name])
-        diffs = [{"top1": r["top1"] - real_runs[r["seed"]]} for r in res[name]]
-        out[f"{tag}_gain_mean"], out[f"{tag}_gain_std"] = _top1(diffs)
-    return out
-
-
-def filter_cli(cfg, data, real, synthetic: list) -> dict:
-    """``synthaug filter``: each --synthetic set filtered by the teacher; the share kept per class."""
-    from synthaug.classify.pseudolabel import kept_per_class
-
-    if not synthetic:
-        raise InputValueError("synthaug filter: give at least one --synthetic <dataset dir>")
-    if cfg.filter.tau <= 0:
-        raise InputValueError("synthaug filter: config key 'filter.tau' is 0 (off); set e.g. filter.tau=0.5")
-    p = P.RunPaths(cfg)
-    teacher = P.stage_teacher(cfg, str(data or p.data("train")), str(real or p.data("val")))
-    out = {}
-    for d in synthetic:
-        loc, m = P.stage_filter(cfg, d, teacher)
-        out[str(d)] = {"filtered": loc, "kept": m["num_rows"], "kept_per_class": kept_per_class(m)}
-    print(json.dumps(out, indent=2, default=str))
-    return {"sets": len(out), "kept": sum(v["kept"] for v in out.values())}
-
-
-def _dispatch(args, cfg):
-
-    s = args.stage
-    if s == "run":
-        return P.run_all(cfg)
-    if s == "study":
-        from synthaug.study import run_study
-
-        command = " ".join(["synthaug study", *([f"--config {args.config}"] if args.config else []), *args.overrides])
-        return run_study(cfg, command=command)
-    if s == "ingest":
-        return {k: m["num_rows"] for k, m in P.stage_ingest(cfg).items()}
-    if s == "pretrain":
-        return P.stage_pretrain(cfg, args.data, args.out)
-    if s == "finetune":
-        return P.stage_finetune(cfg, args.data, args.base, args.out)
-    if s == "sample":
-        out, manifest = P.stage_sample(cfg, args.generator, args.out)
-        return {"dataset": str(out), **manifest}
-    if s == "evaluate":
-        return evaluate_cli(cfg, args.real, args.synthetic, args.extractor, args.train)
-    if s == "classify":
-        return classify_cli(cfg, args.data, args.real, args.synthetic, args.ratio, args.synthetic_only)
-    if s == "sweep":
-        return sweep_cli(cfg, args.overrides)
-    if s == "pseudolabel":
-        return pseudolabel_cli(cfg, args.data, args.real, args.pool, args.synthetic, args.ratio)
-    if s == "filter":
-        return filter_cli(cfg, args.data, args.real, args.synthetic)
-    raise AssertionError(s)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import yaml
@@ -389,9 +390,15 @@ def _yaml(read, where: str) -> Any:
         raise ConfigError(f"{where}: YAML syntax error{at}: {what}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Load a YAML config (or the defaults) and apply ``key.sub=value`` overrides."""
-    tree: dict = {}
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
+                base: Config | None = None) -> Config:
+    """Load a YAML config (or ``base``, or the defaults) and apply overrides.
+
+    ``overrides``: the command line's ``key.sub=value`` strings (values read as YAML), or a
+    mapping of dotted keys to Python values, where a section may also take a mapping of its
+    keys (``{"sample": {"per_class": 4}}`` = ``{"sample.per_class": 4}``).
+    """
+    tree: dict = to_dict(base) if base is not None else {}
     if path:
         p = Path(path)
         if not p.is_file():
@@ -400,12 +407,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         tree = loaded
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _yaml(raw.encode, f"override '{item}'") if raw else "")
+    for key, value in override_items(overrides):
+        _set_dotted(tree, key, value)
     return _build(Config, tree)
+
+
+def override_items(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` pairs of overrides given as ``key=value`` strings or as a mapping."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if not isinstance(overrides, Mapping):
+        out = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key.sub=value")
+            key, raw = item.split("=", 1)
+            out.append((key.strip(), _yaml(raw.encode, f"override '{item}'") if raw else ""))
+        return out
+    return list(_flatten(Config, overrides, ""))
+
+
+def _flatten(cls: type | None, mapping: Mapping, prefix: str):
+    """Dotted keys of a mapping, descending into the values given for sections (dataclass fields)."""
+    for key, value in mapping.items():
+        node = cls
+        for part in str(key).split("."):
+            hint = _hints(node).get(part) if node is not None else None
+            node = hint if dataclasses.is_dataclass(hint) else None
+        if node is not None and isinstance(value, Mapping):
+            yield from _flatten(node, value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def to_dict(cfg: Any) -> dict:

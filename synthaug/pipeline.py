@@ -283,8 +283,11 @@ def synthetic_sets(cfg: Config, timer=None, headline: bool = True) -> tuple[dict
 # ----------------------------------------------------------------------------- the default run
 
 
-def run_all(cfg: Config) -> dict:
+def run_all(cfg: Config) -> tuple[dict, dict[float, str]]:
     """Ingest -> pretrain -> fine-tune -> sample (-> filter) -> evaluate -> sweep -> pseudo-label -> report.
+
+    Returns the flat metrics (``metrics.json``) and the synthetic sets the report evaluated:
+    guidance -> the sample config's set at that guidance, as sampled.
 
     Sampling runs once per (guidance, strength): the sample config's recipe at every
     guidance of the sweep, plus each ``sweep.strengths`` value; each set is filtered once per
@@ -347,4 +350,4 @@ def run_all(cfg: Config) -> dict:
     dump_config(cfg, p.work)
     for d in (p.work, p.results):
         storage.delete(storage.join(d, "config.attempt.yaml"))
-    return metrics
+    return metrics, sets
