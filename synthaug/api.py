@@ -345,8 +345,6 @@ def _classify(cfg: Config, data=None, real=None, synthetic: list | None = None, 
     The mixtures are planned from the datasets' locations (all checks before any
     training); the workers stream the rows.
     """
-    import numpy as np
-
     from synthaug.classify.mixing import plan_mixture
     from synthaug.classify.train import fit
 
@@ -360,10 +358,10 @@ def _classify(cfg: Config, data=None, real=None, synthetic: list | None = None, 
     for seed, spec in zip(cfg.classify.seeds, specs):
         runs.append(fit(cfg.classify, spec, str(real or p.data("val")), seed=int(seed), out_dir=storage.join(p.work, "classify"),
                         name=f"r{ratio:g}-{'syn' if synthetic_only else 'mix'}-seed{seed}", class_names=m["class_names"],
-                        in_chans=int(m["channels"]), ray_cfg=cfg.ray))
-    top1 = np.array([r["top1"] for r in runs])
-    metrics = {"top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else None,
-               "seeds": len(runs), "n_train": runs[0]["n_train"]}
+                        in_chans=int(m["channels"]), ray_cfg=cfg.ray, test_dir=p.test()))
+    metrics = {**_mean_std("top1", runs), "seeds": len(runs), "n_train": runs[0]["n_train"]}
+    if p.test():  # the reported split (nothing is chosen on it)
+        metrics.update(_mean_std("test_top1", runs))
     return ClassifyResult(**_paths(cfg), metrics=metrics, runs=runs)
 
 
@@ -377,15 +375,16 @@ def _sweep(cfg: Config) -> SweepResult:
     grid = set(settings(cfg))
     out = storage.join(p.results, cfg.sweep.name)
     df = run_sweep(cfg, p.data("train"), p.data("val"), {k: v for k, v in mix_sets.items() if k in grid}, out,
-                   name=cfg.sweep.name, storage_dir=p.ray)
+                   name=cfg.sweep.name, storage_dir=p.ray, test_dir=p.test())
     return SweepResult(**_paths(cfg), metrics=_flat(df.attrs["summary"]), table=df, report_dir=str(out))
 
 
-def _top1(runs: list[dict]) -> tuple[float, float | None]:
-    import numpy as np
+def _mean_std(column: str, runs: list[dict]) -> dict:
+    """``<column>_mean`` and ``<column>_std`` over seeds (``synthaug.stats``; std None for one seed)."""
+    from synthaug.stats import mean_std
 
-    t = np.array([r["top1"] for r in runs])
-    return float(t.mean()), (float(t.std(ddof=1)) if len(t) > 1 else None)
+    m, sd = mean_std(r.get(column) for r in runs)
+    return {f"{column}_mean": m, f"{column}_std": None if sd != sd else sd}
 
 
 def _pseudolabel(cfg: Config, data=None, real=None, pool=None, synthetic: list | None = None,
@@ -402,17 +401,22 @@ def _pseudolabel(cfg: Config, data=None, real=None, pool=None, synthetic: list |
     teacher = P.stage_teacher(cfg, train, val)
     res = P.stage_pseudolabel(cfg, train, val, pool, teacher=teacher, synthetic=synthetic[0] if synthetic else None,
                               ratio=ratio)
-    real_runs = {r["seed"]: r["top1"] for r in real_only_runs(cfg, train, val, storage.join(p.work, "classify"))}
+    from synthaug.stats import paired
+
+    # Reported on test when the run has one (recipes are chosen on val), else on val.
+    split, column = ("test", "test_top1") if p.test() else ("val", "top1")
+    real = {r["seed"]: r[column] for r in real_only_runs(cfg, train, val, storage.join(p.work, "classify"), test=p.test())}
     out = {"dataset": res["dataset"], "n_pseudo": res["n_pseudo"], "pool_rows": res["pool_rows"],
-           "kept_share": res["kept_share"], "teacher_top1": res["teacher_top1"]}
-    out["real_only_top1_mean"], out["real_only_top1_std"] = _top1([{"top1": v} for v in real_runs.values()])
+           "kept_share": res["kept_share"], "teacher_top1": res["teacher_top1"], "report_split": split}
+    out.update({k.replace(column, "real_only_top1"): v for k, v in _mean_std(column, [{column: v} for v in real.values()]).items()})
     for name in ("students", "combined"):
         if name not in res:
             continue
         tag = "pseudo_label" if name == "students" else "pseudo_plus_synthetic"
-        out[f"{tag}_top1_mean"], out[f"{tag}_top1_std"] = _top1(res[name])
-        diffs = [{"top1": r["top1"] - real_runs[r["seed"]]} for r in res[name]]
-        out[f"{tag}_gain_mean"], out[f"{tag}_gain_std"] = _top1(diffs)
+        out.update({k.replace(column, f"{tag}_top1"): v for k, v in _mean_std(column, res[name]).items()})
+        g = paired(r[column] - real[r["seed"]] for r in res[name])
+        out.update({f"{tag}_gain_mean": g["mean"], f"{tag}_gain_std": None if g["std"] != g["std"] else g["std"],
+                    f"{tag}_gain_ci95": g["ci95"]})
     return PseudoLabelResult(**_paths(cfg), metrics=out, dataset=str(res["dataset"]))
 
 
