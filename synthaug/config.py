@@ -252,6 +252,8 @@ class StudyConfig:
     draws: tuple = _f((0, 1), "Subset draws: `ingest.seed` of each run (which k images per class are labelled, and the train/val split).")
     headline_k: int = _f(10, "The k whose figures head the study's summary (must be in k_per_class).")
     share_pretrain: bool = _f(True, "Pretrain once per draw on the draw's whole train split (its labels unused), shared by every k; false: each (k, draw) run pretrains on its own unlabelled pool, as `synthaug run` does.")
+    budgets: tuple = _f((), "Training budgets (classify.epoch_images, independent of the mix): every arm runs at each; an arm is reported at its best budget on val, beside the equal-budget tables. () = classify.epoch_images only.")
+    recipes: dict = _f({}, "Training recipes for the arms with added data: {name: {classify key: value}}, e.g. {two-stream: {added_batch: 64, added_weight: 0.5}}; kd_teacher: teacher = the run's real-only teacher. Each is an arm of its own beside the plain recipe.")
 
     def __post_init__(self) -> None:
         p = _prefix(self)
@@ -262,6 +264,13 @@ class StudyConfig:
             _check(len(set(v)) == len(v), f"config key '{p}{name}' lists a value twice")
         _check(all(k >= 1 for k in self.k_per_class), f"config key '{p}k_per_class': every k must be >= 1")
         _check(self.headline_k in self.k_per_class, f"config key '{p}headline_k' = {self.headline_k} is not in '{p}k_per_class'")
+        _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.budgets),
+               f"config key '{p}budgets' must list positive integers (classify.epoch_images values)")
+        _check(isinstance(self.recipes, dict) and all(isinstance(v, dict) for v in self.recipes.values()),
+               f"config key '{p}recipes' must map a name to classify overrides")
+        for name, over in self.recipes.items():
+            bad = sorted(set(over) - {f.name for f in dataclasses.fields(ClassifyConfig)})
+            _check(not bad, f"config key '{p}recipes.{name}': unknown classify key(s) {bad}")
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,10 @@ def run_config(cfg: Config, k: int, draw: int) -> Config:
     return replace(cfg, name=f"{cfg.name}-k{k}-d{draw}", ingest=replace(cfg.ingest, k_per_class=int(k), seed=int(draw)))
 
 
-def arm_label(setting: str, ratio: float, base: str = "real") -> str:
-    """``real + syn (w=1 s=0.3)``, with the ratio when it is not 1:1."""
+def arm_label(setting: str, ratio: float, base: str = "real", recipe: str = "") -> str:
+    """``real + syn (w=1 s=0.3)``, with the ratio when it is not 1:1 and the recipe when not the plain one."""
     r = "" if math.isclose(ratio, 1.0) else f" {ratio:g}:1"
-    return f"{base} + syn{r} ({setting})"
+    return f"{base} + syn{r} ({setting})" + (f" [{recipe}]" if recipe else "")
 
 
 def pretrain_dir(cfg: Config, draw: int) -> str:
@@ -94,22 +94,61 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
         raise ValueError(f"{cfg.name}: no synthetic set can be mixed: {skipped}")
     cfg = replace(cfg, sweep=replace(cfg.sweep, taus=tuple(taus)))
     grid = set(settings(cfg))
-    df = timer("sweep", run_sweep, cfg, p.data("train"), p.data("val"), {k: v for k, v in mix_sets.items() if k in grid},
-               storage.join(out_dir, "sweep"), name=cfg.sweep.name, storage_dir=p.ray)
-    rows = [{"arm": REAL, "seed": int(r.seed), "top1": float(r.top1)}
-            for r in df[df.ratio == 0].drop_duplicates("seed").itertuples()]
-    rows += [{"arm": arm_label(r.setting, float(r.ratio)), "seed": int(r.seed), "top1": float(r.top1)}
-             for r in df[df.ratio > 0].itertuples()]
-    if cfg.pseudolabel.enabled and is_complete(p.data("pool")):
+    sets = {k: v for k, v in mix_sets.items() if k in grid}
+    with_pool = cfg.pseudolabel.enabled and is_complete(p.data("pool"))
+    if with_pool or cfg.study.recipes:
         teacher = teacher or timer("teacher", P.stage_teacher, cfg)
-        key = (float(cfg.sample.guidance_scale), primary_strength(cfg), float(cfg.filter.tau))
-        ratio = headline_ratio(cfg.sweep.ratios)
-        combo = mix_sets[key] if cfg.pseudolabel.with_synthetic and ratio > 0 and key not in short else None
-        pseudo = timer("pseudolabel", P.stage_pseudolabel, cfg, teacher=teacher, synthetic=combo, ratio=ratio)
-        rows += [{"arm": PSEUDO, "seed": int(r["seed"]), "top1": float(r["top1"])} for r in pseudo["students"]]
-        rows += [{"arm": arm_label(setting_label(*key), ratio, base=PSEUDO), "seed": int(r["seed"]), "top1": float(r["top1"])}
-                 for r in pseudo.get("combined", [])]
+    rows = []
+    for budget in budgets(cfg):
+        for recipe, ccfg in recipe_configs(cfg, budget, teacher):
+            tag = f"-{recipe}" if recipe else ""
+            rc = replace(cfg, classify=ccfg)
+            if recipe:  # real only does not change with a recipe for added data: it runs once per budget
+                rc = replace(rc, sweep=replace(rc.sweep, ratios=tuple(r for r in rc.sweep.ratios if float(r) > 0)))
+            df = timer(f"sweep b={budget}{tag}", run_sweep, rc, p.data("train"), p.data("val"), sets,
+                       storage.join(out_dir, f"sweep-b{budget}{tag}"), name=f"{cfg.sweep.name}{tag}",
+                       storage_dir=p.ray, test_dir=p.test())
+            base = {"budget": int(budget), "recipe": recipe}
+            rows += [{"arm": REAL, "seed": int(r.seed), "top1": float(r.top1), "test_top1": _num(r, "test_top1"), **base}
+                     for r in df[df.ratio == 0].drop_duplicates("seed").itertuples()]
+            rows += [{"arm": arm_label(r.setting, float(r.ratio), recipe=recipe), "seed": int(r.seed),
+                      "top1": float(r.top1), "test_top1": _num(r, "test_top1"), **base}
+                     for r in df[df.ratio > 0].itertuples()]
+            if with_pool:
+                key = (float(cfg.sample.guidance_scale), primary_strength(cfg), float(cfg.filter.tau))
+                ratio = headline_ratio(cfg.sweep.ratios)
+                combo = mix_sets[key] if cfg.pseudolabel.with_synthetic and ratio > 0 and key not in short else None
+                pseudo = timer(f"pseudolabel b={budget}{tag}", P.stage_pseudolabel, rc, teacher=teacher, synthetic=combo,
+                               ratio=ratio)
+                rows += [{"arm": PSEUDO + (f" [{recipe}]" if recipe else ""), "seed": int(r["seed"]), "top1": float(r["top1"]),
+                          "test_top1": _num(r, "test_top1"), **base} for r in pseudo["students"]]
+                rows += [{"arm": arm_label(setting_label(*key), ratio, base=PSEUDO, recipe=recipe), "seed": int(r["seed"]),
+                          "top1": float(r["top1"]), "test_top1": _num(r, "test_top1"), **base}
+                         for r in pseudo.get("combined", [])]
     return rows, timer.seconds, skipped
+
+
+def _num(row, key: str) -> float:
+    v = row.get(key) if isinstance(row, dict) else getattr(row, key, None)
+    return float("nan") if v is None else float(v)
+
+
+def budgets(cfg: Config) -> list[int]:
+    """The study's training budgets (``classify.epoch_images`` values); the config's own when none are listed."""
+    return [int(b) for b in cfg.study.budgets] or [int(cfg.classify.epoch_images)]
+
+
+def recipe_configs(cfg: Config, budget: int, teacher: dict | None) -> list[tuple[str, object]]:
+    """``(name, classify config)`` of the plain recipe ('') and each ``study.recipes`` entry at ``budget``.
+
+    ``kd_teacher: teacher`` stands for the run's real-only teacher (its exported model)."""
+    out = [("", replace(cfg.classify, epoch_images=int(budget)))]
+    for name, over in cfg.study.recipes.items():
+        over = dict(over)
+        if over.get("kd_teacher") == "teacher":
+            over["kd_teacher"] = str(teacher["model"]) if teacher else ""
+        out.append((str(name), replace(cfg.classify, epoch_images=int(budget), **over)))
+    return out
 
 
 def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
@@ -120,39 +159,71 @@ def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
     return None if short is None else f"class {short[0]!r} kept {short[1]} images, ratio {ratio:g} needs {short[2]}"
 
 
-def summarize(table: pd.DataFrame) -> dict:
+def report_column(table: pd.DataFrame) -> str:
+    """``test_top1`` when the runs evaluated a test split (nothing is chosen on it), else ``top1`` (val)."""
+    return "test_top1" if "test_top1" in table and table["test_top1"].notna().any() else "top1"
+
+
+def best_budgets(tk: pd.DataFrame) -> dict[str, int]:
+    """Each arm's budget with the best mean val top-1 (the selection split)."""
+    if "budget" not in tk:
+        return {}
+    means = tk.groupby(["arm", "budget"])["top1"].mean().reset_index()
+    return {arm: int(g.loc[g["top1"].idxmax(), "budget"]) for arm, g in means.groupby("arm")}
+
+
+def summarize(table: pd.DataFrame, by_budget: bool = False) -> dict:
     """Per k and arm: top-1 over draws x seeds, and paired differences against real only and the pseudo-label arm.
 
-    ``table``: columns ``k, draw, seed, arm, top1``. An arm's pairs are the (draw, seed)
-    that both it and the reference ran.
+    ``table``: columns ``k, draw, seed, arm, top1`` (val) and optionally ``test_top1`` and
+    ``budget``. Each arm is taken at its best budget on val (:func:`best_budgets`) and
+    reported on test when there is one (:func:`report_column`); ``by_budget`` gives
+    ``{k: {budget: arms}}``, every arm at the same budget, instead. An arm's pairs are the
+    (draw, seed) that both it and the reference ran.
     """
+    column = report_column(table)
     out: dict = {}
     for k, tk in table.groupby("k", sort=True):
-        wide = tk.pivot_table(index=["draw", "seed"], columns="arm", values="top1", aggfunc="first")
-        arms = {}
-        for arm in [a for a in _arm_order(wide.columns)]:
-            col = wide[arm].dropna()
-            row = {"top1_mean": float(col.mean()), "top1_std": float(col.std(ddof=1)) if len(col) > 1 else float("nan"),
-                   "n": int(len(col)), "draws": sorted(int(d) for d in col.index.get_level_values("draw").unique())}
-            for ref, tag in ((REAL, "vs_real"), (PSEUDO, "vs_pseudo")):
-                if arm != ref and ref in wide:
-                    pair = (wide[arm] - wide[ref]).dropna()
-                    row[tag] = paired(pair)
-            g = row.get("vs_real")
-            if g and g["n"] > 1:
-                row["beats_real_2sd"] = bool(g["mean"] > 2 * g["std"])
-            v = row.get("vs_pseudo")
-            if v and v["n"] > 1:
-                row["beats_or_matches_pseudo"] = bool(v["mean"] >= 0 or v["ci95"][1] >= 0)
-            arms[arm] = row
+        if by_budget:
+            out[int(k)] = {int(b): _arms(tb, column) for b, tb in tk.groupby("budget", sort=True)}
+            continue
+        best = best_budgets(tk)
+        if best:
+            tk = tk[[best[a] == b for a, b in zip(tk["arm"], tk["budget"])]]
+        arms = _arms(tk, column)
+        for arm, row in arms.items():
+            row.update({"budget": best.get(arm), "split": "test" if column == "test_top1" else "val",
+                        "val_top1_mean": float(tk[tk.arm == arm]["top1"].mean())})
         out[int(k)] = arms
     return out
+
+
+def _arms(tk: pd.DataFrame, column: str) -> dict:
+    """Each arm's figures on ``column`` and its paired gains (one row per draw, seed and arm in ``tk``)."""
+    wide = tk.pivot_table(index=["draw", "seed"], columns="arm", values=column, aggfunc="first")
+    arms = {}
+    for arm in _arm_order(wide.columns):
+        col = wide[arm].dropna()
+        row = {"top1_mean": float(col.mean()), "top1_std": float(col.std(ddof=1)) if len(col) > 1 else float("nan"),
+               "n": int(len(col)), "draws": sorted(int(d) for d in col.index.get_level_values("draw").unique())}
+        for ref, tag in ((REAL, "vs_real"), (PSEUDO, "vs_pseudo")):
+            if arm != ref and ref in wide:
+                row[tag] = paired((wide[arm] - wide[ref]).dropna())
+        g = row.get("vs_real")
+        if g and g["n"] > 1:
+            row["beats_real_2sd"] = bool(g["mean"] > 2 * g["std"] and g["ci95"][0] > 0)
+        v = row.get("vs_pseudo")
+        if v and v["n"] > 1:
+            row["beats_or_matches_pseudo"] = bool(v["ci95"][1] >= 0)
+        arms[arm] = row
+    return arms
 
 
 def _arm_order(arms) -> list[str]:
     """Real only, pseudo-label, the real + synthetic arms, then the pseudo-label + synthetic arms."""
     arms = list(arms)
-    rank = lambda a: (0 if a == REAL else 1 if a == PSEUDO else 3 if a.startswith(PSEUDO) else 2, a)  # noqa: E731
+    rank = lambda a: (0 if a == REAL else 1 if a == PSEUDO else 3 if a.startswith(PSEUDO + " +") else  # noqa: E731
+                      1 if a.startswith(PSEUDO) else 2, a)
     return sorted(arms, key=rank)
 
 
@@ -173,7 +244,8 @@ def _gain(g: dict | None) -> str:
     return f"{g['mean']:+.2f} ± {_f(g['std'])} [{_f(lo)}, {_f(hi)}]"
 
 
-def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: dict | None = None) -> str:
+def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: dict | None = None,
+             per_budget: dict | None = None) -> str:
     """The study's tables: per k, each arm's top-1 and its paired gains with 95% intervals."""
     from synthaug.classify.pseudolabel import describe_selection
 
@@ -186,8 +258,9 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
              f"kept: {describe_selection(cfg)}.", "",
              f"Command: `{command}`", "",
              "Gains are paired differences in top-1 points (same draw, same seed), pooled over draws x seeds: "
-             "mean ± std [95% t interval of the mean]. *Goal* (issue 12): a gain over real only above 2 std, "
-             "and a gain over pseudo-label that is positive or holds 0 in its interval.", ""]
+             "mean ± std [95% t interval of the mean]. *Goal*: a gain over real only above 2 std whose interval is "
+             "above 0, and a gain over pseudo-label whose interval is above 0 or holds it.", "",
+             _selection_line(summary, cfg), ""]
     met = goal_met(summary)
     if met:
         lines += ["**Goal met by:** " + "; ".join(f"k={k}: {a}" for k, a in met), ""]
@@ -195,14 +268,11 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
         lines += ["**Goal not met:** no arm with synthetic images beats real only by more than 2 std of the paired "
                   "differences while matching pseudo-label, at any k.", ""]
     for k, arms in summary.items():
-        lines += [f"## k = {k} labelled images per class", "",
-                  "| arm | top-1 (mean ± std) | n | gain vs real only | gain vs pseudo-label | > 2 sd over real |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for arm, r in arms.items():
-            beats = {True: "yes", False: "no"}.get(r.get("beats_real_2sd"), "")
-            lines.append(f"| {arm} | {r['top1_mean']:.2f} ± {_f(r['top1_std'])} | {r['n']} | {_gain(r.get('vs_real'))} | "
-                         f"{_gain(r.get('vs_pseudo'))} | {beats} |")
-        lines.append("")
+        lines += [f"## k = {k} labelled images per class", ""] + _arm_table(arms, with_budget=bool(cfg.study.budgets))
+        for b, at_b in (per_budget or {}).get(k, {}).items():
+            lines += [f"### k = {k}, every arm at budget {b} images per epoch", ""] + _arm_table(at_b)
+    lines += [f"Recipes for the arms with added data ({', '.join(f'`{n}`: {o}' for n, o in cfg.study.recipes.items())}) "
+              "are arms of their own, named in brackets.", ""] if cfg.study.recipes else []
     if skipped:
         lines += ["## Arms left out", "", "A filtered set that keeps fewer images of a class than the mixture needs "
                   "cannot be mixed; its arms are missing from these runs:", ""]
@@ -214,11 +284,34 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
     return "\n".join(lines)
 
 
+def _selection_line(summary: dict, cfg: Config) -> str:
+    split = next((r.get("split") for arms in summary.values() for r in arms.values()), "val")
+    where = ("test, a split nothing was chosen on" if split == "test" else
+             "val, the split they were chosen on (these runs have no test split: set ingest.test_fraction or test_path)")
+    budgets_ = f"each arm at its best training budget on val (budgets {list(cfg.study.budgets)} images per epoch), " \
+        if cfg.study.budgets else ""
+    return f"Selection: {budgets_}figures reported on {where}."
+
+
+def _arm_table(arms: dict, with_budget: bool = False) -> list[str]:
+    head = "| arm | " + ("budget | " if with_budget else "") + "top-1 (mean ± std) | n | gain vs real only | " \
+        "gain vs pseudo-label | goal over real |"
+    lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
+    for arm, r in arms.items():
+        beats = {True: "yes", False: "no"}.get(r.get("beats_real_2sd"), "")
+        budget = f"{r.get('budget')} | " if with_budget else ""
+        lines.append(f"| {arm} | {budget}{r['top1_mean']:.2f} ± {_f(r['top1_std'])} | {r['n']} | {_gain(r.get('vs_real'))} | "
+                     f"{_gain(r.get('vs_pseudo'))} | {beats} |")
+    return lines + [""]
+
+
 def run_study(cfg: Config, command: str = "synthaug study") -> dict:
     """Every (k, draw) run, then the tables; returns the headline k's summary, flat."""
     out = storage.join(cfg.results_dir, cfg.name)
     if storage.local_path(out) is None:
         raise ValueError(f"results_dir: the study draws its sweep plots locally; {cfg.results_dir} is not a local path")
+    for b in budgets(cfg):  # every recipe's classify config is checked before any work
+        recipe_configs(cfg, b, None)
     dump_config(cfg, out, "config.attempt.yaml")
     rows, seconds, skipped = [], {}, {}
     for k in cfg.study.k_per_class:
@@ -231,14 +324,18 @@ def run_study(cfg: Config, command: str = "synthaug study") -> dict:
             seconds[rc.name] = secs
             if skip:
                 skipped[rc.name] = skip
-    table = pd.DataFrame(rows, columns=["k", "draw", "seed", "arm", "top1"])
+    table = pd.DataFrame(rows, columns=["k", "draw", "seed", "arm", "recipe", "budget", "top1", "test_top1"])
     summary = summarize(table)
+    per_budget = summarize(table, by_budget=True) if len(budgets(cfg)) > 1 else {}
     atomic_write_text(storage.join(out, "study.csv"), table.to_csv(index=False))
     atomic_write_json(storage.join(out, "study.json"), {
         "command": command, "k_per_class": list(cfg.study.k_per_class), "draws": list(cfg.study.draws),
         "seeds": [int(s) for s in cfg.classify.seeds], "summary": {str(k): v for k, v in summary.items()},
-        "goal_met": [list(x) for x in goal_met(summary)], "stage_seconds": seconds, "skipped": skipped})
-    atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command, skipped))
+        "goal_met": [list(x) for x in goal_met(summary)], "stage_seconds": seconds, "skipped": skipped,
+        "report_split": "test" if report_column(table) == "test_top1" else "val", "budgets": budgets(cfg),
+        "recipes": cfg.study.recipes,
+        "by_budget": {str(k): {str(b): arms for b, arms in v.items()} for k, v in per_budget.items()}})
+    atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command, skipped, per_budget))
     dump_config(cfg, out)
     storage.delete(storage.join(out, "config.attempt.yaml"))
     head = summary[int(cfg.study.headline_k)]

@@ -64,11 +64,35 @@ def test_pairs_only_common_draw_seed():
     assert r["n"] == 5 and r["vs_real"]["n"] == 5
 
 
+def test_each_arm_at_its_best_budget_on_val_reported_on_test():
+    """Budgets are chosen on val per arm; the figures and gains come from test; equal-budget tables on request."""
+    rows = []
+    for d in (0, 1):
+        for s in (0, 1, 2):
+            for b, real_val, syn_val in ((100, 80.0, 70.0), (400, 75.0, 90.0)):  # real best at 100, syn at 400
+                real_test, syn_test = 60.0 + s + b / 100, 63.0 + s + b / 100 + d / 10
+                rows += [{"k": 10, "draw": d, "seed": s, "arm": S.REAL, "budget": b, "top1": real_val, "test_top1": real_test},
+                         {"k": 10, "draw": d, "seed": s, "arm": "x + syn", "budget": b, "top1": syn_val, "test_top1": syn_test}]
+    t = pd.DataFrame(rows)
+    arms = S.summarize(t)[10]
+    assert arms[S.REAL]["budget"] == 100 and arms["x + syn"]["budget"] == 400
+    assert arms[S.REAL]["split"] == "test" and arms[S.REAL]["top1_mean"] == pytest.approx(62.0)
+    assert arms["x + syn"]["vs_real"]["mean"] == pytest.approx(3.0 + 3.0 + 0.05)  # syn at 400 vs real at 100, on test
+    assert arms["x + syn"]["val_top1_mean"] == 90.0
+    equal = S.summarize(t, by_budget=True)[10]
+    assert set(equal) == {100, 400} and equal[400]["x + syn"]["vs_real"]["mean"] == pytest.approx(3.05)
+    assert S.summarize(t.drop(columns="test_top1"))[10][S.REAL]["split"] == "val"
+
+
 def test_study_config_is_checked():
     with pytest.raises(ConfigError, match="study.headline_k"):
         load_config(None, ["study.k_per_class=[5, 30]", "study.headline_k=10"])
     with pytest.raises(ConfigError, match="study.draws"):
         load_config(None, ["study.draws=[0, 0]"])
+    with pytest.raises(ConfigError, match=r"study.recipes.ts': unknown classify key\(s\) \['added_batches'\]"):
+        load_config(None, ["study.recipes={ts: {added_batches: 8}}"])
+    with pytest.raises(ConfigError, match="study.budgets"):
+        load_config(None, ["study.budgets=[0]"])
     cfg = load_config("jobs/configs/study.yaml")
     assert list(cfg.study.k_per_class) == [5, 10, 30] and len(cfg.study.draws) >= 2 and len(cfg.classify.seeds) >= 5
     rc = S.run_config(cfg, 30, 1)
@@ -81,19 +105,21 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
             "study.k_per_class=[4]", "study.draws=[1]", "study.headline_k=4", "classify.seeds=[0, 1]",
             "classify.epochs=2", "sample.per_class=4", "sample.guidance_scale=1.0", "sweep.guidance_scales=[1.0]",
             "sweep.ratios=[0, 1]", "sweep.taus=[0.0, 0.01]", "filter.tau=0.01", "pseudolabel.with_synthetic=true",
-            "pseudolabel.threshold=0.0", "pretrain.steps=4", "finetune.steps=4"]
+            "pseudolabel.threshold=0.0", "pretrain.steps=4", "finetune.steps=4", "ingest.test_fraction=0.2",
+            "study.recipes={kd: {added_batch: 8, added_weight: 0.5, kd_teacher: teacher}}"]
     assert main(["study", "--config", "jobs/configs/tiny.yaml", *over]) == 0
     out = tmp_path / "results" / "st"
     table = pd.read_csv(out / "study.csv")
     assert set(table.k) == {4} and set(table.draw) == {1}
     arms = {S.REAL, S.PSEUDO, "real + syn (w=1)", "real + syn (w=1 tau=0.01)", "pseudo-label + syn (w=1 tau=0.01)"}
-    assert set(table.arm) == arms
+    arms |= {f"{a} [kd]" for a in arms - {S.REAL}}  # the recipe's arms; real only once
+    assert set(table.arm) == arms and table.test_top1.between(0, 100).all()
     assert all(sorted(g.seed) == [0, 1] for _, g in table.groupby("arm"))
     assert table.top1.between(0, 100).all()
     js = json.loads((out / "study.json").read_text())
     assert js["k_per_class"] == [4] and js["seeds"] == [0, 1]
-    real = table[table.arm == S.REAL].set_index("seed").top1
-    syn = table[table.arm == "real + syn (w=1)"].set_index("seed").top1
+    assert js["report_split"] == "test"
+    real, syn = (table[table.arm == a].set_index("seed").test_top1 for a in (S.REAL, "real + syn (w=1)"))
     assert math.isclose(js["summary"]["4"]["real + syn (w=1)"]["vs_real"]["mean"], float((syn - real).mean()))
     assert "## k = 4 labelled images per class" in (out / "study.md").read_text()
     assert (out / "config.yaml").exists() and not (out / "config.attempt.yaml").exists()
