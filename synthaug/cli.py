@@ -225,7 +225,14 @@ def _main(args) -> int:
     # successful run replaces: a failed run never changes an earlier run's records.
     work = RunPaths(cfg).work
     args.attempt_record = dump_config(cfg, work, f"config.{args.stage}.attempt.yaml")
-    result = _dispatch(args, cfg)
+    if args.stage in ("run", "study"):  # they open their own parent run, with a child per stage
+        result = _dispatch(args, cfg)
+    else:
+        from synthaug import tracking
+
+        with tracking.run(cfg, args.stage):
+            result = _dispatch(args, cfg)
+            tracking.final(result)
     dump_config(cfg, work, f"config.{args.stage}.yaml")
     storage.delete(args.attempt_record)
     if isinstance(result, dict):
