@@ -209,7 +209,8 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ok", out.stderr[-3000:]
+    assert "[tracking] TensorBoard: tensorboard --logdir" in out.stdout and "MLflow" not in out.stdout
 
 
 def test_tracking_config_is_checked():
