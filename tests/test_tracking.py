@@ -221,3 +221,19 @@ def test_tracking_config_is_checked():
     with pytest.raises(ConfigError, match="tracking.log_every"):
         load_config(None, ["tracking.log_every=0"])
     assert tracking.numbers(({"a": 1, "b": float("nan"), "c": {"d": 2}, "config": {"e": 3}}, "x")) == {"a": 1.0, "c.d": 2.0}
+
+
+def test_tensorboard_files_reach_an_object_store(s3_root, tmp_path):
+    """A worker's event files for an ``s3://`` run are written locally and uploaded when the writer closes."""
+    from synthaug import storage
+
+    loc = storage.join(s3_root, "tb")
+    log = tracking.StepLogger({"uri": "", "run_id": None, "tb_dir": loc, "log_every": 1})
+    for step in (1, 2, 3):
+        log.log({"loss": 1.0 / step}, step)
+    assert not storage.exists(loc)  # nothing before close
+    log.close()
+    (f,) = storage.list_files(loc)
+    assert "tfevents" in f.path
+    local = storage.download_dir(loc, tmp_path / "tb")
+    assert _scalars(local, "loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
