@@ -65,6 +65,23 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _send(uri: str, run_id: str, metrics: list) -> None:
+    """Metrics (``mlflow.entities.Metric``) to a run, in batches of MLflow's 1000 at most; failures warn."""
+    try:
+        client = _client(uri)
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    except Exception as e:  # noqa: BLE001 -- tracking never stops the work
+        _warn("MLflow logging", e)
+
+
+def _metrics(values: dict[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, v, ts, step) for k, v in values.items()]
+
+
 def clean_key(key: str) -> str:
     """A metric, param or tag key MLflow accepts (letters, digits, ``_-. /``)."""
     return _BAD_KEY.sub("_", str(key))[:250]
@@ -163,6 +180,7 @@ class Scope:
     run_id: str | None
     tb_dir: str | None
     log_every: int = 10
+    fluent: bool = False  # the run is MLflow's active run in this process (a Tune trial's, from setup_mlflow)
     opened: list = field(default_factory=list)  # handles of open_run children not yet closed
     events: _Events | None = None
 
@@ -182,13 +200,7 @@ class Scope:
         if not values:
             return
         if self.uri and self.run_id:
-            try:
-                from mlflow.entities import Metric
-
-                ts = int(time.time() * 1000)
-                _client(self.uri).log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
-            except Exception as e:  # noqa: BLE001 -- tracking never stops the work
-                _warn("MLflow logging", e)
+            _send(self.uri, self.run_id, _metrics(values, step))
         if self.tb_dir:
             self.events = self.events or _Events(self.tb_dir)
             self.events.scalars(values, step)
@@ -200,7 +212,12 @@ class Scope:
             self.events.close()
         if self.uri and self.run_id:
             try:
-                _client(self.uri).set_terminated(self.run_id, status)
+                if self.fluent:
+                    import mlflow
+
+                    mlflow.end_run(status=status)
+                else:
+                    _client(self.uri).set_terminated(self.run_id, status)
             except Exception as e:  # noqa: BLE001
                 _warn("MLflow run end", e)
 
@@ -419,23 +436,14 @@ class StepLogger:
         if self.events is not None:
             self.events.scalars(values, step)
         if self.h.get("uri") and self.h.get("run_id"):
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            self.pending += [Metric(k, v, ts, step) for k, v in values.items()]
+            self.pending += _metrics(values, step)
             if len(self.pending) >= 500 or time.time() - self.sent > 15:
                 self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        batch, self.pending, self.sent = self.pending, [], time.time()
-        try:
-            client = _client(self.h["uri"])
-            for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
-                client.log_batch(self.h["run_id"], metrics=batch[i:i + 1000])
-        except Exception as e:  # noqa: BLE001
-            _warn("MLflow logging", e)
+        if self.pending:
+            _send(self.h["uri"], self.h["run_id"], self.pending)
+        self.pending, self.sent = [], time.time()
 
     def close(self) -> None:
         if not self.on:
@@ -455,24 +463,15 @@ def trial(h: dict | None, name: str, config: dict):
         return
     run_id = None
     if h["uri"] and h["run_id"]:
+        import mlflow
         from ray.air.integrations.mlflow import setup_mlflow
 
         _quiet()
-        mlflow = setup_mlflow({k: v for k, v in config.items()}, tracking_uri=h["uri"], experiment_id=h["experiment_id"],
-                              run_name=name, tags={PARENT_TAG: h["run_id"], "synthaug.trial": name})
+        if mlflow.active_run() is not None:  # left by a trial that died in this (reused) actor: setup_mlflow would adopt it
+            mlflow.end_run(status="KILLED")
+        mlflow = setup_mlflow(dict(config), tracking_uri=h["uri"], experiment_id=h["experiment_id"], run_name=name,
+                              tags={PARENT_TAG: h["run_id"], "synthaug.trial": name})
         run_id = mlflow.active_run().info.run_id
     tb = storage.join(h["tb_dir"], _dirname(name)) if h["tb_dir"] else None
-    scope = Scope(h["uri"], h["experiment_id"], run_id, tb, h["log_every"])
-    _stack.append(scope)
-    status = "FAILED"
-    try:
-        yield scope.handle()
-        status = "FINISHED"
-    finally:
-        _stack.remove(scope)
-        scope.run_id = None  # its run is Ray's fluent one, ended below
-        scope.end(status)
-        if run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
+    with _pushed(Scope(h["uri"], h["experiment_id"], run_id, tb, h["log_every"], fluent=True)) as s:
+        yield s.handle()
