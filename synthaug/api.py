@@ -166,7 +166,14 @@ class Checked:
         work = P.RunPaths(self.config).work
         attempt = dump_config(self.config, work, f"config.{self.stage}.attempt.yaml")
         try:
-            result = _STAGES[self.stage](self.config, **self.inputs)
+            if self.stage in ("run", "study"):  # they open their own tracked parent run, with a child per stage
+                result = _STAGES[self.stage](self.config, **self.inputs)
+            else:
+                from synthaug import tracking
+
+                with tracking.run(self.config, self.stage):
+                    result = _STAGES[self.stage](self.config, **self.inputs)
+                    tracking.final(result.metrics)
         except BaseException as e:
             if find_input_error(e) is not None:  # refused for its input: this attempt's record goes (earlier ones stay)
                 storage.delete(attempt)

@@ -1,7 +1,7 @@
 """Typed, frozen configs for every stage, loaded from YAML with command-line overrides.
 
 One YAML file holds one section per stage (``ingest``, ``pretrain``, ``finetune``,
-``sample``, ``evaluate``, ``classify``, ``pseudolabel``, ``filter``, ``sweep``, ``ray``) plus top-level run fields.
+``sample``, ``evaluate``, ``classify``, ``pseudolabel``, ``filter``, ``sweep``, ``ray``, ``tracking``) plus top-level run fields.
 Each section is a frozen dataclass; every field carries a one-line ``help`` that the
 README's config reference is generated from (``synthaug config-reference``).
 
@@ -274,6 +274,19 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: MLflow runs and TensorBoard event files (docs/tracking.md)."""
+
+    mlflow_uri: str = _f("", "MLflow tracking URI (e.g. http://127.0.0.1:5000): one parent run per `synthaug run` / `study`, a child per stage, classifier run and sweep trial; '' = no MLflow (nothing of it is imported).")
+    experiment: str = _f("synthaug", "MLflow experiment the runs go to (created when missing).")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under <work_dir>/<name>/tensorboard/<command>-<time>/ (the same metrics as MLflow); false = none.")
+    log_every: int = _f(10, "Log generator-training metrics every N optimiser steps (classifiers log every epoch).")
+
+    def __post_init__(self) -> None:
+        _check_tracking(self, _prefix(self))
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """How to reach Ray."""
 
@@ -304,6 +317,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": "Sweep stage."})
     study: StudyConfig = field(default_factory=StudyConfig, metadata={"help": "Study over k x subset draws (`synthaug study`)."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray connection."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "Experiment tracking (MLflow, TensorBoard)."})
 
     def __post_init__(self) -> None:
         validate(self)
@@ -497,7 +511,8 @@ _PREFIX: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthaug_c
 # The key prefix of a section built directly (SampleConfig(...)), for the messages.
 _DEFAULT_PREFIX = {"IngestConfig": "ingest.", "TrainGenConfig": "", "SampleConfig": "sample.", "EvaluateConfig": "evaluate.",
                    "ClassifyConfig": "classify.", "PseudoLabelConfig": "pseudolabel.",
-                   "FilterConfig": "filter.", "SweepConfig": "sweep.", "StudyConfig": "study.", "RayConfig": "ray."}
+                   "FilterConfig": "filter.", "SweepConfig": "sweep.", "StudyConfig": "study.", "RayConfig": "ray.",
+                   "TrackingConfig": "tracking."}
 
 
 def _prefix(section: Any) -> str:
@@ -662,6 +677,14 @@ def _check_sweep(w: SweepConfig, p: str) -> None:
     _check(len(set(w.taus)) == len(w.taus), f"config key '{p}taus' lists a value twice")
     _check(w.max_concurrent >= 1, f"config key '{p}max_concurrent' must be >= 1")
     _check(bool(w.name) and "/" not in w.name, f"config key '{p}name' must be a non-empty name without '/'")
+
+
+def _check_tracking(t: TrackingConfig, p: str) -> None:
+    uri = t.mlflow_uri
+    _check(not uri or "://" in uri or uri.startswith("/") or uri == "databricks",
+           f"config key '{p}mlflow_uri': {uri!r} is not a tracking URI (e.g. http://127.0.0.1:5000, sqlite:///mlflow.db)")
+    _check(bool(t.experiment), f"config key '{p}experiment' must name an MLflow experiment")
+    _check(t.log_every >= 1, f"config key '{p}log_every' must be >= 1")
 
 
 def _check_ray(r: RayConfig, p: str) -> None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthaug import storage
+from synthaug import storage, tracking
 from synthaug.artifacts import is_complete, read_manifest
 from synthaug.config import Config, dump_config, replace
 
@@ -77,7 +77,8 @@ class RunPaths:
 
 
 class Timer:
-    """Collects wall-clock seconds per stage for the report."""
+    """Collects wall-clock seconds per stage for the report; each stage is a tracked child run
+    (``synthaug.tracking``: params from the ``Config`` among its arguments, its result's numbers)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -85,8 +86,10 @@ class Timer:
     def __call__(self, stage: str, fn, *args, **kwargs):
         t0 = time.time()
         print(f"\n=== {stage} ===", flush=True)
-        out = fn(*args, **kwargs)
-        self.seconds[stage] = round(time.time() - t0, 1)
+        with tracking.stage(stage, next((a for a in args if isinstance(a, Config)), None)):
+            out = fn(*args, **kwargs)
+            self.seconds[stage] = round(time.time() - t0, 1)
+            tracking.final(out, seconds=self.seconds[stage])
         print(f"=== {stage} done in {self.seconds[stage]}s ===", flush=True)
         return out
 
@@ -284,6 +287,14 @@ def synthetic_sets(cfg: Config, timer=None, headline: bool = True) -> tuple[dict
 
 
 def run_all(cfg: Config) -> tuple[dict, dict[float, str]]:
+    """The default run (:func:`_run_all`) as one tracked parent run with a child per stage (``tracking.*``)."""
+    with tracking.run(cfg, "run"):
+        metrics, sets = _run_all(cfg)
+        tracking.final(metrics)
+        return metrics, sets
+
+
+def _run_all(cfg: Config) -> tuple[dict, dict[float, str]]:
     """Ingest -> pretrain -> fine-tune -> sample (-> filter) -> evaluate -> sweep -> pseudo-label -> report.
 
     Returns the flat metrics (``metrics.json``) and the synthetic sets the report evaluated:
@@ -344,6 +355,7 @@ def run_all(cfg: Config) -> tuple[dict, dict[float, str]]:
     metrics = timer("report", report.write_run_report, cfg, out, fidelity_rows, sweep, sets, timer.seconds,
                     pseudo=pseudo, filtered=filtered)
     dump_config(cfg, out.results)
+    tracking.artifacts(out.results)  # summary.md, metrics, plots, grids, the sweep's table
     if staging:
         storage.upload_dir(out.results, p.results)
         shutil.rmtree(staging, ignore_errors=True)

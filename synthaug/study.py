@@ -31,7 +31,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from synthaug import storage
+from synthaug import storage, tracking
 from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete, read_manifest
 from synthaug.stats import paired
 from synthaug.config import Config, dump_config, replace
@@ -306,6 +306,14 @@ def _arm_table(arms: dict, with_budget: bool = False) -> list[str]:
 
 
 def run_study(cfg: Config, command: str = "synthaug study") -> dict:
+    """The study (:func:`_run_study`) as one tracked parent run: a child per (k, draw) run, a grandchild per stage."""
+    with tracking.run(cfg, "study"):
+        flat = _run_study(cfg, command)
+        tracking.final(flat)
+        return flat
+
+
+def _run_study(cfg: Config, command: str) -> dict:
     """Every (k, draw) run, then the tables; returns the headline k's summary, flat."""
     out = storage.join(cfg.results_dir, cfg.name)
     if storage.local_path(out) is None:
@@ -319,7 +327,8 @@ def run_study(cfg: Config, command: str = "synthaug study") -> dict:
             rc = run_config(cfg, k, draw)
             print(f"\n##### study {cfg.name}: k={k} draw={draw} (run {rc.name}) #####", flush=True)
             shared = pretrain_dir(cfg, draw) if cfg.study.share_pretrain else None
-            got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared)
+            with tracking.stage(rc.name, rc):
+                got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared)
             rows += [{"k": int(k), "draw": int(draw), **r} for r in got]
             seconds[rc.name] = secs
             if skip:
@@ -338,6 +347,7 @@ def run_study(cfg: Config, command: str = "synthaug study") -> dict:
     atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command, skipped, per_budget))
     dump_config(cfg, out)
     storage.delete(storage.join(out, "config.attempt.yaml"))
+    tracking.artifacts(out)  # study.md / .json / .csv, each run's sweep table and plots
     head = summary[int(cfg.study.headline_k)]
     flat = {"study": str(out), "runs": len(seconds), "goal_met": len(goal_met(summary))}
     for arm, r in head.items():

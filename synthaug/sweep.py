@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthaug import console, identity, storage
+from synthaug import console, identity, storage, tracking
 from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
@@ -183,9 +183,19 @@ def short_cells(cfg: Config, real_train_dir, dirs: dict[str, str]) -> dict[tuple
 # ----------------------------------------------------------------------------- trials
 
 
-def _trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list, in_chans: int,
-           train_dir: str, test_dir: str | None = None) -> None:
-    """One Tune trial: plan the mixture from locations, then train in this process (1 worker) or a TorchTrainer (N)."""
+def _trial(config: dict, *, tracked: dict | None = None, **kw) -> None:
+    """One Tune trial, tracked as a child of the sweep's run (``tracked``: its ``tracking.handle``)."""
+    import ray.tune
+
+    cell = config["cell"]
+    name = f"trial-{ray.tune.get_context().get_trial_id()} {cell['setting'] or 'real only'} r={cell['ratio']:g} seed={config['seed']}"
+    with tracking.trial(tracked, name, config):
+        _train_trial(config, **kw)
+
+
+def _train_trial(config: dict, *, cfg: Config, real_dir: str, val_dir: str, synthetic_dirs: dict, class_names: list,
+                 in_chans: int, train_dir: str, test_dir: str | None = None) -> None:
+    """Plan the trial's mixture from locations, then train in this process (1 worker) or a TorchTrainer (N)."""
     import ray.tune
 
     from synthaug.classify.mixing import plan_mixture
@@ -228,6 +238,7 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
     exp_path = storage.resolve(exp_dir)[1] if storage.is_uri(exp_dir) else exp_dir
     fs_kw = {"storage_filesystem": ray_store["storage_filesystem"]} if "storage_filesystem" in ray_store else {}
     if storage.exists(exp_dir) and tune.Tuner.can_restore(exp_path, **fs_kw):
+        tracking.reused("sweep", fingerprint["hash"], exp_dir)  # only its missing or errored trials run
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, **fs_kw)
     atomic_write_json(storage.join(store, f"{name}.{identity.RECORD}"),
                       {"stage": "sweep", "key": fingerprint["hash"], "inputs": fingerprint})
@@ -318,7 +329,7 @@ def run_sweep(
         tune.with_parameters(
             _trial, cfg=cfg, real_dir=storage.absolute(str(real_train_dir)), val_dir=storage.absolute(str(val_dir)),
             synthetic_dirs=dirs, class_names=real["class_names"], in_chans=int(real["channels"]),
-            train_dir=storage.join(store, f"{name}-train"),
+            train_dir=storage.join(store, f"{name}-train"), tracked=tracking.handle(),
             test_dir=storage.absolute(str(test_dir)) if test_dir else None,
         ),
         {"cpu": 1, "gpu": 1 if use_gpu else 0},

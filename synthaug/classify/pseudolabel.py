@@ -37,7 +37,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from synthaug import identity, raylocal, storage
+from synthaug import identity, raylocal, storage, tracking
 from synthaug.artifacts import BASE_COLUMNS, id_hashes, is_complete, read_manifest, read_ray, write_dataset
 from synthaug.classify.mixing import ALL, kth_smallest, plan_mixture
 from synthaug.config import Config, to_dict
@@ -209,6 +209,7 @@ def label_pool(cfg: Config, teacher: dict, pool: str, out: str) -> dict:
     key = pseudolabel_key(cfg, teacher, pool)
     if is_complete(out) and read_manifest(out).get("key") == key:
         print(f"[pseudolabel] reusing {out} (same key)", flush=True)
+        tracking.reused("pseudolabel", key, out)
         return read_manifest(out)
     pool_m = read_manifest(pool)
     if int(pool_m["num_rows"]) == 0:
@@ -282,6 +283,7 @@ def filter_synthetic(cfg: Config, teacher: dict, synthetic: str, out: str) -> di
     key = filter_key(cfg, teacher, synthetic)
     if is_complete(out) and read_manifest(out).get("key") == key:
         print(f"[filter] reusing {out} (same key)", flush=True)
+        tracking.reused("filter", key, out)
         return read_manifest(out)
     syn_m = read_manifest(synthetic)
     if list(syn_m["class_names"]) != teacher_classes(teacher):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from synthaug import console
+from synthaug import console, tracking
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
 from synthaug.classify.checkpoints import TaskCheckpoints
 from synthaug.classify.core import (Distiller, build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
@@ -233,6 +233,7 @@ def train_loop_per_worker(config: dict) -> dict:
     added = session.train_data("added") if cfg.added_batch else None
     added_batch = max(1, cfg.added_batch // world)
     kd = Distiller(config["kd_teachers"], cfg, session.device) if config.get("kd_teachers") else None
+    track = tracking.StepLogger(config.get("_tracking"), rank)  # rank 0 logs each epoch to the driver's run
     last: dict = {}
     evaluated = {"top1": float("nan"), "top5": float("nan"), "top1_no_ema": float("nan"),
                  "per_class_top1": [float("nan")] * num_classes, "eval_epoch": 0}
@@ -268,6 +269,7 @@ def train_loop_per_worker(config: dict) -> dict:
             "images_per_s": float(images / max(stats["seconds"], 1e-9)), "seconds": elapsed,
             "n_train": int(config["n_train"]), "start_epoch": start_epoch, **mix.summary(),
         }
+        track.log(metrics, epoch + 1)
         if rank != 0:
             session.report(metrics, None)
             continue
@@ -280,6 +282,7 @@ def train_loop_per_worker(config: dict) -> dict:
         else:
             session.report(metrics, None)
         last = metrics
+    track.close()
     if not last and session.kind == "task":  # restarted after its last checkpoint: nothing left to train
         last = session.store.latest_metrics()
     return last

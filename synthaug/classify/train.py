@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synthaug import identity, storage
+from synthaug import identity, storage, tracking
 from synthaug.classify.data import decode_to_uint8, iterate, shuffle_rows, training_dataset, val_batches, val_dataset  # noqa: F401
 from synthaug.classify.mixing import Mixture, parts, real_only, streams
 from synthaug.classify.model_names import check_classifier_config
@@ -77,7 +77,7 @@ def _loop_config(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_n
         "classify": cfg, "seed": int(seed), "num_classes": len(class_names), "in_chans": int(in_chans),
         "class_names": list(class_names), "image_size": list(spec.image_size),
         "val_dir": storage.absolute(str(val_dir)), "n_train": int(spec.num_rows), "_reporter": reporter,
-        "shuffle_rows": shuffle_rows(cfg, spec),
+        "shuffle_rows": shuffle_rows(cfg, spec), "_tracking": tracking.handle(),
         "test_dir": storage.absolute(str(test_dir)) if test_dir else None,
         **_two_stream_config(cfg, spec),
     }
@@ -204,8 +204,10 @@ def fit(
     if (not callbacks and done and done.get("key") == key and "metrics" in done
             and (not save_model or identity.matches(model_loc, key, "classifier.json"))):
         print(f"[classify] {name}: reusing the finished run (same key)", flush=True)
+        tracking.reused(name, key, run_loc)
         return {**done["metrics"], "key": key}
     init_ray(ray_cfg)
+    config["_tracking"] = tracking.open_run(name, {"classify": to_dict(cfg), "seed": seed}, {"synthaug.key": key})
     if cfg.num_workers == 1 and not callbacks:
         metrics, final = _fit_task(cfg, spec, config, seed, run_loc)
     else:
@@ -223,6 +225,7 @@ def fit(
             model.load_state_dict(load_file(str(Path(d) / ("ema.safetensors" if cfg.model_ema else "model.safetensors"))))
         save_classifier(model, model_loc, meta)
     identity.write_record(run_loc, "classify", key, inputs, to_dict(cfg), seed=int(seed), metrics=metrics)
+    tracking.close_run(config["_tracking"], metrics)
     return {**metrics, "key": key}
 
 

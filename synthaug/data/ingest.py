@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from synthaug import storage
+from synthaug import storage, tracking
 from synthaug.artifacts import UNLABELLED, DatasetError, commit_dataset, is_complete, new_write_id, read_manifest, write_shard
 from synthaug.config import Config, ConfigError, IngestConfig, to_dict
 from synthaug.data import sources
@@ -445,6 +445,7 @@ def run(cfg: Config, out_dir: str) -> dict[str, dict]:
     done = {s: read_manifest(d) if is_complete(d) else {} for s, d in locations.items()}
     if all(m.get("key") == key for m in done.values()):
         print(f"[ingest] {out}: reusing the datasets (same source and config, key {key[:12]})", flush=True)
+        tracking.reused("ingest", key, out)
         return done
 
     # The split pre-pass over ids and labels (tasks).

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthaug import console, identity, storage
+from synthaug import console, identity, storage, tracking
 from synthaug.artifacts import DatasetError, hash_tree, is_complete, read_manifest
 from synthaug.config import Config, TrainGenConfig, to_dict
 from synthaug.data.images import to_float
@@ -333,12 +333,16 @@ def train_loop_per_worker(config: dict) -> None:
     batches = mix.watch(train_data.stream(source, config["shard_rows"], t.seed, rank, world, micro, buffer,
                                           start=core.step * t.grad_accum), label=lambda b: b[1])
     t0 = time.time()
+    track = tracking.StepLogger(config.get("_tracking"), rank)  # rank 0 logs to the driver's run (any node)
 
     for x, y in batches if core.step < t.steps else ():
         x = torch.from_numpy(x if latent_shape else to_float(x)).to(device)  # (B, C, H, W) in [-1, 1], or moments
         if not core.micro_step(x, torch.from_numpy(y).to(device)):
             continue
         step = core.step
+        if track.due(step, t.steps):
+            track.log({"loss": core.last_loss, "lr": core.sched.get_last_lr()[0],
+                       "images_per_s": core.images * world / max(1e-9, time.time() - t0)}, step)
         if rank == 0 and (step % 50 == 0 or step == t.steps):
             ips = core.images * world / max(1e-9, time.time() - t0)
             print(f"[{config['stage']}] step {step}/{t.steps} loss {core.last_loss:.4f} {ips:.0f} img/s", flush=True)
@@ -357,6 +361,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
         if step >= t.steps:
             break
+    track.close()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -471,6 +476,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     done = read_manifest(out_dir) if is_complete(out_dir) else None
     if done is not None and done.get("key") == key:
         print(f"[{stage}] {out_dir}: reusing the export (same key {key[:12]})", flush=True)
+        tracking.reused(stage, key, out_dir)
         return done
 
     # Resume from where the newest checkpoint of this key's run left off.
@@ -494,7 +500,7 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
             "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
             "image_size": image_size, "channels": channels, "unconditional": unconditional,
             "shards": shards, "shard_rows": shard_rows, "cached": cached, "latent_shape": latent_shape,
-            "grid_dir": storage.join(run_dir, "val_grids"),
+            "grid_dir": storage.join(run_dir, "val_grids"), "_tracking": tracking.handle(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
@@ -526,6 +532,8 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     if step != t.steps:
         raise RuntimeError(f"{stage}: finished at step {step}, expected {t.steps}")
     identity.write_record(run_dir, stage, key, inputs, to_dict(t))
+    if t.val_grid_every:
+        tracking.artifacts(storage.join(run_dir, "val_grids"), "val_grids")
     return models.save_generator(gen, out_dir, {
         "stage": stage, "key": key, "inputs": inputs, "run": run_dir, "steps": step, "unconditional": unconditional,
         "base": base, "base_hash": inputs["base"],

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from synthaug import identity, storage
+from synthaug import identity, storage, tracking
 from synthaug.artifacts import (BASE_COLUMNS, DatasetError, commit_dataset, hash_tree, is_complete, new_write_id,
                                 read_manifest, write_shard)
 from synthaug.data.images import decode_batch, to_float
@@ -115,6 +115,7 @@ def build(data_dir: str, base: str, out: str, *, hflip: bool, batch_size: int = 
     done = read_manifest(out) if is_complete(out) else None
     if done is not None and done.get("key") == key:
         print(f"[latents] {out}: reusing the latent cache (same key {key[:12]})", flush=True)
+        tracking.reused("latents", key, out)
         return done
     from synthaug.generative.models import read_config
 

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from synthaug import storage
+from synthaug import storage, tracking
 from synthaug.artifacts import (BASE_COLUMNS, DATA_DIR, MANIFEST, PROVENANCE_COLUMNS, DatasetError, commit_dataset,
                                 hash_obj, new_write_id, read_manifest, shard_stats, write_shard)
 from synthaug.config import Config, SampleConfig, to_dict
@@ -438,6 +438,7 @@ def run(cfg: Config, generator_dir: str, out_dir: str | None = None, *, source_d
         m = read_manifest(out)
         _refuse_other(out, m.get("sample_key"), key)
         print(f"[sample] reusing complete set {out}", flush=True)
+        tracking.reused("sample", key, out)
         return out, m
     plan = read_plan(out)
     if plan is not None:
