@@ -103,6 +103,8 @@ MLFLOW_URI = os.environ.get("SYNTHAUG_MLFLOW_URI", "")
 if MLFLOW_URI:
     import mlflow
 
-    synthaug.run(result.config, {"tracking.mlflow_uri": MLFLOW_URI})
+    synthaug.run(result.config, {"tracking.mlflow_uri": MLFLOW_URI, "tracking.experiment": "walkthrough"})
     mlflow.set_tracking_uri(MLFLOW_URI)
-    print(mlflow.search_runs(search_all_experiments=True).head())
+    runs = mlflow.search_runs(experiment_names=["walkthrough"])
+    print(runs[["tags.mlflow.runName", "status", "start_time"]].head(12))
+    # The same runs in the browser: `mlflow ui --backend-store-uri <uri>` or the server's own page.

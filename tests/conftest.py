@@ -104,3 +104,13 @@ def digits_dirs(tmp_path_factory):
 def pytest_addoption(parser):
     parser.addoption("--runpipeline", action="store_true", default=False,
                      help="also run the tiny pipeline in this process, on S3 and on a local path (test_pipeline.py)")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (tests/mlflowserver.py); ``.wait()`` returns its URI once it answers."""
+    from mlflowserver import MlflowServer
+
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield srv
+    srv.stop()

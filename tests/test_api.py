@@ -29,12 +29,13 @@ TINY = str(ROOT / "jobs" / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def walkthrough(tmp_path_factory, ray_session):
-    """docs/walkthrough.py run as a script from an empty directory; its globals, its output dir and that directory."""
+def walkthrough(tmp_path_factory, ray_session, mlflow_server):
+    """docs/walkthrough.py run as a script from an empty directory, its MLflow cell against a real local
+    server; its globals, its output dir and that directory."""
     out, cwd = tmp_path_factory.mktemp("walkthrough"), tmp_path_factory.mktemp("walkthrough_cwd")
     saved = {k: os.environ.get(k) for k in ("SYNTHAUG_WALKTHROUGH_DIR", "SYNTHAUG_MLFLOW_URI")}
     os.environ["SYNTHAUG_WALKTHROUGH_DIR"] = str(out)
-    os.environ.pop("SYNTHAUG_MLFLOW_URI", None)
+    os.environ["SYNTHAUG_MLFLOW_URI"] = mlflow_server.wait()
     here = os.getcwd()
     os.chdir(cwd)
     try:
@@ -69,6 +70,17 @@ def test_walkthrough_run(walkthrough):
     # The run's config records: the last success's, and no attempt left behind.
     assert (Path(res.work_dir) / "config.run.yaml").is_file()
     assert not list(Path(res.work_dir).glob("*.attempt.yaml"))
+
+
+def test_walkthrough_mlflow_view(walkthrough):
+    """The MLflow cell: the run again with tracking on (everything reused by key) lands as a parent run with a
+    child per stage, each reused artifact tagged."""
+    runs = walkthrough["g"]["runs"]
+    parent = runs[runs["tags.mlflow.runName"] == "walkthrough run"]
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert {"ingest", "finetune", "sweep"} <= set(children["tags.mlflow.runName"])
+    assert (runs["tags.synthaug.reused"] == "true").any()
 
 
 def test_walkthrough_stage_call_and_datasets(walkthrough):

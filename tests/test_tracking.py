@@ -2,19 +2,16 @@
 TensorBoard event files, on a tiny run of real stages: a generator (fine-tune), a classifier
 (the teacher, a Ray task) and the sweep (one Tune trial).
 
-The server starts when the module's fixture is first asked for and is waited on only when
-the test needs it, so its start-up (tens of seconds of imports on a busy machine) overlaps
-the Ray start and the ingest. It is stopped by its process group (ours, by its PID).
+The server (``tests/mlflowserver.py``, one per session: ``conftest.mlflow_server``) is waited
+on only when the test needs it, so its start-up (tens of seconds of imports on a busy
+machine) overlaps the Ray start and the ingest. It is stopped by its process group (ours, by its PID).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,53 +25,6 @@ TINY = ["ingest.k_per_class=5", "finetune.steps=4", "finetune.batch_size=16", "f
         "finetune.val_grid_every=4", "finetune.cache=false", "classify.epochs=2", "classify.seeds=[0]",
         "classify.augment=false", "classify.cache=true", "sweep.guidance_scales=[1.0]", "sweep.ratios=[0.0]",
         "sweep.max_concurrent=1", "tracking.log_every=1"]
-
-
-class MlflowServer:
-    """``mlflow server`` with a SQLite store and proxied artifacts, all under ``root``."""
-
-    def __init__(self, root: Path):
-        import s3server
-
-        self.port = s3server.free_ports(1)[0]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = root / "mlflow.log"
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts")]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
-        with open(self.log, "wb") as log:
-            # Its own process group: `mlflow server` runs uvicorn as a child, and both are stopped together.
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-
-    def wait(self, timeout_s: float = 240.0) -> str:
-        t0 = time.time()
-        while time.time() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
-                return self.uri
-            except OSError:
-                time.sleep(0.5)
-        pytest.fail(f"mlflow server did not answer /health within {timeout_s:.0f} s: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield srv
-    srv.stop()
 
 
 def _runs(client, experiment: str) -> list:
