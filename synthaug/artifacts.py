@@ -459,8 +459,17 @@ def write_dataset(data: pa.Table | Any, path: str | Path, **manifest_kwargs: Any
     data.write_parquet(root, filesystem=fs)
     shards = shard_stats(path, [posixpath.join(DATA_DIR, wid, posixpath.basename(i.path))
                                 for i in storage.list_files(storage.join(path, DATA_DIR, wid))], n_classes)
-    manifest_kwargs.setdefault("columns", list(data.schema().names))
+    manifest_kwargs.setdefault("columns", _written_columns(path, shards))
     return commit_dataset(path, shards, **manifest_kwargs)
+
+
+def _written_columns(path: str | Path, shards: list[dict]) -> list[str]:
+    """The columns of the shards just written (their first file's schema: no second execution of the
+    dataset, which ``Dataset.schema()`` would start); the base columns when no row was written."""
+    if not shards:
+        return list(BASE_COLUMNS)
+    fs, loc = storage.resolve(storage.join(path, shards[0]["path"]))
+    return list(pq.read_schema(loc, filesystem=fs).names)
 
 
 def shard_stats(dataset: str | Path, rel_paths: list[str], num_classes: int) -> list[dict]:

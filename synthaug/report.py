@@ -105,7 +105,8 @@ def _paired_row(real, runs: list[dict], column: str = "top1") -> dict:
     g = paired((top1 - real.reindex(top1.index)).dropna())
     m, sd = mean_std(top1)
     return {"mean": m, "std": sd, "gain_mean": g["mean"], "gain_std": g["std"], "n_paired": g["n"],
-            "gain_ci95": g["ci95"], "within": not excludes_zero(g), "verdict": verdict(g)}
+            "gain_ci95_low": g["ci95"][0], "gain_ci95_high": g["ci95"][1], "within": not excludes_zero(g),
+            "verdict": verdict(g)}
 
 
 def report_split(sweep) -> tuple[str, str]:
@@ -167,7 +168,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
 
     metrics = {
         "run": cfg.name, "seeds": len(real), "headline_guidance": w0, "headline_ratio": ratio, "report_split": split,
-        "paired_gain_ci95": gain["ci95"],
+        "paired_gain_ci95_low": gain["ci95"][0], "paired_gain_ci95_high": gain["ci95"][1],
         "real_only_top1_mean": real_m, "real_only_top1_std": real_s,
         "real_plus_synthetic_top1_mean": mix_m, "real_plus_synthetic_top1_std": mix_s,
         "paired_gain_mean": gain_m, "paired_gain_std": gain_s, "gain_within_noise": within,
@@ -196,7 +197,7 @@ def write_run_report(cfg: Config, paths, fidelity_rows: list[dict], sweep, sets:
         for k, v in pl_rows[0][1].items():
             metrics[f"pseudo_label_top1_{k}" if k in ("mean", "std") else f"pseudo_label_{k}"] = v
         if "combined" in pseudo:
-            row = _paired_row(real, pseudo["combined"])
+            row = _paired_row(real, pseudo["combined"], column)
             pl_rows.append((f"pseudo-label + synthetic (1:{pseudo['combined_ratio']:g}, {recipe})", row))
             for k, v in row.items():
                 metrics[f"pseudo_plus_synthetic_top1_{k}" if k in ("mean", "std") else f"pseudo_plus_synthetic_{k}"] = v

@@ -141,12 +141,13 @@ def budgets(cfg: Config) -> list[int]:
 def recipe_configs(cfg: Config, budget: int, teacher: dict | None) -> list[tuple[str, object]]:
     """``(name, classify config)`` of the plain recipe ('') and each ``study.recipes`` entry at ``budget``.
 
-    ``kd_teacher: teacher`` stands for the run's real-only teacher (its exported model)."""
+    ``kd_teacher: teacher`` stands for the run's real-only teacher (its exported model);
+    ``teacher=None`` only checks the configs (before any work)."""
     out = [("", replace(cfg.classify, epoch_images=int(budget)))]
     for name, over in cfg.study.recipes.items():
         over = dict(over)
         if over.get("kd_teacher") == "teacher":
-            over["kd_teacher"] = str(teacher["model"]) if teacher else ""
+            over["kd_teacher"] = str(teacher["model"]) if teacher else "(the run's teacher)"
         out.append((str(name), replace(cfg.classify, epoch_images=int(budget), **over)))
     return out
 

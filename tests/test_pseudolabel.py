@@ -197,7 +197,7 @@ def test_report_rows_pair_by_seed():
     assert row["mean"] == pytest.approx(94.667, abs=1e-3) and row["n_paired"] == 3
     assert row["gain_mean"] == pytest.approx(8 / 3) and row["gain_std"] == pytest.approx(np.std([2, 3, 3], ddof=1))
     assert not row["within"] and "better than real only (the interval excludes 0)" in row["verdict"]
-    assert row["gain_ci95"][0] == pytest.approx(8 / 3 - 4.3027 * np.std([2, 3, 3], ddof=1) / np.sqrt(3), abs=1e-3)
+    assert row["gain_ci95_low"] == pytest.approx(8 / 3 - 4.3027 * np.std([2, 3, 3], ddof=1) / np.sqrt(3), abs=1e-3)
     noisy = _paired_row(real, [{"seed": 0, "top1": 95.0}, {"seed": 1, "top1": 91.0}, {"seed": 2, "top1": 95.0}])
     assert noisy["within"] and "within noise" in noisy["verdict"]  # diffs 5, -1, 1
     on_test = _paired_row(real, [{"seed": 0, "top1": 99.0, "test_top1": 90.0}], "test_top1")
