@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from synthaug import storage, tracking
 from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete, read_manifest
-from synthaug.stats import paired
+from synthaug.stats import mean_std, paired
 from synthaug.config import Config, dump_config, replace
 
 REAL, PSEUDO = "real only", "pseudo-label"
@@ -205,7 +204,8 @@ def _arms(tk: pd.DataFrame, column: str) -> dict:
     arms = {}
     for arm in _arm_order(wide.columns):
         col = wide[arm].dropna()
-        row = {"top1_mean": float(col.mean()), "top1_std": float(col.std(ddof=1)) if len(col) > 1 else float("nan"),
+        m, sd = mean_std(col)
+        row = {"top1_mean": m, "top1_std": sd,
                "n": int(len(col)), "draws": sorted(int(d) for d in col.index.get_level_values("draw").unique())}
         for ref, tag in ((REAL, "vs_real"), (PSEUDO, "vs_pseudo")):
             if arm != ref and ref in wide:

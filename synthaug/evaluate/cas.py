@@ -15,6 +15,7 @@ import numpy as np
 
 from synthaug.artifacts import read_manifest
 from synthaug.classify.mixing import plan_mixture
+from synthaug.stats import mean_std
 from synthaug.config import ClassifyConfig, RayConfig, replace
 
 
@@ -30,12 +31,10 @@ def cas(cfg: ClassifyConfig, synthetic_dir: str | Path, val_dir: str | Path, rea
         train = plan_mixture(str(real_train_dir), str(synthetic_dir), ratio=0.0, seed=int(seed), synthetic_only=True)
         runs.append(fit(same_recipe, train, val_dir, seed=int(seed), out_dir=out_dir, name=f"{name}-seed{seed}",
                         class_names=m["class_names"], in_chans=int(m["channels"]), ray_cfg=ray_cfg))
-    top1 = np.array([r["top1"] for r in runs])
-    top5 = np.array([r["top5"] for r in runs])
+    (top1, top1_sd), (top5, top5_sd) = (mean_std(r[k] for r in runs) for k in ("top1", "top5"))
     per_class = np.mean([r["per_class_top1"] for r in runs], axis=0)
     return {
-        "cas_top1_mean": float(top1.mean()), "cas_top1_std": float(top1.std(ddof=1)) if len(runs) > 1 else float("nan"),
-        "cas_top5_mean": float(top5.mean()), "cas_top5_std": float(top5.std(ddof=1)) if len(runs) > 1 else float("nan"),
+        "cas_top1_mean": top1, "cas_top1_std": top1_sd, "cas_top5_mean": top5, "cas_top5_std": top5_sd,
         "cas_seeds": len(runs), "cas_n_train": int(runs[0]["n_train"]),
         "cas_per_class_top1": {c: float(v) for c, v in zip(m["class_names"], per_class)},
     }
