@@ -83,6 +83,26 @@ def read_record(location: str, filename: str = RECORD) -> dict | None:
         return None
 
 
+def reuse(location: str, key: str, stage: str, noun: str) -> dict | None:
+    """The manifest of the complete artifact at ``location`` when it carries ``key``, else None.
+
+    The one "reuse the output when it is complete with the same key" of the manifest-written
+    stages: a reuse prints one line (``[<stage>] <location>: reusing <noun> (same key ...)``)
+    and tags the tracked run with the artifact's identity (``tracking.reused``), not a copy.
+    """
+    from synthaug import tracking
+    from synthaug.artifacts import is_complete, read_manifest
+
+    if not is_complete(location):
+        return None
+    m = read_manifest(location)
+    if m.get("key") != key:
+        return None
+    print(f"[{stage}] {location}: reusing {noun} (same key {key[:12]})", flush=True)
+    tracking.reused(stage, key, str(location))
+    return m
+
+
 def matches(location: str, key: str, filename: str = RECORD) -> bool:
     """True when ``location`` holds a record (or a manifest-like JSON ``filename``) whose ``key`` is ``key``."""
     return (read_record(location, filename) or {}).get("key") == key

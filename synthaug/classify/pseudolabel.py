@@ -37,8 +37,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from synthaug import identity, raylocal, storage, tracking
-from synthaug.artifacts import BASE_COLUMNS, id_hashes, is_complete, read_manifest, read_ray, write_dataset
+from synthaug import identity, raylocal, storage
+from synthaug.artifacts import BASE_COLUMNS, id_hashes, read_manifest, read_ray, write_dataset
 from synthaug.classify.mixing import ALL, kth_smallest, plan_mixture
 from synthaug.config import Config, to_dict
 from synthaug.errors import InputValueError
@@ -207,10 +207,9 @@ def label_pool(cfg: Config, teacher: dict, pool: str, out: str) -> dict:
     ``pool_rows`` and ``kept_share`` (kept rows / pool rows).
     """
     key = pseudolabel_key(cfg, teacher, pool)
-    if is_complete(out) and read_manifest(out).get("key") == key:
-        print(f"[pseudolabel] reusing {out} (same key)", flush=True)
-        tracking.reused("pseudolabel", key, out)
-        return read_manifest(out)
+    done = identity.reuse(out, key, "pseudolabel", "the pseudo-labelled set")
+    if done is not None:
+        return done
     pool_m = read_manifest(pool)
     if int(pool_m["num_rows"]) == 0:
         raise InputValueError(f"{pool}: the unlabelled pool is empty; there is nothing to pseudo-label")
@@ -281,10 +280,9 @@ def filter_synthetic(cfg: Config, teacher: dict, synthetic: str, out: str) -> di
     its manifest holds ``kept_per_class`` ({class: share kept}) and ``kept_share``.
     """
     key = filter_key(cfg, teacher, synthetic)
-    if is_complete(out) and read_manifest(out).get("key") == key:
-        print(f"[filter] reusing {out} (same key)", flush=True)
-        tracking.reused("filter", key, out)
-        return read_manifest(out)
+    done = identity.reuse(out, key, "filter", "the filtered set")
+    if done is not None:
+        return done
     syn_m = read_manifest(synthetic)
     if list(syn_m["class_names"]) != teacher_classes(teacher):
         raise InputValueError(f"{synthetic}: class names {list(syn_m['class_names'])} differ from the teacher's "

@@ -473,10 +473,8 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     # The content key: the same config and inputs reuse the export, or resume their own run.
     key, inputs = run_key(t, stage, data_manifest, base, unconditional, [m for _, m in extra])
     out_dir = storage.absolute(str(out_dir))
-    done = read_manifest(out_dir) if is_complete(out_dir) else None
-    if done is not None and done.get("key") == key:
-        print(f"[{stage}] {out_dir}: reusing the export (same key {key[:12]})", flush=True)
-        tracking.reused(stage, key, out_dir)
+    done = identity.reuse(out_dir, key, stage, "the export")
+    if done is not None:
         return done
 
     # Resume from where the newest checkpoint of this key's run left off.

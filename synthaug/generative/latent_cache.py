@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from synthaug import identity, storage, tracking
-from synthaug.artifacts import (BASE_COLUMNS, DatasetError, commit_dataset, hash_tree, is_complete, new_write_id,
+from synthaug import identity, storage
+from synthaug.artifacts import (BASE_COLUMNS, DatasetError, commit_dataset, hash_tree, new_write_id,
                                 read_manifest, write_shard)
 from synthaug.data.images import decode_batch, to_float
 from synthaug.generative.vae import check_vae, factor, load_vae, sample_moments, vae_moments  # noqa: F401  (re-exported)
@@ -112,10 +112,8 @@ def build(data_dir: str, base: str, out: str, *, hflip: bool, batch_size: int = 
     if m.get("image_encoding", "png") != "png":
         raise DatasetError(f"{data_dir}: image_encoding {m.get('image_encoding')!r}; the latent cache encodes PNG images")
     key, inputs = key or cache_key(m, base, hflip)
-    done = read_manifest(out) if is_complete(out) else None
-    if done is not None and done.get("key") == key:
-        print(f"[latents] {out}: reusing the latent cache (same key {key[:12]})", flush=True)
-        tracking.reused("latents", key, out)
+    done = identity.reuse(out, key, "latents", "the latent cache")
+    if done is not None:
         return done
     from synthaug.generative.models import read_config
 
