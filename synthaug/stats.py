@@ -38,8 +38,10 @@ def excludes_zero(g: dict) -> bool:
 
 def verdict(g: dict, what: str = "real only") -> str:
     """'<gain> ..., better/worse than <what> (95 % interval excludes 0)' or 'within noise'."""
+    if g["n"] == 0:
+        return "no paired runs: nothing to compare"
     if g["n"] < 2:
-        return f"{g['mean']:+.2f} points from one pair; noise cannot be judged"
+        return f"{g['mean']:+.2f} points, one seed: noise cannot be judged"
     lo, hi = g["ci95"]
     text = f"{g['mean']:+.2f} ± {g['std']:.2f} points over {g['n']} pairs, 95 % interval [{lo:+.2f}, {hi:+.2f}]"
     if not excludes_zero(g):
