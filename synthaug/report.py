@@ -14,7 +14,7 @@ import numpy as np
 
 from synthaug import storage
 from synthaug.artifacts import atomic_write_text, iter_batches, read_manifest
-from synthaug.stats import excludes_zero, mean_std, paired, verdict
+from synthaug.stats import excludes_zero, mean_std, paired, report_split, verdict
 from synthaug.config import Config
 from synthaug.data.images import decode_batch
 from synthaug.evaluate.report import per_class_markdown, plot_vs_guidance, write_metrics
@@ -107,13 +107,6 @@ def _paired_row(real, runs: list[dict], column: str = "top1") -> dict:
     return {"mean": m, "std": sd, "gain_mean": g["mean"], "gain_std": g["std"], "n_paired": g["n"],
             "gain_ci95_low": g["ci95"][0], "gain_ci95_high": g["ci95"][1], "within": not excludes_zero(g),
             "verdict": verdict(g)}
-
-
-def report_split(sweep) -> tuple[str, str]:
-    """("test", "test_top1") when the runs evaluated a test split, else ("val", "top1")."""
-    if "test_top1" in sweep and sweep["test_top1"].notna().any():
-        return "test", "test_top1"
-    return "val", "top1"
 
 
 def _kept_markdown(kept: dict) -> list[str]:

@@ -11,10 +11,15 @@ import math
 import numpy as np
 
 
+def _finite(values) -> np.ndarray:
+    """The values that were measured (None and NaN dropped), as floats."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return v[~np.isnan(v)]
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample std (NaN for fewer than two values; NaN mean for none)."""
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    v = v[~np.isnan(v)]
+    v = _finite(values)
     mean = float(v.mean()) if len(v) else float("nan")
     return mean, float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
@@ -23,12 +28,20 @@ def paired(diffs) -> dict:
     """Mean, sample std, n and the 95 % t interval of paired differences."""
     from scipy import stats
 
-    d = np.asarray([x for x in diffs if x is not None], dtype=float)
-    d = d[~np.isnan(d)]
+    d = _finite(diffs)
     n = len(d)
     mean, sd = mean_std(d)
     half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
     return {"mean": mean, "std": sd, "n": n, "ci95": [mean - half, mean + half]}
+
+
+def report_split(table) -> tuple[str, str]:
+    """("test", "test_top1") when a table of runs (a DataFrame) evaluated a test split, else ("val", "top1").
+
+    Recipes are chosen on val; figures are reported on the split this names."""
+    if "test_top1" in table and table["test_top1"].notna().any():
+        return "test", "test_top1"
+    return "val", "top1"
 
 
 def excludes_zero(g: dict) -> bool:

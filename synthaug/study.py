@@ -32,7 +32,7 @@ import pandas as pd
 
 from synthaug import storage, tracking
 from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete, read_manifest
-from synthaug.stats import mean_std, paired
+from synthaug.stats import mean_std, paired, report_split
 from synthaug.config import Config, dump_config, replace
 
 REAL, PSEUDO = "real only", "pseudo-label"
@@ -159,11 +159,6 @@ def shortfall(real_train: str, synthetic: str, ratio: float) -> str | None:
     return None if short is None else f"class {short[0]!r} kept {short[1]} images, ratio {ratio:g} needs {short[2]}"
 
 
-def report_column(table: pd.DataFrame) -> str:
-    """``test_top1`` when the runs evaluated a test split (nothing is chosen on it), else ``top1`` (val)."""
-    return "test_top1" if "test_top1" in table and table["test_top1"].notna().any() else "top1"
-
-
 def best_budgets(tk: pd.DataFrame) -> dict[str, int]:
     """Each arm's budget with the best mean val top-1 (the selection split)."""
     if "budget" not in tk:
@@ -177,11 +172,11 @@ def summarize(table: pd.DataFrame, by_budget: bool = False) -> dict:
 
     ``table``: columns ``k, draw, seed, arm, top1`` (val) and optionally ``test_top1`` and
     ``budget``. Each arm is taken at its best budget on val (:func:`best_budgets`) and
-    reported on test when there is one (:func:`report_column`); ``by_budget`` gives
+    reported on test when there is one (``stats.report_split``); ``by_budget`` gives
     ``{k: {budget: arms}}``, every arm at the same budget, instead. An arm's pairs are the
     (draw, seed) that both it and the reference ran.
     """
-    column = report_column(table)
+    split, column = report_split(table)
     out: dict = {}
     for k, tk in table.groupby("k", sort=True):
         if by_budget:
@@ -192,7 +187,7 @@ def summarize(table: pd.DataFrame, by_budget: bool = False) -> dict:
             tk = tk[[best[a] == b for a, b in zip(tk["arm"], tk["budget"])]]
         arms = _arms(tk, column)
         for arm, row in arms.items():
-            row.update({"budget": best.get(arm), "split": "test" if column == "test_top1" else "val",
+            row.update({"budget": best.get(arm), "split": split,
                         "val_top1_mean": float(tk[tk.arm == arm]["top1"].mean())})
         out[int(k)] = arms
     return out
@@ -342,7 +337,7 @@ def _run_study(cfg: Config, command: str) -> dict:
         "command": command, "k_per_class": list(cfg.study.k_per_class), "draws": list(cfg.study.draws),
         "seeds": [int(s) for s in cfg.classify.seeds], "summary": {str(k): v for k, v in summary.items()},
         "goal_met": [list(x) for x in goal_met(summary)], "stage_seconds": seconds, "skipped": skipped,
-        "report_split": "test" if report_column(table) == "test_top1" else "val", "budgets": budgets(cfg),
+        "report_split": report_split(table)[0], "budgets": budgets(cfg),
         "recipes": cfg.study.recipes,
         "by_budget": {str(k): {str(b): arms for b, arms in v.items()} for k, v in per_budget.items()}})
     atomic_write_text(storage.join(out, "study.md"), markdown(summary, cfg, seconds, command, skipped, per_budget))

@@ -47,7 +47,7 @@ from synthaug.artifacts import atomic_write_json, atomic_write_text, read_manife
 from synthaug.classify.mixing import per_class_counts
 from synthaug.config import Config, dump_config
 from synthaug.errors import InputValueError
-from synthaug.stats import excludes_zero, paired, verdict
+from synthaug.stats import excludes_zero, paired, report_split, verdict
 
 TABLE_COLUMNS = ("guidance", "strength", "tau", "setting", "ratio", "seed", "top1", "top5", "epochs", "seconds",
                  "trial_id", "shared_real_only", "test_top1")
@@ -419,8 +419,7 @@ def summarize(df: pd.DataFrame) -> dict:
     cell = (f"guidance {first.guidance:g}" if best.setting == setting_label(first.guidance) else str(best.setting)) \
         + f", ratio {best.ratio:g}"
     # Chosen on val (above); reported on test when the run has a test split, else on val.
-    split = "test" if "test_top1" in df and df["test_top1"].notna().any() else "val"
-    column = "test_top1" if split == "test" else "top1"
+    split, column = report_split(df)
     real = df[df.ratio == 0].drop_duplicates("seed").set_index("seed")[column]
     best_rows = df[(df.setting == best.setting) & (df.ratio == best.ratio)].set_index("seed")[column]
     g = paired(best_rows - real.reindex(best_rows.index))

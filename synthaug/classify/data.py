@@ -179,13 +179,18 @@ class _Recorder:
         return {k: v[order] for k, v in rows.items()}
 
 
+def _for_pass(collate, passes: int):
+    """The collate of the ``passes``-th pass over the shard (``TrainCollate.for_pass``: fresh draws)."""
+    return collate.for_pass(passes) if hasattr(collate, "for_pass") else collate
+
+
 def _replay(rows: dict, kwargs: dict, passes: int):
     """One more pass over a recorded shard, from memory: a seeded permutation, the pass's collate."""
     from synthaug.classify.augment import _seed
 
     n, bs = len(rows["label"]), int(kwargs["batch_size"])
     order = np.random.default_rng(_seed(kwargs["local_shuffle_seed"], passes)).permutation(n)
-    collate = kwargs["collate_fn"].for_pass(passes) if hasattr(kwargs["collate_fn"], "for_pass") else kwargs["collate_fn"]
+    collate = _for_pass(kwargs["collate_fn"], passes)
     for i in range(0, n, bs):
         yield collate({k: v[order[i:i + bs]] for k, v in rows.items()})
 
@@ -204,9 +209,8 @@ def _take(data, steps: int, kwargs: dict):
         if rows is not None:
             stream = _replay(rows, kwargs, passes)
         else:
-            kw = dict(kwargs, local_shuffle_seed=(kwargs["local_shuffle_seed"] + passes) % (2**31))
-            if hasattr(kw.get("collate_fn"), "for_pass"):
-                kw["collate_fn"] = kw["collate_fn"].for_pass(passes)
+            kw = dict(kwargs, local_shuffle_seed=(kwargs["local_shuffle_seed"] + passes) % (2**31),
+                      collate_fn=_for_pass(kwargs["collate_fn"], passes))
             recorder = _Recorder(kw["collate_fn"], kw["local_shuffle_buffer_size"]) if passes == 0 else None
             if recorder is not None:
                 kw["collate_fn"] = recorder

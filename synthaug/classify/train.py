@@ -88,11 +88,16 @@ def _two_stream_config(cfg: ClassifyConfig, spec: Mixture) -> dict:
     if not cfg.added_batch:
         return {}
     _, added = streams(spec)
-    teachers = [t.strip() for t in cfg.kd_teacher.split(",") if t.strip()]
+    teachers = kd_teachers(cfg)
     for t in teachers:
         if not storage.is_file(storage.join(t, "classifier.json")):
             raise InputValueError(f"classify.kd_teacher: {t} is not a saved classifier (no classifier.json)")
     return {"added_shuffle_rows": shuffle_rows(cfg, added), "kd_teachers": [storage.absolute(t) for t in teachers]}
+
+
+def kd_teachers(cfg: ClassifyConfig) -> list[str]:
+    """The locations in ``classify.kd_teacher`` (comma-separated)."""
+    return [t.strip() for t in cfg.kd_teacher.split(",") if t.strip()]
 
 
 def train_datasets(cfg: ClassifyConfig, spec: Mixture, seed: int) -> dict:
@@ -132,7 +137,7 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
         import hashlib
         import json
 
-        metas = [storage.read_bytes(storage.join(t.strip(), "classifier.json")) for t in cfg.kd_teacher.split(",") if t.strip()]
+        metas = [storage.read_bytes(storage.join(t, "classifier.json")) for t in kd_teachers(cfg)]
         inputs["kd_teachers"] = [json.loads(m).get("key") or hashlib.sha256(m).hexdigest() for m in metas]
     if test_dir:  # likewise: only a run that reports on a test split
         inputs["test"] = identity.dataset_hash(str(test_dir))
