@@ -4,7 +4,8 @@ Each (k, draw) is a run of its own, named ``<name>-k<k>-d<draw>``, with
 ``ingest.k_per_class=k`` and ``ingest.seed=draw`` (which images are labelled, and the
 train/val split). It goes through the stages of ``synthaug run``, so everything is keyed
 and a re-run reuses what is done: ingest, pretraining (by default once per draw, on the
-draw's whole train split with its labels unused, shared by every k: ``study.share_pretrain``),
+draw's whole train split with its labels unused, shared by every k: ``study.share_pretrain``; or once
+for the whole study, on the first draw's: ``study.pretrain_once``),
 fine-tuning on the k labelled images per class,
 sampling and filtering each sweep setting once, the sweep's Tune grid (real only, and
 real + synthetic per setting and ratio, for every classifier seed) and the pseudo-label
@@ -54,6 +55,14 @@ def pretrain_dir(cfg: Config, draw: int) -> str:
     return storage.join(cfg.work_dir, f"{cfg.name}-d{draw}", "generators", "pretrain")
 
 
+def pretraining(cfg: Config, draw: int) -> tuple[str | None, bool]:
+    """Draw ``draw``'s shared pretrained generator (None: its run pretrains on its pool) and whether it trains it."""
+    if not cfg.study.share_pretrain:
+        return None, True
+    first = cfg.study.draws[0] if cfg.study.pretrain_once else draw
+    return pretrain_dir(cfg, first), draw == first
+
+
 def _fit_batch(cfg: Config, rows: int) -> Config:
     """Fine-tuning's batch capped at the labelled rows per worker (k=5 x 10 classes is 50 < 64): a
     smaller k cannot fill the default batch; any k that can keeps the recipe unchanged."""
@@ -63,11 +72,13 @@ def _fit_batch(cfg: Config, rows: int) -> Config:
     return replace(cfg, finetune=replace(t, batch_size=max(1, rows // t.num_workers)))
 
 
-def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[list[dict], dict, list[str]]:
+def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
+            pretrain: bool = True) -> tuple[list[dict], dict, list[str]]:
     """One (k, draw) run: its rows ``{arm, seed, top1}``, its stage times (s) and the settings it skipped.
 
     ``pretrained``: pretrain there on the run's whole train split (``train_full``) and
-    fine-tune from it; None: pretrain on the run's unlabelled pool, as ``synthaug run``.
+    fine-tune from it (``pretrain=False``: only fine-tune from it, another run pretrained it);
+    None: pretrain on the run's unlabelled pool, as ``synthaug run``.
     """
     from synthaug import pipeline as P
     from synthaug.report import headline_ratio
@@ -77,7 +88,10 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None) -> tuple[l
     timer = P.Timer()
     timer("ingest", P.stage_ingest, cfg)
     cfg = _fit_batch(cfg, int(read_manifest(p.data("train"))["num_rows"]))
-    if pretrained:
+    if pretrained and not pretrain:
+        if not is_complete(pretrained):
+            raise ValueError(f"{cfg.name}: the study's shared pretraining {pretrained} is not complete")
+    elif pretrained:
         timer("pretrain", P.stage_pretrain, cfg, p.train_full(), pretrained)
     elif is_complete(p.data("pool")):
         timer("pretrain", P.stage_pretrain, cfg)
@@ -322,9 +336,9 @@ def _run_study(cfg: Config, command: str) -> dict:
         for draw in cfg.study.draws:
             rc = run_config(cfg, k, draw)
             print(f"\n##### study {cfg.name}: k={k} draw={draw} (run {rc.name}) #####", flush=True)
-            shared = pretrain_dir(cfg, draw) if cfg.study.share_pretrain else None
+            shared, pretrain = pretraining(cfg, draw)
             with tracking.stage(rc.name, rc):
-                got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared)
+                got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared, pretrain)
             rows += [{"k": int(k), "draw": int(draw), **r} for r in got]
             seconds[rc.name] = secs
             if skip:

@@ -126,6 +126,16 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
     assert (tmp_path / "runs" / "st-k4-d1" / "data" / "train").exists()
 
 
+def test_pretraining_per_draw_or_once_for_the_study():
+    cfg = load_config("jobs/configs/study.yaml", ["study.draws=[2, 0, 1]"])
+    assert S.pretraining(cfg, 0) == (S.pretrain_dir(cfg, 0), True)
+    assert S.pretraining(cfg, 1)[0] != S.pretraining(cfg, 0)[0]
+    once = load_config("jobs/configs/study.yaml", ["study.draws=[2, 0, 1]", "study.pretrain_once=true"])
+    assert [S.pretraining(once, d) for d in (2, 0, 1)] == [(S.pretrain_dir(once, 2), True)] + [(S.pretrain_dir(once, 2), False)] * 2
+    own = load_config("jobs/configs/study.yaml", ["study.share_pretrain=false"])
+    assert S.pretraining(own, 1) == (None, True)
+
+
 def test_fine_tune_batch_is_capped_at_the_labelled_rows():
     cfg = load_config("jobs/configs/study.yaml")
     assert S._fit_batch(cfg, 50).finetune.batch_size == 50  # k=5 x 10 classes
