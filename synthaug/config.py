@@ -253,6 +253,7 @@ class StudyConfig:
     headline_k: int = _f(10, "The k whose figures head the study's summary (must be in k_per_class).")
     share_pretrain: bool = _f(True, "Pretrain once per draw on the draw's whole train split (its labels unused), shared by every k; false: each (k, draw) run pretrains on its own unlabelled pool, as `synthaug run` does.")
     pretrain_once: bool = _f(False, "With share_pretrain: one pretraining for the whole study, on the first draw's whole train split (labels unused), used by every draw and k. Cheaper; the other draws' val images are then in the generator's unlabelled corpus (never their labels), so prefer it when nothing is chosen on val (one budget).")
+    dpt: bool = _f(False, "Also arms whose generator is fine-tuned on the labelled rows plus the pseudo-labelled pool (DPT, arXiv 2302.10586; needs the unlabelled pool): sampled and filtered like the mixed sets, mixed with the real rows, with each recipe.")
     budgets: tuple = _f((), "Training budgets (classify.epoch_images, independent of the mix): every arm runs at each; an arm is reported at its best budget on val, beside the equal-budget tables. () = classify.epoch_images only.")
     recipes: dict = _f({}, "Training recipes for the arms with added data: {name: {classify key: value}}, e.g. {two-stream: {added_batch: 64, added_weight: 0.5}}; kd_teacher: teacher = the run's real-only teacher. Each is an arm of its own beside the plain recipe.")
 

@@ -221,8 +221,7 @@ def stage_pseudolabel(cfg: Config, train: str | None = None, val: str | None = N
     train, val, pool = str(train or p.data("train")), str(val or p.data("val")), str(pool or p.data("pool"))
     teacher = teacher or stage_teacher(cfg, train, val)
     runs = storage.join(p.work, "pseudolabel")
-    out = storage.join(runs, "sets", PL.pseudolabel_key(cfg, teacher, pool)[:16])
-    m = PL.label_pool(cfg, teacher, pool, out)
+    out, m = pseudo_set(cfg, teacher, pool)
     result = {
         "dataset": out, "n_pseudo": int(m["num_rows"]), "pool_rows": int(m["pool_rows"]),
         "kept_share": int(m["num_rows"]) / max(1, int(m["pool_rows"])), "pseudo_counts": dict(m["counts"]),
@@ -234,6 +233,27 @@ def stage_pseudolabel(cfg: Config, train: str | None = None, val: str | None = N
                                                test=p.test())
         result["combined_ratio"] = float(ratio)
     return result
+
+
+def pseudo_set(cfg: Config, teacher: dict, pool: str | None = None) -> tuple[str, dict]:
+    """The pool labelled by ``teacher`` and selected (``pseudolabel.*``), written once per key: (location, manifest)."""
+    from synthaug.classify import pseudolabel as PL
+
+    p = RunPaths(cfg)
+    pool = str(pool or p.data("pool"))
+    out = storage.join(p.work, "pseudolabel", "sets", PL.pseudolabel_key(cfg, teacher, pool)[:16])
+    return out, PL.label_pool(cfg, teacher, pool, out)
+
+
+def stage_dpt(cfg: Config, teacher: dict, base: str | None = None) -> str:
+    """DPT (arXiv 2302.10586): a generator fine-tuned on the labelled rows plus the pseudo-labelled
+    pool (``finetune.extra_data``), sampled with the sample config's recipe; returns the sampled set."""
+    p = RunPaths(cfg)
+    labelled, _ = pseudo_set(cfg, teacher)
+    dcfg = replace(cfg, finetune=replace(cfg.finetune, extra_data=(*cfg.finetune.extra_data, labelled)))
+    out = p.generator("finetune-dpt")
+    stage_finetune(dcfg, base=base, out=out)
+    return stage_sample(cfg, generator=out)[0]
 
 
 def stage_filter(cfg: Config, synthetic: str, teacher: dict | None = None) -> tuple[str, dict]:

@@ -36,7 +36,7 @@ from synthaug.artifacts import atomic_write_json, atomic_write_text, is_complete
 from synthaug.stats import mean_std, paired, report_split
 from synthaug.config import Config, dump_config, replace
 
-REAL, PSEUDO = "real only", "pseudo-label"
+REAL, PSEUDO, DPT = "real only", "pseudo-label", "syn-DPT"
 
 
 def run_config(cfg: Config, k: int, draw: int) -> Config:
@@ -44,10 +44,10 @@ def run_config(cfg: Config, k: int, draw: int) -> Config:
     return replace(cfg, name=f"{cfg.name}-k{k}-d{draw}", ingest=replace(cfg.ingest, k_per_class=int(k), seed=int(draw)))
 
 
-def arm_label(setting: str, ratio: float, base: str = "real", recipe: str = "") -> str:
+def arm_label(setting: str, ratio: float, base: str = "real", recipe: str = "", syn: str = "syn") -> str:
     """``real + syn (w=1 s=0.3)``, with the ratio when it is not 1:1 and the recipe when not the plain one."""
     r = "" if math.isclose(ratio, 1.0) else f" {ratio:g}:1"
-    return f"{base} + syn{r} ({setting})" + (f" [{recipe}]" if recipe else "")
+    return f"{base} + {syn}{r} ({setting})" + (f" [{recipe}]" if recipe else "")
 
 
 def pretrain_dir(cfg: Config, draw: int) -> str:
@@ -111,6 +111,10 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
     with_pool = cfg.pseudolabel.enabled and is_complete(p.data("pool"))
     if with_pool or cfg.study.recipes:
         teacher = teacher or timer("teacher", P.stage_teacher, cfg)
+    dpt = _dpt_sets(cfg, timer, teacher, pretrained, sets) if cfg.study.dpt and with_pool else {}
+    dpt_short = {key: why for key, path in dpt.items() if (why := shortfall(p.data("train"), path, max_ratio))}
+    skipped += [f"DPT {setting_label(*key)}: {why}" for key, why in dpt_short.items()]
+    dpt = {k: v for k, v in dpt.items() if k not in dpt_short}
     rows = []
     for budget in budgets(cfg):
         for recipe, ccfg in recipe_configs(cfg, budget, teacher):
@@ -127,6 +131,14 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
             rows += [{"arm": arm_label(r.setting, float(r.ratio), recipe=recipe), "seed": int(r.seed),
                       "top1": float(r.top1), "test_top1": _num(r, "test_top1"), **base}
                      for r in df[df.ratio > 0].itertuples()]
+            if dpt:
+                dc = replace(rc, sweep=replace(rc.sweep, ratios=tuple(r for r in rc.sweep.ratios if float(r) > 0)))
+                df = timer(f"sweep b={budget}{tag} dpt", run_sweep, dc, p.data("train"), p.data("val"), dpt,
+                           storage.join(out_dir, f"sweep-b{budget}{tag}-dpt"), name=f"{cfg.sweep.name}{tag}-dpt",
+                           storage_dir=p.ray, test_dir=p.test())
+                rows += [{"arm": arm_label(r.setting, float(r.ratio), recipe=recipe, syn=DPT), "seed": int(r.seed),
+                          "top1": float(r.top1), "test_top1": _num(r, "test_top1"), **base}
+                         for r in df[df.ratio > 0].itertuples()]
             if with_pool:
                 key = (float(cfg.sample.guidance_scale), primary_strength(cfg), float(cfg.filter.tau))
                 ratio = headline_ratio(cfg.sweep.ratios)
@@ -139,6 +151,24 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
                           "top1": float(r["top1"]), "test_top1": _num(r, "test_top1"), **base}
                          for r in pseudo.get("combined", [])]
     return rows, timer.seconds, skipped
+
+
+def _dpt_sets(cfg: Config, timer, teacher: dict, base: str | None, sets: dict) -> dict:
+    """``study.dpt``: each mixed setting's set again, from the DPT generator (fine-tuned on labelled +
+    pseudo-labelled rows, :func:`synthaug.pipeline.stage_dpt`), filtered at the setting's tau."""
+    from synthaug import pipeline as P
+
+    from synthaug.sweep import primary_strength
+
+    sampled = timer("dpt", P.stage_dpt, cfg, teacher, base)
+    out = {}
+    for key in sets:  # (guidance, strength, tau) at the sample config's recipe: one sampled set, filtered per tau
+        if key[:2] != (float(cfg.sample.guidance_scale), primary_strength(cfg)):
+            continue
+        tau = key[2]
+        out[key] = sampled if tau <= 0 else timer(f"filter dpt tau={tau:g}", P.stage_filter,
+                                                  replace(cfg, filter=replace(cfg.filter, tau=tau)), sampled, teacher)[0]
+    return out
 
 
 def _num(row, key: str) -> float:
