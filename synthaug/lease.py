@@ -15,7 +15,8 @@ holds on local disk, a shared mount and an object store:
   killed (SIGKILL, a lost node), and the next command takes it over. Hosts sharing a run
   directory need clocks that agree to well within the TTL (NTP).
 * **Release.** On every exit of the ``with`` block (success, an error, Ctrl-C) the holder
-  deletes its lease. A process killed outright leaves it to expire.
+  deletes its lease, and on SIGTERM (``ray job stop``) before anything else. A process killed
+  outright (SIGKILL) leaves it to expire.
 * **Creation.** On a local or mounted path the lease is created with ``link(2)`` of a
   complete temporary file, which fails when the lease exists: two commands starting together
   cannot both create it. Object stores (pyarrow) have no create-if-absent, so there a
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -82,7 +84,7 @@ def read(run_dir: str) -> dict | None:
     """The lease in ``run_dir`` (None when there is none or it is unreadable)."""
     try:
         d = json.loads(storage.read_bytes(storage.join(run_dir, LEASE)))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # none, or a path under a file (refused when written)
         return None
     return d if isinstance(d, dict) and "token" in d and "heartbeat" in d else None
 
@@ -115,6 +117,7 @@ class Lease:
 
     def _create_local(self, path: str) -> bool:
         """Create the lease only if absent (``link`` of a complete temporary file); False if it exists."""
+        storage.makedirs(self.run_dir)  # a work_dir that cannot be created is refused naming it
         tmp = f"{path}.{self.body['token'][:8]}.tmp"
         storage.write_bytes(tmp, self._payload())
         try:
@@ -168,7 +171,9 @@ class Lease:
     # Releasing.
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+        """Stop the heartbeat and delete the lease if it is still ours (once)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -178,7 +183,32 @@ class Lease:
 
 
 _HELD: dict[str, list] = {}  # run dir -> [Lease, nesting count], this process's
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: the SIGTERM handler runs in the main thread, maybe inside held()
+
+
+def _on_sigterm(previous):
+    """A SIGTERM handler that releases this process's leases first (``ray job stop`` sends SIGTERM,
+    then SIGKILL 3 s later), then does what the previous handler did."""
+
+    def handler(signum, frame):
+        with _LOCK:
+            for entry in list(_HELD.values()):
+                entry[0].release()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            sys.exit(128 + signum)
+
+    return handler
+
+
+def _watch_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        current = signal.getsignal(signal.SIGTERM)
+        if not getattr(current, "_synthaug_lease", False) and current is not signal.SIG_IGN:
+            handler = _on_sigterm(current)
+            handler._synthaug_lease = True
+            signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager
@@ -189,6 +219,7 @@ def held(run_dir: str, command: str):
         entry = _HELD.get(key)
         if entry is None:
             entry = _HELD[key] = [Lease(key, command).acquire(), 0]
+            _watch_sigterm()
         entry[1] += 1
     try:
         yield entry[0]
@@ -196,5 +227,5 @@ def held(run_dir: str, command: str):
         with _LOCK:
             entry[1] -= 1
             if entry[1] == 0:
-                del _HELD[key]
+                _HELD.pop(key, None)
                 entry[0].release()

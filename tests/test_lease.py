@@ -94,6 +94,18 @@ def test_released_on_error_and_interrupt_and_nested(tmp_path, monkeypatch):
     assert lease.read(run_dir) is None
 
 
+def test_released_on_sigterm(tmp_path):
+    """``ray job stop`` sends SIGTERM (and SIGKILL 3 s later): the lease goes at once, so the job
+    can be submitted again straight away."""
+    run_dir = str(tmp_path / "run")
+    holder = _hold(run_dir, "stopped", 600)
+    assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    assert lease.read(run_dir)["pid"] == holder.pid
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(30) == 128 + signal.SIGTERM
+    assert lease.read(run_dir) is None
+
+
 def test_lease_timing_from_the_environment(monkeypatch):
     monkeypatch.setenv(lease.HEARTBEAT_ENV, "2")
     monkeypatch.delenv(lease.TTL_ENV, raising=False)
