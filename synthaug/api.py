@@ -175,7 +175,8 @@ class Checked:
 
         check_cluster(self.config)  # a local work_dir on a multi-node cluster: refused before any work
         work = P.RunPaths(self.config).work
-        command = command or f"synthaug.api.{self.stage}() in {shlex.join([os.path.basename(sys.argv[0] or 'python'), *sys.argv[1:]])}"
+        if command is None:  # a Python API call: the stage, and the program that made it
+            command = f"synthaug.api.{self.stage}() in {shlex.join([os.path.basename(sys.argv[0] or 'python'), *sys.argv[1:]])}"
         with held(work, command):
             return self._run(work)
 
