@@ -31,6 +31,9 @@ the command prints) and the locations it wrote.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +42,7 @@ from typing import Any, Mapping, Sequence, Union
 from synthaug import pipeline as P
 from synthaug import storage
 from synthaug.artifacts import is_complete, read_manifest
-from synthaug.config import Config, dump_config, load_config
+from synthaug.config import Config, absolute_locations, dump_config, load_config
 from synthaug.errors import InputNotFound, InputValueError, find_input_error
 
 ConfigLike = Union[Config, str, Path, None]
@@ -145,12 +148,14 @@ def _paths(cfg: Config) -> dict:
 
 def load(config: ConfigLike = None, overrides: Overrides = None, **more: Any) -> Config:
     """The resolved config: ``config`` (a Config, a YAML path, or None for the defaults) with
-    ``overrides`` and then ``more`` applied (see the module docstring); validated."""
+    ``overrides`` and then ``more`` applied (see the module docstring); validated, and with every
+    local location made absolute (:func:`synthaug.config.absolute_locations`)."""
     base = config if isinstance(config, Config) else None
     if base is None and config and not Path(config).is_file():
         raise InputNotFound(f"config file not found: {config}")  # a FileNotFoundError too
     cfg = load_config(None if base is not None else config, overrides or (), base=base)
-    return load_config(None, more, base=cfg) if more else cfg
+    # Every local location absolute, once, here in the driver: tasks on other nodes get the same paths.
+    return absolute_locations(load_config(None, more, base=cfg) if more else cfg)
 
 
 @dataclass(frozen=True)
@@ -161,9 +166,21 @@ class Checked:
     config: Config
     inputs: dict
 
-    def run(self) -> Result:
-        """Write this attempt's config record, run the stage, then keep the record as the last success's."""
+    def run(self, command: str | None = None) -> Result:
+        """Hold the run directory's lease (:mod:`synthaug.lease`; refused while another live command
+        holds it), write this attempt's config record, run the stage, then keep the record as the
+        last success's. ``command``: how the lease names this command (the CLI passes its line)."""
+        from synthaug.lease import held
+        from synthaug.raylocal import check_cluster
+
+        check_cluster(self.config)  # a local work_dir on a multi-node cluster: refused before any work
         work = P.RunPaths(self.config).work
+        if command is None:  # a Python API call: the stage, and the program that made it
+            command = f"synthaug.api.{self.stage}() in {shlex.join([os.path.basename(sys.argv[0] or 'python'), *sys.argv[1:]])}"
+        with held(work, command):
+            return self._run(work)
+
+    def _run(self, work: str) -> Result:
         attempt = dump_config(self.config, work, f"config.{self.stage}.attempt.yaml")
         try:
             if self.stage in ("run", "study"):  # they open their own tracked parent run, with a child per stage
@@ -195,10 +212,10 @@ def check(stage: str, config: ConfigLike = None, overrides: Overrides = None, *,
         raise TypeError(f"{stage}: unexpected inputs {unknown}; it takes {list(INPUTS[stage])}")
     for k in ("data", "out", "base", "generator", "real", "extractor", "train", "pool"):
         if k in inputs:
-            inputs[k] = str(inputs[k])
+            inputs[k] = storage.absolute(inputs[k])  # resolved here, once: tasks on other nodes see the same paths
     if "synthetic" in inputs:
         syn = inputs["synthetic"]
-        inputs["synthetic"] = [str(syn)] if isinstance(syn, (str, Path)) else [str(s) for s in syn]
+        inputs["synthetic"] = [storage.absolute(s) for s in ([syn] if isinstance(syn, (str, Path)) else syn)]
     from synthaug.checks import check_inputs
 
     cfg = load(config, overrides, **more)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 from synthaug import storage
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     # Dotted overrides may also follow the options (`--ratio 1 classify.epochs=5`), which
     # argparse alone rejects once the positional list has been filled.
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = ap.parse_known_args(argv)
+    args.argv = argv  # the command line, as the run directory's lease names its holder
     bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -218,7 +221,7 @@ def _main(args) -> int:
     if args.dry_run:
         return 0
     # The stage, with the record of this attempt beside the last successful one (see api.Checked.run).
-    result = call.run()
+    result = call.run(command=shlex.join(["synthaug", *args.argv]))
     if args.stage == "filter":
         print(json.dumps(result.sets, indent=2, default=str))
     print(api.to_json(result))

@@ -15,6 +15,8 @@ import contextvars
 import dataclasses
 import functools
 import json
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +309,7 @@ class Config:
     name: str = _f("default", "Run name; results go to <results_dir>/<name>.")
     results_dir: str = _f("results", "Where reports (metrics, tables, plots) land; committed.")
     work_dir: str = _f("runs", "Where datasets, checkpoints and caches land; git-ignored.")
+    shared_mount: bool = _f(False, "Local work_dir and results_dir are on a mount every Ray node sees (NFS, EFS, Lustre): allows them on a cluster of more than one node, where a local path is otherwise refused before any work (use an s3:// URI, or this).")
     allow_downloads: bool = _f(False, "Allow hub downloads (off: every path is local).")
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "Ingest stage."})
     pretrain: TrainGenConfig = field(default_factory=TrainGenConfig, metadata={"help": "Generator pretraining on the pool."})
@@ -484,6 +487,42 @@ def dump_config(cfg: Config, run_dir: str | Path, filename: str = "config.yaml")
 
     # Through the storage layer: ``run_dir`` may be s3://... (Path() would fold its "//").
     return atomic_write_text(storage.join(run_dir, filename), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as generative.models reads a base
+# Every config key that names a local-or-remote location (comma-separated lists for kd_teacher).
+LOCATION_KEYS = ("work_dir", "results_dir", "ingest.path", "ingest.test_path", "pretrain.data", "pretrain.base",
+                 "pretrain.extra_data", "finetune.data", "finetune.base", "finetune.extra_data", "sample.source",
+                 "evaluate.inception_weights", "classify.pretrained_path", "classify.kd_teacher")
+
+
+def absolute_locations(cfg: Config) -> Config:
+    """``cfg`` with every local location (:data:`LOCATION_KEYS`) made absolute, once, in the driver.
+
+    Ray tasks and workers on another node resolve a relative path against their own working
+    directory, so the driver resolves them before anything is passed on; URIs stay as they are.
+    """
+    from synthaug import storage
+
+    def fix(value: Any, hub_ok: bool) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(fix(v, hub_ok) for v in value)
+        if not isinstance(value, str) or not value.strip():
+            return value
+        if "," in value:  # a comma-separated list of locations
+            return ",".join(fix(v.strip(), hub_ok) for v in value.split(",") if v.strip())
+        if hub_ok and HUB_ID.match(value) and not os.path.exists(value):  # a hub id, fetched (or refused) later
+            return value
+        return storage.absolute(value)
+
+    changes: dict = {}
+    for key in LOCATION_KEYS:
+        node, *rest = key.split(".")
+        value = getattr(cfg, node) if not rest else getattr(getattr(cfg, node), rest[0])
+        new = fix(value, key.endswith(".base"))
+        if new != value:
+            changes[key] = new
+    return load_config(None, changes, base=cfg) if changes else cfg
 
 
 def reference_markdown(cls: type = Config, prefix: str = "", defaults: Any = None) -> str:

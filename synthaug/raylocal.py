@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 
-from synthaug import console
-from synthaug.config import RayConfig
+from synthaug import console, storage
+from synthaug.config import Config, RayConfig
+from synthaug.errors import InputValueError
 from synthaug.malloc import TRIM_ENV, interval
 
 # Forwarded to workers when set in the driver (see the module docstring).
@@ -76,6 +77,37 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         runtime_env=runtime_env,
         log_to_driver=True,
     )
+
+
+def check_shared_locations(cfg: Config, nodes: list[dict]) -> None:
+    """Refuse a local ``work_dir`` / ``results_dir`` on a cluster of more than one alive node
+    (``nodes``: ``ray.nodes()``), unless ``shared_mount`` says every node sees the same mount.
+
+    A path on the driver's disk is another directory, or none, on the other nodes: tasks there
+    would write where nobody reads, or fail late. One line, before any work.
+    """
+    alive = sum(1 for n in nodes if n.get("Alive"))
+    if alive <= 1 or cfg.shared_mount:
+        return
+    for key in ("work_dir", "results_dir"):
+        value = getattr(cfg, key)
+        if not storage.is_uri(value):
+            raise InputValueError(
+                f"config key '{key}': {value} is a local path, but the Ray cluster has {alive} nodes that do not "
+                f"share this machine's disk; use an s3:// (or gs://) URI, or a mount every node sees with "
+                f"shared_mount=true")
+
+
+def check_cluster(cfg: Config) -> None:
+    """:func:`check_shared_locations` against the cluster the stage will run on: joined now when
+    it is a running one (``ray.address``, ``RAY_ADDRESS``, or already joined); a local Ray that
+    synthaug starts is one node, so nothing is started for that."""
+    import ray
+
+    if not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        return
+    init_ray(cfg.ray)
+    check_shared_locations(cfg, ray.nodes())
 
 
 def _data_context() -> None:

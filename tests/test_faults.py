@@ -218,6 +218,17 @@ def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path):
 
 
 def test_classifier_survives_killed_train_worker(ray_session, digits_dirs, tmp_path):
+    """Two Ray Train workers, one killed after a checkpoint: the run resumes and finishes.
+
+    Pins the documented gap (docs/identity.md, "More than one Train worker"): the resumed run
+    does not repeat an undisturbed one to the bit, as a one-worker run does. Under Ray Train the
+    count of the train set's executions, which seeds each epoch's file order, lives in Train's
+    split coordinator; a restarted worker group gets a new coordinator counting from 0, and
+    Ray offers no supported way to restore it, so no checkpoint carries it. (Two undisturbed
+    two-worker runs do agree to the bit.) If this starts to hold exactly, update the docs.
+    """
+    import math
+
     from synthaug.classify.train import fit
 
     epochs = 12
@@ -240,6 +251,21 @@ def test_classifier_survives_killed_train_worker(ray_session, digits_dirs, tmp_p
     assert killer.progress_at_kill is not None and 0 < killer.progress_at_kill < epochs, killer.progress_at_kill
     assert result["epochs"] == epochs
     assert result["start_epoch"] > 0, result  # resumed from a checkpoint, not from scratch
+
+    # The pinned gap: no execution count in the checkpoint; the resumed run's figures are
+    # finite and learnt, but not those of an undisturbed run.
+    import torch
+
+    states = sorted(runs.glob("faulty-*/checkpoint_*/state.pt"))
+    assert states, list(runs.rglob("*"))[:20]
+    state = torch.load(states[-1], weights_only=False)
+    assert "epoch" in state and "data_executions" not in state, sorted(state)
+    assert all(math.isfinite(result[k]) for k in ("top1", "top5", "train_loss")), result
+    assert result["top1"] > 50.0, result  # chance is 10%
+    clean = fit(cfg, train, digits_dirs["val"], seed=0, out_dir=tmp_path / "clean", name="clean", class_names=names,
+                in_chans=1)
+    assert clean["start_epoch"] == 0 and clean["epochs"] == epochs
+    assert result["train_loss"] != clean["train_loss"], (result, clean)
 
 
 def test_one_worker_classifier_survives_killed_task(ray_session, digits_dirs, tmp_path):

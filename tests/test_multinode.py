@@ -48,6 +48,22 @@ def _node_ids(head: R.Node) -> dict[str, bool]:
     return {n.node_id: bool(n.is_head_node) for n in list_nodes(address=head.dashboard_url)}
 
 
+def test_local_work_dir_refused_on_two_nodes(two_nodes, tmp_path):
+    """The tiny config's default, relative work_dir submitted to the two-node cluster: refused
+    in one line before any work (the job fails; nothing was ingested)."""
+    head, _ = two_nodes
+    submission_id = f"synthaug-2node-local-{uuid.uuid4().hex[:8]}"
+    entrypoint = [sys.executable, "jobs/ingest.py", "--config", "jobs/configs/tiny.yaml"]
+    proc = R.submit(head, R.working_dir(tmp_path / "src"), submission_id, entrypoint, 600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and R.job_details(head, submission_id).status == "FAILED", out[-4000:]
+    line = ("synthaug ingest: error: config key 'work_dir': ", " is a local path, but the Ray cluster has 2 nodes that "
+            "do not share this machine's disk; use an s3:// (or gs://) URI, or a mount every node sees with "
+            "shared_mount=true")
+    assert any(ln.startswith(line[0]) and ln.endswith(line[1]) for ln in out.splitlines()), out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+
+
 def test_pipeline_job_on_cpu_less_head_and_worker_node(two_nodes, s3_server, tmp_path):
     from synthaug import artifacts, storage
 

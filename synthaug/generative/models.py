@@ -29,7 +29,6 @@ downloaded from the hub unless ``allow_downloads``.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 
 from synthaug import storage
 from synthaug.artifacts import MANIFEST, SCHEMA_VERSION, hash_tree, publish_tree, read_manifest, staging_dir
+from synthaug.config import HUB_ID
 from synthaug.generative import registry
 from synthaug.generative.registry import Family, GeneratorError, Loaded, LoadSpec, Shape  # noqa: F401 (re-exported)
 
@@ -280,13 +280,10 @@ def probe_base(path: str | Path, family: str, spec: LoadSpec) -> tuple[Shape, di
     return shape, sched
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_base(base: str | Path, family: str, allow_downloads: bool = False) -> str:
     """A base as a checked location (local absolute path or URI); a hub id is fetched only with ``allow_downloads``."""
     base = str(base)
-    if not storage.is_uri(base) and not storage.exists(base) and _HUB_ID.match(base):
+    if not storage.is_uri(base) and not storage.exists(base) and HUB_ID.match(base):
         if not allow_downloads:
             raise GeneratorError(
                 f"base {base!r} does not exist locally and looks like a Hugging Face hub id, but downloads are "
