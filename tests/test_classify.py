@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from synthaug.artifacts import BASE_COLUMNS, commit_dataset, new_write_id, read_manifest, read_table, write_dataset, write_shard
+import synthaug.keys as keyslib
 from synthaug.classify import mixing
 from synthaug.classify.mixing import Mixture, keys, mixture_dataset, plan_mixture
 from synthaug.classify.augment import TrainCollate
@@ -108,7 +109,7 @@ def _reference(syn_table: pa.Table, counts: dict, seed: int) -> set:
 
 @pytest.mark.parametrize("candidates", [256, 2])  # 2: forces the histogram pass (16 buckets per class)
 def test_mix_is_pure_seeded_nested_and_matches_reference(ray_session, real_syn, monkeypatch, candidates):
-    monkeypatch.setattr(mixing, "CANDIDATES_PER_CLASS", candidates)
+    monkeypatch.setattr(keyslib, "CANDIDATES_PER_CLASS", candidates)
     real, syn = real_syn
     syn_table = read_table(syn)
     a, b = mix(real, syn, 1, seed=3), mix(real, syn, 1, seed=3)
