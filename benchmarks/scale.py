@@ -12,12 +12,14 @@ RGB JPEGs (``--px`` px, 10 classes; not timed) and runs, on one local Ray:
 3. **mix** of N real + N synthetic at ratio 1 (the class-balanced, seeded selection,
    read to the end);
 4. **one classifier epoch** (``fit``, 1 worker, ``synthaug_cnn_tiny``, the default
-   recipe, epoch = N real images), with its top-1 on the held-out val split and the class
+   recipe, on the 1:1 mixture of the train split's real rows and as many synthetic ones;
+   an epoch is |real train| images in full batches), with its top-1 on the held-out val split and the class
    mix of its batches (``accuracy_by_n``): the image folder is listed class by class, so a
    broken training order shows here as accuracy, not as speed;
 5. **feature extraction** of the N-row train set (merged FID statistics).
 
-For each stage it records wall time, images/s, and the peak memory of the driver and of
+For each stage it records wall time, images/s (over the images the stage processed:
+``work_images`` where that is not N), and the peak memory of the driver and of
 the largest other process of the Ray cluster (every descendant of the driver, sampled
 every 0.2 s with psutil): private memory (RSS minus shared pages, the targets' measure)
 and RSS (which also counts the pages of Ray's shared-memory object store a process has
@@ -27,8 +29,10 @@ also trains the one in-domain extractor every N uses. The feature stage caps its
 IS/KID/PR subset at ``FEATURE_CAP`` (``evaluate.max_samples``, a documented cap), below
 every N. At the two smallest N it also times, in a separate process, a plain
 single-process loop doing the same work (what a user would write instead: PIL + pyarrow
-in a for loop, pandas for the mix, a DataLoader epoch, a feature loop) and prints the
-ratio. It then measures:
+in a for loop, pandas for the mix; for the epoch and the features, the library's own
+compute cores on the same rows with no Ray: the same mixture rows, steps, augmentation,
+optimiser and schedule; every extractor layer, per-class FID sums and the same capped
+subset) and prints the ratio and both sides' per-image throughput. It then measures:
 
 * ``ingest_cpu_scaling``: ingest images/s with a Ray of 2 CPUs over 1 CPU (``--scaling-n``);
 * ``stage_overhead_s``: the wall time of stage commands on tiny data when they join a
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -176,6 +181,11 @@ def measure(stage: str, n: int, fn, *args, **kwargs) -> tuple[dict, object]:
     return row, out
 
 
+def per_image(row: dict, images: int) -> dict:
+    """A stage's throughput over the images it actually processed (``work_images``), not over N."""
+    return {"work_images": int(images), "images_per_s": round(images / max(row["wall_s"], 1e-9), 1)}
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -302,50 +312,100 @@ def plain_mix(real_file: Path, syn_dir: Path, seed: int = 0) -> int:
     return int(sum(len(b) for b in mixed["image"]))  # touch every image
 
 
-def plain_epoch(real_file: Path, px: int, batch_size: int = 64) -> float:
-    """One epoch of the default recipe's model on the decoded train set, from a DataLoader."""
+def _read_shards(loc: str, columns: list[str]):
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from synthaug.classify.models import create_classifier
-    from synthaug.data.images import decode_batch, to_float
+    from synthaug.artifacts import shard_paths
 
-    table = pq.read_table(real_file, columns=["image", "label"])
-    x = torch.from_numpy(to_float(decode_batch(table.column("image").to_pylist())))
-    y = torch.as_tensor(np.asarray(table.column("label")), dtype=torch.int64)
-    model = create_classifier("synthaug_cnn_tiny", CLASSES, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    total = 0.0
-    for xb, yb in DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True):
-        loss = loss_fn(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        total += float(loss)
-    return total
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in shard_paths(loc)])
 
 
-def plain_features(real_file: Path, extractor_dir: str) -> float:
-    """Decode every image, run the in-domain extractor, mean and covariance of its features."""
+def plain_epoch(real: str, syn: str, classify, px: int, seed: int = 0) -> dict:
+    """The library's classifier epoch in a plain loop: the same rows, the same steps, the same compute.
+
+    Rows: the 1:1 mixture ``fit`` trains on -- every real train row plus, per class, as many
+    synthetic rows with the smallest mixture keys (``mixing.keys``: the rows the library keeps).
+    Steps: one epoch of |real| images (``classify.epoch_images = 0``), ``ceil(|real| / batch_size)``
+    batches drawn from a seeded shuffle of the mixture, decoded per batch, augmented per image by
+    the library's ``TrainCollate`` and trained by ``core.train_epoch`` with the recipe's optimiser,
+    schedule and loss -- only the data path (Ray Data streaming) differs.
+    """
+    import math
+
+    import pyarrow as pa
+
+    from synthaug.artifacts import id_hashes
+    from synthaug.classify.augment import TrainCollate
+    from synthaug.classify.core import build_loss, build_optimizer, build_scheduler, train_epoch
+    from synthaug.classify.mixing import keys, per_class_counts
+    from synthaug.classify.models import build_classifier
+    from synthaug.data.images import decode_batch
+
+    cols = ["id", "image", "label", "source"]
+    real_t, syn_t = _read_shards(real, cols), _read_shards(syn, cols)
+    real_labels = np.asarray(real_t.column("label"))
+    syn_labels = np.asarray(syn_t.column("label"))
+    u = keys(syn_t.column("id"), syn_t.column("label"), seed)
+    kept = np.concatenate([np.flatnonzero(syn_labels == c)[np.argsort(u[syn_labels == c], kind="stable")[:n]]
+                           for c, n in per_class_counts(real_labels, 1.0).items()])
+    mixture = pa.concat_tables([real_t, syn_t.take(pa.array(np.sort(kept)))])
+    steps = max(1, math.ceil(len(real_t) / classify.batch_size))
+    order = np.random.default_rng(seed).permutation(len(mixture))[:steps * classify.batch_size]
+    collate = TrainCollate(classify, 3, (px, px), seed, 0)
+
+    def batches():
+        for i in range(steps):
+            t = mixture.take(pa.array(order[i * classify.batch_size:(i + 1) * classify.batch_size]))
+            ids = t.column("id").to_numpy(zero_copy_only=False)
+            yield collate({"image": decode_batch(t.column("image").to_pylist()), "label": np.asarray(t.column("label")),
+                           "domain": np.asarray(t.column("source").to_pylist()) == "synthetic", "key": id_hashes(ids)})
+
+    model = build_classifier(classify, CLASSES, 3, seed)
+    optimizer = build_optimizer(model, classify)
+    scheduler = build_scheduler(optimizer, classify, steps)
+    scheduler.step_update(num_updates=0)  # as the library's loop starts a schedule
+    stats = train_epoch(model, batches(), optimizer, scheduler, build_loss(classify), "cpu", seed=seed)
+    return {"images": stats["images"], "steps": stats["step"], "mixture_rows": len(mixture)}
+
+
+def plain_features(train: str, extractor_dir: str, cap: int = FEATURE_CAP, seed: int = 0) -> dict:
+    """What ``dataset_statistics`` computes, in a plain loop over the train shards: every extractor layer
+    per image, per-class ``(n, sum, sum of outer products)`` of the FID layer in float64, and the
+    capped, class-balanced, seeded subset's features of every layer (the same rows the library picks)."""
     import pyarrow.parquet as pq
-    import torch
 
-    from synthaug.classify.models import load_classifier
-    from synthaug.data.images import decode_batch, to_float
+    from synthaug.artifacts import read_manifest, shard_paths
+    from synthaug.evaluate.extractors import build_extractor, decode_images, extract_batch, resolve_extractor
+    from synthaug.evaluate.features import subset_keys, subset_quotas
 
-    model, _ = load_classifier(extractor_dir)
-    model.eval()
-    feats = []
-    pf = pq.ParquetFile(real_file)
-    with torch.no_grad():
-        for b in pf.iter_batches(batch_size=256, columns=["image"]):
-            x = torch.from_numpy(to_float(decode_batch(b.column(0).to_pylist())))
-            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy()
-                         if hasattr(model, "forward_head") else model(x).numpy())
-    f = np.concatenate(feats).astype(np.float64)
-    return float(np.trace(np.cov(f, rowvar=False)) + f.mean())
+    ex = resolve_extractor("in-domain", extractor_dir)
+    layers = sorted(set(ex.layers.values()))
+    fe = build_extractor(ex, layers, "cpu")
+    m = read_manifest(train)
+    labels_all = np.asarray(_read_shards(train, ["label"]).column("label"))
+    ids_all = _read_shards(train, ["id"]).column("id").to_pylist()
+    quotas = subset_quotas(np.bincount(labels_all, minlength=CLASSES).tolist(), cap)
+    k = subset_keys(ids_all, seed)
+    chosen = set()
+    for c, q in enumerate(quotas):
+        rows = np.flatnonzero(labels_all == c)
+        chosen.update(ids_all[j] for j in rows[np.argsort(k[rows], kind="stable")[:q]])
+    n, sums, outer, subset = np.zeros(CLASSES, np.int64), None, None, {name: [] for name in layers}
+    for path in shard_paths(train):
+        for b in pq.ParquetFile(path).iter_batches(batch_size=256, columns=["id", "image", "label"]):
+            ids, lab = b.column(0).to_pylist(), np.asarray(b.column(2))
+            feats = extract_batch(fe, decode_images(b.column(1).to_pylist(), ids, m["image_size"], train), "cpu")
+            f = feats[ex.layers["fid"]].astype(np.float64)  # (B, D)
+            if sums is None:
+                sums, outer = np.zeros((CLASSES, f.shape[1])), np.zeros((CLASSES, f.shape[1], f.shape[1]))
+            for c in np.unique(lab):
+                fc = f[lab == c]
+                n[c], sums[c], outer[c] = n[c] + len(fc), sums[c] + fc.sum(0), outer[c] + fc.T @ fc
+            sel = np.fromiter((i in chosen for i in ids), bool, len(ids))
+            for name in layers:
+                subset[name].append(feats[name][sel])
+    return {"rows": int(n.sum()), "subset_rows": int(sum(len(x) for x in subset[layers[0]]))}
 
 
 # ----------------------------------------------------------------------------- the library's stages
@@ -442,6 +502,8 @@ def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | N
     # What the epoch learnt, so a throughput figure can never hide a broken training order: top-1
     # on the held-out val split of the procedural classes, and the class mix of its batches.
     r.update({k: res[k] for k in ("top1", "batch_blocked_share", "batch_label_entropy")})
+    # An epoch is |real| images (classify.epoch_images = 0) in full batches from the 2 |real| mixture.
+    r.update(per_image(r, math.ceil(m["num_rows"] / cfg.classify.batch_size) * cfg.classify.batch_size))
     print(f"  classify_epoch N={n:>7d}  top-1 {res['top1']:.2f} on val, blocked batches {res['batch_blocked_share']:.3f}",
           flush=True)
     rows.append(r)
@@ -453,29 +515,34 @@ def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | N
     # IS/KID/PR hold a capped subset (evaluate.max_samples, a documented cap): set below the
     # smallest N, so what grows with N is only what is not capped.
     r, _ = measure("features", n, dataset_statistics, train, extractor, batch_size=256, max_samples=FEATURE_CAP)
-    rows.append(r)
+    rows.append({**r, **per_image(r, m["num_rows"])})
     return rows, extractor
 
 
 def plain_stages(n: int, folder: Path, work: Path, px: int, extractor: str) -> list[dict]:
-    """What a user would write instead, one process, on the same data (the syn set is the library's)."""
-    from synthaug import storage
+    """What a user would write instead, one process, on the same data (the syn set is the library's).
+
+    The classifier epoch and the features read the library's train split and synthetic set, so
+    they do the library's work on the same rows (ingest's own split differs in which rows, not how many).
+    """
     from synthaug.artifacts import read_manifest
 
     syn = work / "samples" / "bench"
     syn_shards = syn / "data" / read_manifest(str(syn))["shards"][0]["path"].split("/")[1]
+    train = str(work / "data" / "train")
     out = work / "plain"
+    classify = _cfg(work, folder, px, n // CLASSES).classify
     rows = []
     for stage, fn, args in (
         ("ingest", plain_ingest, (folder, out, px)),
         ("sample_finish", plain_finish, (syn_shards, n // CLASSES * CLASSES)),
         ("mix", plain_mix, (out / "train.parquet", syn_shards)),
-        ("classify_epoch", plain_epoch, (out / "train.parquet", px)),
-        ("features", plain_features, (out / "train.parquet", extractor)),
+        ("classify_epoch", plain_epoch, (train, str(syn), classify, px)),
+        ("features", plain_features, (train, extractor)),
     ):
-        r, _ = measure(stage, n, fn, *args)
-        rows.append({**r, "side": "plain"})
-    del storage
+        r, out_ = measure(stage, n, fn, *args)
+        work_images = {"classify_epoch": lambda: out_["images"], "features": lambda: out_["rows"]}.get(stage)
+        rows.append({**r, "side": "plain", **(per_image(r, work_images()) if work_images else {})})
     return rows
 
 
@@ -634,8 +701,12 @@ def main() -> None:
     ratios = []
     for p in plain:
         lib = next(r for r in rows if r["stage"] == p["stage"] and r["n"] == p["n"])
-        ratios.append({"stage": p["stage"], "n": p["n"], "library_s": lib["wall_s"], "plain_s": p["wall_s"],
-                       "plain_over_library": round(p["wall_s"] / lib["wall_s"], 3)})
+        if p.get("work_images", p["n"]) != lib.get("work_images", lib["n"]):
+            raise RuntimeError(f"{p['stage']} at N={p['n']}: the plain loop processed {p.get('work_images')} images, "
+                               f"the library {lib.get('work_images')}; the comparison would not be of equal work")
+        ratios.append({"stage": p["stage"], "n": p["n"], "images": lib.get("work_images", lib["n"]),
+                       "library_s": lib["wall_s"], "plain_s": p["wall_s"], "library_img_s": lib["images_per_s"],
+                       "plain_img_s": p["images_per_s"], "plain_over_library": round(p["wall_s"] / lib["wall_s"], 3)})
     summary = summarise(rows)
     summary["ingest_cpu_scaling"] = cpu_scaling(args.scaling_n, args.px)["ratio"] if "scaling" not in args.skip else None
     overhead = stage_overhead(C.WORK / "scale" / "overhead") if "overhead" not in args.skip else {}
@@ -645,7 +716,8 @@ def main() -> None:
     print(C.table(rows, ["stage", "n", "wall_s", "images_per_s", "driver_mb", "max_other_mb", "driver_rss_mb",
                          "max_other_rss_mb"], "library stages (memory: private MB, and RSS incl. shared object-store pages)"))
     if ratios:
-        print(C.table(ratios, ["stage", "n", "library_s", "plain_s", "plain_over_library"],
+        print(C.table(ratios, ["stage", "n", "images", "library_s", "plain_s", "library_img_s", "plain_img_s",
+                               "plain_over_library"],
                       "plain single-process loop vs the library (same work; >1: the library is faster)"))
     print(C.table([{"figure": k, "value": summary[k], "target": t} for k, t in targets.items()], ["figure", "value", "target"]))
     accuracy = [{"n": r["n"], "top1": r["top1"], "batch_blocked_share": r["batch_blocked_share"],

@@ -21,7 +21,7 @@ from typing import Any
 from synthaug import storage
 
 RECORD = "artifact.json"  # the record beside a Ray Train run, a classifier export or a sweep
-KEY_VERSION = 2  # 2: trainers read through a buffer sized from the data, writers mix classes; bump when what a key covers changes: old artifacts then stop matching
+KEY_VERSION = 3  # 3: seeded row keys from keys.row_keys (mixtures, subsets, sample seeds); 2: trainers read through a buffer sized from the data, writers mix classes; bump when what a key covers changes: old artifacts then stop matching
 
 # Config fields that do not change an artifact's content (only retries, reporting, caching or placement).
 NOT_RESULT: dict[str, frozenset] = {

@@ -16,11 +16,12 @@ gives (so small batches are not flagged by chance).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from synthaug.keys import row_keys
 
 SHARDS = 16  # shards' rows a reader's shuffle buffer holds at least (within its memory cap)
 BLOCKED_WARN = 0.25  # share of blocked batches above which a run warns
@@ -31,10 +32,7 @@ def layout_order(ids, seed: int) -> np.ndarray:
 
     A function of (seed, id) only, so the layout, and each row, do not depend on the listing order.
     """
-    key = f"synthaug-layout-{int(seed)}".encode()
-    h = np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "little")
-                     for i in ids), np.uint64, len(ids))
-    return np.argsort(h, kind="stable")
+    return np.argsort(row_keys(ids, seed, "layout"), kind="stable")
 
 
 def buffer_rows(shard_rows: Iterable[int], row_bytes: int, *, minimum: int, cap_mb: float, shards: int = SHARDS) -> int:

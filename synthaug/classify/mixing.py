@@ -6,7 +6,7 @@ The mixing model (Azizi et al. 2023 train on real plus a multiple of it in synth
 * The synthetic part is class-balanced like the real part: class c gets n_c = r x (its
   real count), rounded by largest remainder so that the shares add up to exactly
   ``round(r * |real|)`` (ties go to the lower label).
-* Every synthetic row gets a key ``u = hash(seed, label, id)`` (``artifacts.id_hashes``).
+* Every synthetic row gets a key ``u = hash(seed, label, id)`` (``keys.row_keys``).
   Class c keeps its n_c rows with the smallest u: drawn without replacement, seeded, and
   nested -- with the same seed, the rows for a smaller r are a subset of those for a
   larger r (a ratio sweep changes only how much synthetic data there is, not which).
@@ -23,7 +23,7 @@ Two steps, so that no process holds a dataset:
 1. ``plan_mixture`` (driver) checks the inputs from the manifests alone (class names,
    enough synthetic rows per class: clear errors naming the class, before any training),
    then finds each class's cut-off key with a bounded Ray Data computation over the
-   ``(id, label)`` columns (``thresholds``). It returns a small JSON-able ``Mixture``.
+   ``(id, label)`` columns (``thresholds``, through ``keys.kth_smallest``). It returns a small JSON-able ``Mixture``.
 2. ``mixture_dataset(spec)`` is the lazy Ray Dataset of the mixture's base columns: the
    real shards plus the synthetic shards filtered by ``u <= threshold[label]``.
 
@@ -35,19 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from synthaug.artifacts import BASE_COLUMNS, BASE_SCHEMA, id_hashes, read_manifest
+from synthaug.artifacts import BASE_COLUMNS, BASE_SCHEMA, read_manifest
 from synthaug.errors import InputValueError
+from synthaug.keys import ALL, kth_smallest, row_keys
 
-ALL = -1  # threshold meaning "every row of the class"
-CANDIDATES_PER_CLASS = 256  # expected keys per class that pass 2 sends to the driver
-MAX_HISTOGRAM = 1 << 20  # counters per block in pass 1 (classes x buckets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +105,10 @@ def _largest_remainder(real_counts: dict[int, int], ratio: float) -> dict[int, i
 
 
 def keys(ids, labels, seed: int) -> np.ndarray:
-    """uint64 key u = hash(seed, label, id) of each row: the order in which a class's rows are drawn."""
-    ids = pa.array(ids, pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
-    labels = pa.array(np.asarray(labels, dtype=np.int64)) if not isinstance(labels, (pa.Array, pa.ChunkedArray)) else labels
-    salted = pc.binary_join_element_wise(pa.scalar(str(int(seed))), pc.cast(labels, pa.string()), ids, "/")
-    return id_hashes(salted.to_numpy(zero_copy_only=False))
+    """uint64 key u = hash(seed, label, id) of each row (``keys.row_keys``): the order in which a class's rows are drawn."""
+    ids = ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids)
+    labels = labels.to_pylist() if hasattr(labels, "to_pylist") else np.asarray(labels, dtype=np.int64).tolist()
+    return row_keys([f"{int(y)}/{i}" for y, i in zip(labels, ids)], seed, "mixture")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -183,37 +178,10 @@ def _plan(real: str, synthetic: str | None, ratio: float, seed: int, synthetic_o
 # ----------------------------------------------------------------------------- thresholds
 
 
-def _bits(have: dict[int, int], labels: list[int]) -> int:
-    """Histogram buckets (as bits of u) so that about CANDIDATES_PER_CLASS keys land in a class's cut bucket."""
-    biggest = max(have[c] for c in labels)
-    bits = max(0, math.ceil(math.log2(max(biggest / CANDIDATES_PER_CLASS, 1.0))))
-    cap = max(0, int(math.floor(math.log2(MAX_HISTOGRAM / max(len(labels), 1)))))
-    return min(bits, cap, 16)
-
-
 def mixture_keys(batch: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(labels, u) of a batch: the key by which a mixture draws a class's synthetic rows."""
     lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return lab, keys(batch.column("id"), batch.column("label"), seed)
-
-
-def _histogram(batch: pa.Table, key_fn, labels: list, bits: int) -> dict:
-    """Ray Data map fn: per-block counts of u's top ``bits`` bits per label, flattened (labels x buckets)."""
-    index = {c: i for i, c in enumerate(labels)}
-    lab, u = key_fn(batch)
-    row = np.asarray([index.get(int(c), -1) for c in lab], dtype=np.int64)
-    ok = row >= 0
-    flat = row[ok] * (1 << bits) + (u[ok] >> np.uint64(64 - bits)).astype(np.int64)
-    return {"hist": [np.bincount(flat, minlength=len(labels) << bits).astype(np.int64)]}
-
-
-def _candidates(batch: pa.Table, key_fn, bucket: dict, bits: int) -> dict:
-    """Ray Data map fn: the keys u of label c that fall into c's cut bucket."""
-    lab, u = key_fn(batch)
-    want = np.asarray([bucket.get(int(c), -1) for c in lab], dtype=np.int64)
-    top = (u >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(u), np.int64)
-    keep = (want >= 0) & (top == want)
-    return {"label": lab[keep], "u": u[keep]}
 
 
 def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed: int) -> dict[int, int]:
@@ -224,54 +192,6 @@ def thresholds(synthetic: str, need: dict[int, int], have: dict[int, int], seed:
 
     return kth_smallest(read_ray(synthetic, columns=["id", "label"]), need, have,
                         functools.partial(mixture_keys, seed=int(seed)))
-
-
-def kth_smallest(ds, need: dict[int, int], have: dict[int, int], key_fn) -> dict[int, int]:
-    """label -> the ``need[c]``-th smallest uint64 key of label c's rows in ``ds`` (ALL when that is every row).
-
-    The one "keep the k smallest keys per class" of synthaug (mixtures, pseudo-label
-    selection). ``key_fn(batch) -> (labels, keys)`` runs in Ray tasks. Exact and bounded:
-    pass 1 sums per-block histograms of the keys' top bits per class (``MAX_HISTOGRAM``
-    counters at most); pass 2 sends the driver only the keys in each class's cut bucket
-    (about ``CANDIDATES_PER_CLASS`` per class, for uniform keys). ``have[c]`` is class c's
-    row count in ``ds``.
-    """
-    out = {c: ALL for c, n in need.items() if n == have[c]}
-    labels = sorted(c for c, n in need.items() if 0 < n < have[c])
-    if not labels:
-        return out
-    bits = _bits(have, labels)
-    buckets = 1 << bits
-
-    # Pass 1: where each class's cut falls.
-    if bits:
-        hist = np.zeros(len(labels) * buckets, np.int64)
-        for b in ds.map_batches(_histogram, fn_kwargs=dict(key_fn=key_fn, labels=labels, bits=bits),
-                                batch_format="pyarrow", batch_size=None).iter_batches(batch_size=1, batch_format="numpy"):
-            hist += np.asarray(b["hist"][0], np.int64)
-        hist = hist.reshape(len(labels), buckets)
-    else:
-        hist = np.asarray([[have[c]] for c in labels], np.int64)
-    cum = np.cumsum(hist, axis=1)  # (labels, buckets)
-    bucket, below = {}, {}
-    for i, c in enumerate(labels):
-        b = int(np.searchsorted(cum[i], need[c]))  # first bucket whose running count reaches n_c
-        bucket[c], below[c] = b, int(cum[i, b - 1]) if b else 0
-
-    # Pass 2: the keys in the cut buckets; the cut is the (n_c - below)-th of them.
-    found: dict[int, list] = {c: [] for c in labels}
-    for b in ds.map_batches(_candidates, fn_kwargs=dict(key_fn=key_fn, bucket=bucket, bits=bits),
-                            batch_format="pyarrow", batch_size=None).iter_batches(batch_format="numpy"):
-        for c in np.unique(b["label"]):
-            found[int(c)].append(np.asarray(b["u"])[b["label"] == c])
-    for c in labels:
-        u = np.sort(np.concatenate(found[c])) if found[c] else np.zeros(0, np.uint64)
-        k = need[c] - below[c]
-        if not 0 < k <= len(u):
-            raise RuntimeError(f"k-th smallest key of label {c}: {len(u)} candidate keys, need the {k}-th "
-                               f"(the data changed while planning?)")
-        out[c] = int(u[k - 1])
-    return out
 
 
 # ----------------------------------------------------------------------------- the dataset

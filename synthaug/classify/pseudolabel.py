@@ -39,9 +39,10 @@ import pyarrow as pa
 
 from synthaug import identity, raylocal, storage
 from synthaug.artifacts import BASE_COLUMNS, id_hashes, read_manifest, read_ray, write_dataset
-from synthaug.classify.mixing import ALL, kth_smallest, plan_mixture
+from synthaug.classify.mixing import plan_mixture
 from synthaug.config import Config, to_dict
 from synthaug.errors import InputValueError
+from synthaug.keys import ALL, kth_smallest
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -184,7 +185,7 @@ def top_fraction(ds, fraction: float, num_classes: int):
     """Per predicted class, its ``ceil(fraction x n)`` most confident rows (ties by id hash), in ``ds``'s order.
 
     ``ds`` is materialised once (the scored rows, in Ray's object store, as a groupby would
-    hold them), its per-class cut found by ``mixing.kth_smallest`` (bounded passes), and its
+    hold them), its per-class cut found by ``keys.kth_smallest`` (bounded passes), and its
     rows filtered in place: the set keeps the pool's layout, which mixes classes, where a
     groupby would write one class per shard.
     """

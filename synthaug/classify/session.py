@@ -186,34 +186,15 @@ def train_loop_per_worker(config: dict) -> dict:
     ``epoch_images``, ``_reporter``, ``test_dir`` (None, or a test split evaluated once at the
     last epoch: ``test_top1``) and, outside Ray Train, ``_dataset`` (the decoded train Ray Dataset).
     """
-    from timm.utils import ModelEmaV3
-
     cfg: ClassifyConfig = config["classify"]
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
-    seed, num_classes, in_chans = int(config["seed"]), int(config["num_classes"]), int(config["in_chans"])
+    seed, num_classes = int(config["seed"]), int(config["num_classes"])
     session = _Session(config)
     if session.kind != "local":
         torch.set_num_threads(1)  # one core per worker; Ray packs workers onto few cores
     rank, world = session.rank, session.world_size
-    meta = classifier_meta(cfg, config["class_names"], in_chans, config["image_size"])
-
-    # Build the model (same init on every rank), restore, then wrap.
-    model = build_classifier(cfg, num_classes, in_chans, seed)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
-    start_epoch, step, elapsed, state = 0, 0, 0.0, None
-    ckpt = session.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = read_checkpoint(Path(d), model, ema)
-        start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
-        if "data_executions" in state:
-            session.restore_data_executions(int(state["data_executions"]))
-    if cfg.channels_last and session.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = session.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
-    if ema is not None:
-        ema.module.to(session.device)
+    meta = classifier_meta(cfg, config["class_names"], int(config["in_chans"]), config["image_size"])
+    model, bare, ema, (start_epoch, step, elapsed), state = _build_and_restore(session, config)
 
     # Optimiser and schedule over the whole run (also when resuming with more epochs).
     per_worker_batch = max(1, cfg.batch_size // world)
@@ -229,9 +210,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if cfg.cache:  # opt-in, like the train set: this rank's decoded val share, once, in the worker's memory
         val = val.materialize()
 
-    data = session.train_data()
-    added = session.train_data("added") if cfg.added_batch else None
-    added_batch = max(1, cfg.added_batch // world)
+    streams = (session.train_data(), session.train_data("added") if cfg.added_batch else None)
     kd = Distiller(config["kd_teachers"], cfg, session.device) if config.get("kd_teachers") else None
     track = tracking.StepLogger(config.get("_tracking"), rank)  # rank 0 logs each epoch to the driver's run
     last: dict = {}
@@ -240,29 +219,14 @@ def train_loop_per_worker(config: dict) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(_seed(seed, epoch, rank, 1))  # dropout
-        batches = iterate(data, steps_per_epoch, cfg, batch_size=per_worker_batch, seed=seed, epoch=epoch, rank=rank,
-                          in_chans=in_chans, image_size=config["image_size"], buffer_rows=config.get("shuffle_rows"))
-        if added is not None:  # each step: the real batch, then the added batch from its own stream
-            batches = two_stream(batches, iterate(
-                added, steps_per_epoch, cfg, batch_size=added_batch, seed=_seed(seed, 7), epoch=epoch, rank=rank,
-                in_chans=in_chans, image_size=config["image_size"], buffer_rows=config.get("added_shuffle_rows")))
+        batches = _epoch_batches(streams, config, epoch, rank, world, steps_per_epoch, per_worker_batch)
         mix = BatchMix(num_classes)  # the class mix of this epoch's batches (rank 0's are reported)
         stats = train_epoch(model, mix.watch(batches), optimizer, scheduler, loss_fn, session.device, step=step,
                             seed=_seed(seed, rank), mixup=mixup, ema=ema, amp=cfg.amp, channels_last=cfg.channels_last,
                             added_weight=cfg.added_weight, kd=kd)
         step = stats["step"]
         loss_sum, images = all_reduce_sum([stats["train_loss"] * stats["images"], float(stats["images"])])
-
-        # Validation on every rank's share, reduced (every eval_every epochs and at the last).
-        if _due(epoch, cfg.eval_every, cfg.epochs):
-            models = {"model": bare, **({"ema": ema.module} if ema is not None else {})}
-            res = _evaluate(models, val, num_classes, session.device)
-            final = res["ema"] if ema is not None else res["model"]
-            evaluated = {**final, "top1_no_ema": res["model"]["top1"], "eval_epoch": epoch + 1}
-        if config.get("test_dir") and epoch + 1 == cfg.epochs:  # the reported split: the final weights, once
-            final_model = {"final": ema.module if ema is not None else bare}
-            evaluated["test_top1"] = _evaluate(final_model, val_dataset(config["test_dir"], rank, world), num_classes,
-                                               session.device)["final"]["top1"]
+        evaluated = _evaluate_epoch(session, config, epoch, bare, ema, val, evaluated)
         elapsed += time.perf_counter() - t0
         metrics = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / max(images, 1.0)), **evaluated, "epochs": epoch + 1,
@@ -270,19 +234,81 @@ def train_loop_per_worker(config: dict) -> dict:
             "n_train": int(config["n_train"]), "start_epoch": start_epoch, **mix.summary(),
         }
         track.log(metrics, epoch + 1)
-        if rank != 0:
-            session.report(metrics, None)
-            continue
-        if session.saves_checkpoints and _due(epoch, cfg.checkpoint_every, cfg.epochs):  # ~1 s through Ray
-            with tempfile.TemporaryDirectory() as d:
-                executions = session.data_executions
-                write_checkpoint(Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta,
-                                 {} if executions is None else {"data_executions": executions})
-                session.report(metrics, d)
-        else:
-            session.report(metrics, None)
-        last = metrics
+        _report(session, cfg, epoch, metrics, lambda d: write_checkpoint(
+            Path(d), bare, ema, optimizer, epoch + 1, step, elapsed, meta,
+            {} if session.data_executions is None else {"data_executions": session.data_executions}))
+        if rank == 0:
+            last = metrics
     track.close()
     if not last and session.kind == "task":  # restarted after its last checkpoint: nothing left to train
         last = session.store.latest_metrics()
     return last
+
+
+def _build_and_restore(session: "_Session", config: dict):
+    """The model (same init on every rank) and its EMA, restored from the latest checkpoint, then wrapped.
+
+    Returns ``(model, bare model, ema, (start epoch, step, seconds), checkpoint state or None)``.
+    """
+    from timm.utils import ModelEmaV3
+
+    cfg: ClassifyConfig = config["classify"]
+    model = build_classifier(cfg, int(config["num_classes"]), int(config["in_chans"]), int(config["seed"]))
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+    start_epoch, step, elapsed, state = 0, 0, 0.0, None
+    ckpt = session.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = read_checkpoint(Path(d), model, ema)
+        start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
+        if "data_executions" in state:
+            session.restore_data_executions(int(state["data_executions"]))
+    if cfg.channels_last and session.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = session.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    if ema is not None:
+        ema.module.to(session.device)
+    return model, bare, ema, (start_epoch, step, elapsed), state
+
+
+def _epoch_batches(streams: tuple, config: dict, epoch: int, rank: int, world: int, steps: int, batch_size: int):
+    """One epoch's training batches from ``streams`` (real, added or None): with an added stream, each step's
+    real batch, then its added batch."""
+    cfg: ClassifyConfig = config["classify"]
+    data, added = streams
+    seed = int(config["seed"])
+    common = dict(epoch=epoch, rank=rank, in_chans=int(config["in_chans"]), image_size=config["image_size"])
+    batches = iterate(data, steps, cfg, batch_size=batch_size, seed=seed, buffer_rows=config.get("shuffle_rows"),
+                      **common)
+    if added is None:
+        return batches
+    return two_stream(batches, iterate(added, steps, cfg, batch_size=max(1, cfg.added_batch // world),
+                                       seed=_seed(seed, 7), buffer_rows=config.get("added_shuffle_rows"), **common))
+
+
+def _evaluate_epoch(session: "_Session", config: dict, epoch: int, bare, ema, val, evaluated: dict) -> dict:
+    """Validation on every rank's share, reduced (every ``eval_every`` epochs and at the last), and the
+    test split once with the final weights; otherwise the last evaluation's figures."""
+    cfg: ClassifyConfig = config["classify"]
+    num_classes, rank, world = int(config["num_classes"]), session.rank, session.world_size
+    if _due(epoch, cfg.eval_every, cfg.epochs):
+        models = {"model": bare, **({"ema": ema.module} if ema is not None else {})}
+        res = _evaluate(models, val, num_classes, session.device)
+        final = res["ema"] if ema is not None else res["model"]
+        evaluated = {**final, "top1_no_ema": res["model"]["top1"], "eval_epoch": epoch + 1}
+    if config.get("test_dir") and epoch + 1 == cfg.epochs:  # the reported split: the final weights, once
+        final_model = {"final": ema.module if ema is not None else bare}
+        evaluated["test_top1"] = _evaluate(final_model, val_dataset(config["test_dir"], rank, world), num_classes,
+                                           session.device)["final"]["top1"]
+    return evaluated
+
+
+def _report(session: "_Session", cfg: ClassifyConfig, epoch: int, metrics: dict, write) -> None:
+    """Report an epoch's metrics; rank 0 attaches a checkpoint (``write(dir)``) every ``checkpoint_every`` epochs."""
+    if session.rank == 0 and session.saves_checkpoints and _due(epoch, cfg.checkpoint_every, cfg.epochs):
+        with tempfile.TemporaryDirectory() as d:  # ~1 s through Ray
+            write(d)
+            session.report(metrics, d)
+    else:
+        session.report(metrics, None)

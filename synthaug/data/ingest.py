@@ -28,7 +28,7 @@ Ingest streams; no process holds the dataset:
    and nothing was committed, so earlier outputs in ``out_dir`` stay as they were.
 
 The split rule, a function of (seed, id, label) only: never of chunking, ordering or the
-number of workers. With ``d = blake2b(id, digest_size=16, key=f"synthaug-ingest-{seed}")``,
+number of workers. With ``d = blake2b(id, digest_size=16, key=f"synthaug-ingest-{seed}")`` (``keys.row_keys``),
 ``h1`` = its first 8 bytes and ``h2`` the next 8, both little-endian uint64:
 
 - a row is *val* iff ``h1 < floor(val_fraction * 2**64)``, i.e. ``u = h1 / 2**64 < val_fraction``;
@@ -46,7 +46,6 @@ number of workers. With ``d = blake2b(id, digest_size=16, key=f"synthaug-ingest-
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 
 import numpy as np
@@ -59,6 +58,7 @@ from synthaug.artifacts import UNLABELLED, DatasetError, commit_dataset, is_comp
 from synthaug.config import Config, ConfigError, IngestConfig, to_dict
 from synthaug.data import sources
 from synthaug.data.images import encode_png
+from synthaug.keys import row_keys, smallest_per_class
 from synthaug.shuffle import layout_order
 
 VAL, TRAIN, POOL, TEST = 0, 1, 2, 3
@@ -70,9 +70,7 @@ CANDIDATE_ROWS = 200_000  # the driver reduces merged pre-pass candidates beyond
 
 def split_keys(ids, seed: int) -> np.ndarray:
     """``(N, 2)`` uint64: ``h1`` (val or not) and ``h2`` (rank for the k-per-class cut) of each id."""
-    key = f"synthaug-ingest-{int(seed)}".encode()
-    digests = b"".join(hashlib.blake2b(str(i).encode(), digest_size=16, key=key).digest() for i in ids)
-    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2).astype(np.uint64)
+    return row_keys(ids, seed, "ingest", words=2).reshape(-1, 2)
 
 
 def val_threshold(val_fraction: float) -> int:
@@ -113,18 +111,6 @@ def assign_splits(ids, labels: np.ndarray, plan: dict) -> np.ndarray:
     return codes
 
 
-def _smallest(t: pa.Table, key: str, n: int, descending: bool = False) -> pa.Table:
-    """Per label, the ``n`` rows with the smallest (or largest) ``(key, id)``."""
-    if not len(t):
-        return t
-    order = "descending" if descending else "ascending"
-    t = t.sort_by([("label", "ascending"), (key, order), ("id", order)])
-    lab = t.column("label").to_numpy()
-    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    rank = np.arange(len(lab)) - np.repeat(starts, np.diff(np.r_[starts, len(lab)]))
-    return t.filter(pa.array(rank < n))
-
-
 _SCHEMAS = {
     "cand": pa.schema([("label", pa.int64()), ("h2", pa.uint64()), ("id", pa.string())]),
     "low": pa.schema([("label", pa.int64()), ("h1", pa.uint64()), ("id", pa.string())]),
@@ -157,9 +143,9 @@ def _prepass_chunk(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
     train, held = rows.filter(pa.array(~val & ~test)), rows.filter(pa.array(val))
     k = cfg.k_per_class
     parts = {
-        "cand": _smallest(train.select(["label", "h2", "id"]), "h2", k + 1) if k else _SCHEMAS["cand"].empty_table(),
-        "low": _smallest(train.select(["label", "h1", "id"]), "h1", 1),
-        "high": _smallest(held, "h1", 1, descending=True),
+        "cand": smallest_per_class(train.select(["label", "h2", "id"]), "h2", k + 1) if k else _SCHEMAS["cand"].empty_table(),
+        "low": smallest_per_class(train.select(["label", "h1", "id"]), "h1", 1),
+        "high": smallest_per_class(held, "h1", 1, descending=True),
     }
     return pa.table({
         "chunk": [desc["chunk"]], "error": [""],
@@ -192,7 +178,7 @@ class _PlanMerger:
     def reduce(self) -> dict[str, pa.Table]:
         keep = {"cand": ("h2", self.k + 1, False), "low": ("h1", 1, False), "high": ("h1", 1, True)}
         for name, (key, n, desc) in keep.items():
-            self.parts[name] = [_smallest(pa.concat_tables(self.parts[name]), key, n, desc)]
+            self.parts[name] = [smallest_per_class(pa.concat_tables(self.parts[name]), key, n, desc)]
         self.rows = sum(len(p[0]) for p in self.parts.values())
         return {name: p[0] for name, p in self.parts.items()}
 
@@ -229,8 +215,8 @@ def plan_splits(merged: _PlanMerger, class_names: list[str], cfg: IngestConfig) 
         extra = pa.table({"label": pa.array(list(forced_train), pa.int64()),
                           "h2": pa.array([high[y][1] for y in forced_train], pa.uint64()),
                           "id": pa.array([high[y][0] for y in forced_train], pa.string())})
-        top = _smallest(pa.concat_tables([cand, extra]), "h2", k)
-        last = _smallest(top, "h2", 1, descending=True)  # the k-th of each class: the cut
+        top = smallest_per_class(pa.concat_tables([cand, extra]), "h2", k)
+        last = smallest_per_class(top, "h2", 1, descending=True)  # the k-th of each class: the cut
         cut = {y: (h2, i) for y, h2, i in zip(*(last.column(n).to_pylist() for n in ("label", "h2", "id")))}
         plan["k_h2"] = [cut[y][0] for y in range(c)]
         plan["k_id"] = [cut[y][1] for y in range(c)]

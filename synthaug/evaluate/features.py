@@ -14,7 +14,7 @@ whatever N is (``per_class=False`` keeps one ``D^2``).
 IS, KID and precision/recall need the features themselves: they run on a capped,
 class-balanced, seeded subset (``max_samples``, default 50,000 as in FID@50K). Which rows
 are in it is a pure function of (seed, id, label): per class, the rows whose
-``id_hashes(f"{seed}:{id}")`` are smallest, up to the class's quota -- so it does not
+``keys.row_keys(id, seed, 'subset')`` are smallest, up to the class's quota -- so it does not
 depend on partitioning or the pool size. Only the subset's features reach the driver.
 
 The result is cached by content (dataset content hash, extractor, weights, row count,
@@ -24,17 +24,19 @@ layers, cap, seed) through :mod:`synthaug.storage`, so the cache may live on ``s
 from __future__ import annotations
 
 import collections
+import functools
 import io
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from synthaug import raylocal, storage
-from synthaug.artifacts import DatasetError, hash_obj, id_hashes, iter_batches, read_manifest, read_ray
+from synthaug.artifacts import DatasetError, hash_obj, iter_batches, read_manifest, read_ray
 from synthaug.evaluate.extractors import Extractor, _device, build_extractor, decode_images, extract_batch, resolve_extractor
+from synthaug.keys import ALL, kth_smallest, row_keys
 from synthaug.malloc import Trimmer
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the subset's keys are keys.row_keys
 SUM_ROWS = 4096  # rows reduced per block_sums call: bounds the ratio of D^2 sums to features shipped
 MAX_HASH = np.iinfo(np.uint64).max
 
@@ -46,8 +48,8 @@ EXTRACTED_ROWS: collections.Counter = collections.Counter()
 
 
 def subset_keys(ids, seed: int) -> np.ndarray:
-    """uint64 per-row keys of the subset choice: a pure function of (seed, id)."""
-    return id_hashes([f"{int(seed)}:{i}" for i in ids])
+    """uint64 per-row keys of the subset choice: a pure function of (seed, id) (``keys.row_keys``)."""
+    return row_keys(ids, seed, "subset")
 
 
 def subset_quotas(counts: list[int], cap: int) -> list[int]:
@@ -84,27 +86,29 @@ def _classes(manifest: dict) -> tuple[list[int], bool]:
     return [int(manifest["num_rows"])], False
 
 
+def _subset_batch_keys(batch, seed: int, labelled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(class, key) of a batch's rows for ``keys.kth_smallest`` (one class for an unlabelled set)."""
+    keys = subset_keys(batch.column("id").to_pylist(), seed)
+    lab = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64) if labelled else np.zeros(len(keys), np.int64)
+    return lab, keys
+
+
 def subset_thresholds(loc, manifest: dict, cap: int, seed: int) -> np.ndarray:
     """Per class, the largest key in the subset (rows with ``key <= threshold[label]`` are in it).
 
-    Streams only the id and label columns through this process, keeping at most ``cap``
-    keys; no pass at all when the set is within the cap.
+    Found by ``keys.kth_smallest`` over the id and label columns (bounded Ray Data passes);
+    no pass at all when the set is within the cap.
     """
     counts, labelled = _classes(manifest)
     quotas = subset_quotas(counts, cap)
     thr = np.full(len(counts), MAX_HASH, np.uint64)
     if quotas == counts:
         return thr
-    kept = [np.zeros(0, np.uint64) for _ in counts]
-    for batch in iter_batches(loc, columns=["id", "label"], batch_size=65536):
-        keys = subset_keys(batch.column("id").to_pylist(), seed)
-        lab = np.asarray(batch.column("label")) if labelled else np.zeros(len(keys), np.int64)
-        for k in np.unique(lab):
-            q = quotas[int(k)]
-            both = np.concatenate([kept[int(k)], keys[lab == k]])
-            kept[int(k)] = np.partition(both, q - 1)[:q] if len(both) > q else both
-    for k, q in enumerate(quotas):
-        thr[k] = kept[k].max() if q and len(kept[k]) else 0  # quota 0: an empty class, nothing to select
+    columns = ["id", "label"] if labelled else ["id"]
+    cut = kth_smallest(read_ray(loc, columns=columns), dict(enumerate(quotas)), dict(enumerate(counts)),
+                       functools.partial(_subset_batch_keys, seed=int(seed), labelled=labelled))
+    for k, q in enumerate(quotas):  # quota 0: an empty class, nothing to select
+        thr[k] = 0 if not q else MAX_HASH if cut[k] == ALL else cut[k]
     return thr
 
 
@@ -334,9 +338,9 @@ def dataset_statistics(
                 warnings.warn(f"{cache_file}: unreadable statistics cache ({e}); recomputing")
 
     # Which rows form the capped subset (ids and labels only), then one streaming pass.
-    thresholds = subset_thresholds(loc, manifest, max_samples, seed)
     if not ray.is_initialized():
         raylocal.init_ray()
+    thresholds = subset_thresholds(loc, manifest, max_samples, seed)
     ds = read_ray(loc, columns=["id", "image", "label"])
     ds = ds.map_batches(
         FeatureActor, batch_size=batch_size, batch_format="numpy",

@@ -238,19 +238,7 @@ def near_copy_audit(
     """
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-
-    # Check the three sets before any work.
-    ms = {}
-    for name, loc in (("train", train_dir), ("val", val_dir), ("synthetic", synth_dir)):
-        ms[name] = read_manifest(loc)
-        if ms[name]["num_rows"] == 0:
-            raise DatasetError(f"{loc}: empty dataset (0 rows); nothing to audit")
-    shapes = {n: (int(m["channels"]), *m["image_size"]) for n, m in ms.items()}
-    if pixel and len(set(shapes.values())) > 1:
-        raise DatasetError(
-            f"pixel-space audit needs one image shape: train {train_dir} {shapes['train']}, "
-            f"val {val_dir} {shapes['val']}, synthetic {synth_dir} {shapes['synthetic']}; pass pixel=False"
-        )
+    ms, shapes = _check_sets({"train": train_dir, "val": val_dir, "synthetic": synth_dir}, pixel)
     ex = extractor if isinstance(extractor, Extractor) else resolve_extractor("in-domain", extractor)
     layer = layer or ex.layers["fid"]
     dev = _device(device)
@@ -261,36 +249,94 @@ def near_copy_audit(
         kw = dict(batch_size=batch_size, min_actors=min_actors, max_actors=max_actors, num_gpus=num_gpus, device=device)
         stores = {n: feature_store(loc, ex, layer, root, **kw)
                   for n, loc in (("train", train_dir), ("val", val_dir), ("synthetic", synth_dir))}
-        train_feats = lambda: iter_store(stores["train"], chunk)  # noqa: E731
-
-        # Feature space: threshold from val -> train, then synthetic -> train.
-        d_val = np.concatenate([d for *_, d, _, _ in _distances(iter_store(stores["val"], chunk), train_feats, dev)])
-        threshold = float(np.percentile(d_val, percentile))
-        k = len(class_names)
-        n_cls, copies, p_copies = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
-        top, dim = None, 0
-        for ids, labels, d, rid, rlab in _distances(iter_store(stores["synthetic"], chunk), train_feats, dev):
-            np.add.at(n_cls, labels, 1)
-            np.add.at(copies, labels[d <= threshold], 1)
-            top = _top_k(top, {"dist": d, "syn_id": np.asarray(ids, dtype=object), "syn_label": labels,
-                               "train_id": rid, "train_label": rlab}, top_k)
-        dim = next((f.shape[1] for *_, f in iter_store(stores["train"], 1)), 0)
-
-        # Pixel space, same recipe on flattened [-1, 1] pixels.
-        p_threshold = float("nan")
-        if pixel:
-            c, h, w = shapes["train"]
-            prow = max(1, min(chunk, PIXEL_CHUNK_BYTES // (4 * c * h * w)))
-            train_px = lambda: iter_pixels(train_dir, prow)  # noqa: E731
-            p_val = np.concatenate([d for *_, d, _, _ in _distances(iter_pixels(val_dir, prow), train_px, dev)])
-            p_threshold = float(np.percentile(p_val, percentile))
-            for _, labels, d, _, _ in _distances(iter_pixels(synth_dir, prow), train_px, dev):
-                np.add.at(p_copies, labels[d <= p_threshold], 1)
+        feat = _feature_audit(stores, chunk, dev, percentile, len(class_names), top_k)
+        p_threshold, p_copies = (_pixel_audit(train_dir, val_dir, synth_dir, shapes["train"], chunk, dev, percentile,
+                                              len(class_names)) if pixel else (float("nan"), None))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # The closest pairs: fetch only their images.
+    n_cls, copies = feat["n_cls"], feat["copies"]
+    n_syn = int(n_cls.sum())
+    return {
+        "near_copy_share": float(copies.sum() / n_syn),
+        "near_copy_threshold": feat["threshold"],
+        "pixel_near_copy_share": float(p_copies.sum() / n_syn) if pixel else float("nan"),
+        "pixel_threshold": p_threshold,
+        "percentile": float(percentile),
+        "n_train": int(ms["train"]["num_rows"]),
+        "n_val": int(ms["val"]["num_rows"]),
+        "n_synthetic": n_syn,
+        "feature_dim": int(feat["dim"]),
+        "per_class": _per_class_shares(class_names, n_cls, copies, p_copies if pixel else None),
+        "pairs": _closest_pairs(feat["top"], synth_dir, train_dir, pixel),
+    }
+
+
+def _per_class_shares(class_names: list[str], n_cls: np.ndarray, copies: np.ndarray, p_copies) -> dict:
+    """class name -> {n_synthetic, near_copy_share, pixel_near_copy_share} (NaN without pixels or images)."""
+    return {
+        name: {
+            "n_synthetic": int(n_cls[i]),
+            "near_copy_share": float(copies[i] / n_cls[i]) if n_cls[i] else float("nan"),
+            "pixel_near_copy_share": float(p_copies[i] / n_cls[i]) if n_cls[i] and p_copies is not None else float("nan"),
+        }
+        for i, name in enumerate(class_names)
+    }
+
+
+def _check_sets(locs: dict, pixel: bool) -> tuple[dict, dict]:
+    """The three sets' manifests and ``(C, H, W)`` shapes, checked before any work: none empty, one shape for pixels."""
+    ms = {}
+    for name, loc in locs.items():
+        ms[name] = read_manifest(loc)
+        if ms[name]["num_rows"] == 0:
+            raise DatasetError(f"{loc}: empty dataset (0 rows); nothing to audit")
+    shapes = {n: (int(m["channels"]), *m["image_size"]) for n, m in ms.items()}
+    if pixel and len(set(shapes.values())) > 1:
+        raise DatasetError(
+            f"pixel-space audit needs one image shape: train {locs['train']} {shapes['train']}, "
+            f"val {locs['val']} {shapes['val']}, synthetic {locs['synthetic']} {shapes['synthetic']}; pass pixel=False"
+        )
+    return ms, shapes
+
+
+def _feature_audit(stores: dict, chunk: int, dev: str, percentile: float, k: int, top_k: int) -> dict:
+    """Feature space: the threshold from val -> train, then synthetic -> train.
+
+    Returns ``threshold``, per-class synthetic counts ``n_cls`` and near copies ``copies``,
+    the ``top`` closest candidates (:func:`_top_k`) and the feature ``dim``.
+    """
+    train_feats = lambda: iter_store(stores["train"], chunk)  # noqa: E731
+    d_val = np.concatenate([d for *_, d, _, _ in _distances(iter_store(stores["val"], chunk), train_feats, dev)])
+    threshold = float(np.percentile(d_val, percentile))
+    n_cls, copies = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    top = None
+    for ids, labels, d, rid, rlab in _distances(iter_store(stores["synthetic"], chunk), train_feats, dev):
+        np.add.at(n_cls, labels, 1)
+        np.add.at(copies, labels[d <= threshold], 1)
+        top = _top_k(top, {"dist": d, "syn_id": np.asarray(ids, dtype=object), "syn_label": labels,
+                           "train_id": rid, "train_label": rlab}, top_k)
+    dim = next((f.shape[1] for *_, f in iter_store(stores["train"], 1)), 0)
+    return {"threshold": threshold, "n_cls": n_cls, "copies": copies, "top": top, "dim": dim}
+
+
+def _pixel_audit(train_dir, val_dir, synth_dir, shape, chunk: int, dev: str, percentile: float,
+                 k: int) -> tuple[float, np.ndarray]:
+    """Pixel space, the same recipe on flattened [-1, 1] pixels: (threshold, near copies per class)."""
+    c, h, w = shape
+    prow = max(1, min(chunk, PIXEL_CHUNK_BYTES // (4 * c * h * w)))
+    train_px = lambda: iter_pixels(train_dir, prow)  # noqa: E731
+    p_val = np.concatenate([d for *_, d, _, _ in _distances(iter_pixels(val_dir, prow), train_px, dev)])
+    p_threshold = float(np.percentile(p_val, percentile))
+    p_copies = np.zeros(k, np.int64)
+    for _, labels, d, _, _ in _distances(iter_pixels(synth_dir, prow), train_px, dev):
+        np.add.at(p_copies, labels[d <= p_threshold], 1)
+    return p_threshold, p_copies
+
+
+def _closest_pairs(top: dict, synth_dir, train_dir, pixel: bool) -> list[Pair]:
+    """The closest synthetic/train pairs, closest first: fetch only their images."""
     syn_img = _images_by_id(synth_dir, list(top["syn_id"]))
     tr_img = _images_by_id(train_dir, list(top["train_id"]))
     pairs = []
@@ -299,29 +345,7 @@ def near_copy_audit(
         pd = float(np.linalg.norm(to_float(a[None]) - to_float(b[None]))) if pixel else float("nan")
         pairs.append(Pair(str(top["syn_id"][j]), str(top["train_id"][j]), float(top["dist"][j]), pd,
                           int(top["syn_label"][j]), int(top["train_label"][j]), a, b))
-
-    n_syn = int(n_cls.sum())
-    per_class = {
-        name: {
-            "n_synthetic": int(n_cls[i]),
-            "near_copy_share": float(copies[i] / n_cls[i]) if n_cls[i] else float("nan"),
-            "pixel_near_copy_share": float(p_copies[i] / n_cls[i]) if n_cls[i] and pixel else float("nan"),
-        }
-        for i, name in enumerate(class_names)
-    }
-    return {
-        "near_copy_share": float(copies.sum() / n_syn),
-        "near_copy_threshold": threshold,
-        "pixel_near_copy_share": float(p_copies.sum() / n_syn) if pixel else float("nan"),
-        "pixel_threshold": p_threshold,
-        "percentile": float(percentile),
-        "n_train": int(ms["train"]["num_rows"]),
-        "n_val": int(ms["val"]["num_rows"]),
-        "n_synthetic": n_syn,
-        "feature_dim": int(dim),
-        "per_class": per_class,
-        "pairs": pairs,
-    }
+    return pairs
 
 
 def save_pairs_grid(pairs: list[Pair], path, per_row: int = 8) -> str:

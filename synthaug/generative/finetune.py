@@ -439,14 +439,57 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     Every location (data, export, Ray Train storage, base) may be local or a URI.
     Everything is checked before Ray Train starts.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from synthaug.raylocal import init_ray
 
     t: TrainGenConfig = getattr(cfg, stage)
     data_dir = storage.absolute(data_dir)
     data_manifest = read_manifest(data_dir)
+    job = _check_inputs(cfg, stage, data_dir, data_manifest, base_dir, unconditional)
+    base = job["base"]
+
+    # The content key: the same config and inputs reuse the export, or resume their own run.
+    key, inputs = run_key(t, stage, data_manifest, base, unconditional, [m for _, m in job["extra"]])
+    out_dir = storage.absolute(str(out_dir))
+    done = identity.reuse(out_dir, key, stage, "the export")
+    if done is not None:
+        return done
+
+    # Resume from where the newest checkpoint of this key's run left off.
+    init_ray(cfg.ray)
+    storage_dir = storage.absolute(storage_dir)
+    name = identity.run_name(stage, key)
+    run_dir = storage.join(storage_dir, name)
+    offset_steps = latest_step(run_dir)
+    if t.latent_cache:  # encode once (or reuse the keyed cache); the stream reads its moments
+        job.update(_latent_shards(t, data_dir, data_manifest, base, storage_dir, latents_dir))
+    cached = train_data.cache(job["shards"], job["latent_shape"]) if t.cache else None
+    trainer = _trainer(t, stage, name, storage_dir, run_dir, base, unconditional, job, cached)
+    t0 = time.time()
+    result = trainer.fit()
+    seconds = time.time() - t0
+    del cached
+    warn_if_blocked(stage, str(data_dir), result.metrics)
+
+    # Export the EMA weights in diffusers layout with a manifest (the base's weights are read once, here).
+    gen, step = _load_ema(t, stage, base, job, result.checkpoint)
+    identity.write_record(run_dir, stage, key, inputs, to_dict(t))
+    if t.val_grid_every:
+        tracking.artifacts(storage.join(run_dir, "val_grids"), "val_grids")
+    return models.save_generator(gen, out_dir, {
+        "stage": stage, "key": key, "inputs": inputs, "run": run_dir, "steps": step, "unconditional": unconditional,
+        "base": base, "base_hash": inputs["base"],
+        "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
+        "config": to_dict(cfg), "train_seconds": round(seconds, 1),
+        "resumed_from": offset_steps,
+        "restored_state_sums": {k[len("restored_"):]: v for k, v in result.metrics.items() if k.startswith("restored_")},
+        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
+        **{k: result.metrics.get(k) for k in ("batch_blocked_share", "batch_label_entropy")},
+    })
+
+
+def _check_inputs(cfg: Config, stage: str, data_dir: str, data_manifest: dict, base_dir, unconditional: bool) -> dict:
+    """Check the data, the base and the sizes before any work: the job's base, classes, image shape, shards, extra sets."""
+    t: TrainGenConfig = getattr(cfg, stage)
     class_names = list(data_manifest["class_names"])
     if not class_names:
         raise DatasetError(f"{data_dir}: class count of 0; a generator needs at least one class")
@@ -469,36 +512,34 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     if train_data.per_epoch(sum(shard_rows), t.num_workers, micro) == 0:
         raise DatasetError(f"{data_dir}: {sum(shard_rows)} rows, fewer than one micro-batch of {micro} for each of "
                            f"{t.num_workers} workers (config keys '{stage}.batch_size', '{stage}.num_workers')")
+    return {"base": base, "class_names": class_names, "image_size": image_size, "channels": channels, "shards": shards,
+            "shard_rows": shard_rows, "extra": extra, "latent_shape": None}
 
-    # The content key: the same config and inputs reuse the export, or resume their own run.
-    key, inputs = run_key(t, stage, data_manifest, base, unconditional, [m for _, m in extra])
-    out_dir = storage.absolute(str(out_dir))
-    done = identity.reuse(out_dir, key, stage, "the export")
-    if done is not None:
-        return done
 
-    # Resume from where the newest checkpoint of this key's run left off.
-    init_ray(cfg.ray)
-    storage_dir = storage.absolute(storage_dir)
-    name = identity.run_name(stage, key)
-    run_dir = storage.join(storage_dir, name)
-    offset_steps = latest_step(run_dir)
-    latent_shape = None
-    if t.latent_cache:  # encode once (or reuse the keyed cache); the stream reads its moments
-        ckey = latent_cache.cache_key(data_manifest, base, t.hflip)
-        loc = storage.absolute(latents_dir or storage.join(storage.parent(storage_dir), "latents", ckey[0][:12]))
-        lm = latent_cache.build(data_dir, base, loc, hflip=t.hflip, use_gpu=t.use_gpu, key=ckey)
-        latent_shape = lm["latent_shape"]
-        shards, shard_rows = train_data.shard_locations(loc, lm)
-    cached = train_data.cache(shards, latent_shape) if t.cache else None
+def _latent_shards(t: TrainGenConfig, data_dir: str, data_manifest: dict, base: str | None, storage_dir: str,
+                   latents_dir: str | None) -> dict:
+    """The keyed latent cache (built, or reused) as the stream's shards, and its latent shape."""
+    ckey = latent_cache.cache_key(data_manifest, base, t.hflip)
+    loc = storage.absolute(latents_dir or storage.join(storage.parent(storage_dir), "latents", ckey[0][:12]))
+    lm = latent_cache.build(data_dir, base, loc, hflip=t.hflip, use_gpu=t.use_gpu, key=ckey)
+    shards, shard_rows = train_data.shard_locations(loc, lm)
+    return {"shards": shards, "shard_rows": shard_rows, "latent_shape": lm["latent_shape"]}
 
-    trainer = TorchTrainer(
+
+def _trainer(t: TrainGenConfig, stage: str, name: str, storage_dir: str, run_dir: str, base: str | None,
+             unconditional: bool, job: dict, cached):
+    """The Ray Train ``TorchTrainer`` of this key's run (its name and storage make a re-run resume)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": class_names,
-            "image_size": image_size, "channels": channels, "unconditional": unconditional,
-            "shards": shards, "shard_rows": shard_rows, "cached": cached, "latent_shape": latent_shape,
-            "grid_dir": storage.join(run_dir, "val_grids"), "_tracking": tracking.handle(),
+            "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": job["class_names"],
+            "image_size": job["image_size"], "channels": job["channels"], "unconditional": unconditional,
+            "shards": job["shards"], "shard_rows": job["shard_rows"], "cached": cached,
+            "latent_shape": job["latent_shape"], "grid_dir": storage.join(run_dir, "val_grids"),
+            "_tracking": tracking.handle(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
@@ -508,18 +549,15 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    t0 = time.time()
-    result = trainer.fit()
-    seconds = time.time() - t0
-    del cached
-    warn_if_blocked(stage, str(data_dir), result.metrics)
 
-    # Export the EMA weights in diffusers layout with a manifest (the base's weights are read once, here).
-    with result.checkpoint.as_directory() as d:
+
+def _load_ema(t: TrainGenConfig, stage: str, base: str | None, job: dict, checkpoint):
+    """The generator with the final checkpoint's EMA weights, and its step (which must be ``t.steps``)."""
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as d:
         step = json.loads(Path(d, STATE_FILE).read_text())["step"]
-        gen = _load(t, base, class_names, image_size, channels)
-        from safetensors.torch import load_file
-
+        gen = _load(t, base, job["class_names"], job["image_size"], job["channels"])
         shadow = load_file(os.path.join(d, "ema.safetensors"))
         params = trainable(gen.model)
         if len(params) != len(shadow):
@@ -529,16 +567,4 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
                 p.copy_(shadow[str(i)])
     if step != t.steps:
         raise RuntimeError(f"{stage}: finished at step {step}, expected {t.steps}")
-    identity.write_record(run_dir, stage, key, inputs, to_dict(t))
-    if t.val_grid_every:
-        tracking.artifacts(storage.join(run_dir, "val_grids"), "val_grids")
-    return models.save_generator(gen, out_dir, {
-        "stage": stage, "key": key, "inputs": inputs, "run": run_dir, "steps": step, "unconditional": unconditional,
-        "base": base, "base_hash": inputs["base"],
-        "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
-        "config": to_dict(cfg), "train_seconds": round(seconds, 1),
-        "resumed_from": offset_steps,
-        "restored_state_sums": {k[len("restored_"):]: v for k, v in result.metrics.items() if k.startswith("restored_")},
-        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
-        **{k: result.metrics.get(k) for k in ("batch_blocked_share", "batch_label_entropy")},
-    })
+    return gen, step

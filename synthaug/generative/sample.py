@@ -36,7 +36,6 @@ footer has the planned row count, and samples only the other chunks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import time
@@ -55,6 +54,8 @@ from synthaug.data.images import decode_batch, encode_png, from_float, to_float
 from synthaug.generative import models
 from synthaug.generative.diffusion import sample_images
 from synthaug.generative.sources import check_source, read_sources, resolve_source, source_index, source_rows
+from synthaug.keys import VERSION as KEYS_VERSION
+from synthaug.keys import row_keys
 
 PIXEL_KEYS = ("guidance_scale", "sampler", "steps", "ddpm_log_variance_v", "seed")  # settings that change images
 PLAN = "plan.json"
@@ -67,10 +68,14 @@ MAX_BLOCKS = 4096  # chunk rows are spread over at most this many blocks (one ch
 # ----------------------------------------------------------------------------- the plan
 
 
+def sample_seeds(global_seed: int, label: int, indices) -> np.ndarray:
+    """63-bit seeds of class ``label``'s images ``indices``, from (global seed, class, index), never from rank or batch."""
+    return row_keys([f"{int(label)}/{int(i)}" for i in indices], global_seed, "sample") >> np.uint64(1)
+
+
 def sample_seed(global_seed: int, label: int, index: int) -> int:
-    """A 63-bit seed from (global seed, class, index), never from rank or batch."""
-    digest = hashlib.sha256(f"{global_seed}/{label}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The 63-bit seed of one image (:func:`sample_seeds`)."""
+    return int(sample_seeds(global_seed, label, [index])[0])
 
 
 def class_counts(s: SampleConfig, class_names: list[str]) -> dict[str, int]:
@@ -145,7 +150,7 @@ def plan_rows(label: int, class_name: str, start: int, stop: int, global_seed: i
         "label": pa.array([int(label)] * n, pa.int64()),
         "class_name": pa.array([str(class_name)] * n, pa.string()),
         "index": pa.array(list(idx), pa.int64()),
-        "seed": pa.array([sample_seed(global_seed, int(label), i) for i in idx], pa.int64()),
+        "seed": pa.array(sample_seeds(global_seed, label, idx).astype(np.int64), pa.int64()),
     })
 
 
@@ -185,7 +190,8 @@ def sample_key(gen_manifest: dict, s: SampleConfig, source_hash: str | None = No
             raise ValueError("sample_key: init 'real' needs the real set's content hash")
         settings.update(init="real", strength=float(s.strength), source=str(source_hash))
     counts = class_counts(s, gen_manifest["class_names"])
-    return hash_obj({"generator": gen_manifest["weights_hash"], "sample": settings, "counts": counts})[:16]
+    return hash_obj({"generator": gen_manifest["weights_hash"], "sample": settings, "counts": counts,
+                     "keys": KEYS_VERSION})[:16]
 
 
 def default_out_dir(cfg: Config, key: str) -> str:

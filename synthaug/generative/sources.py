@@ -10,8 +10,6 @@ only its own sources' images from their shards (:func:`read_sources`).
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,12 +17,12 @@ import pyarrow.parquet as pq
 from synthaug import storage
 from synthaug.artifacts import DatasetError, read_manifest, shard_paths
 from synthaug.config import SampleConfig
+from synthaug.keys import row_keys
 
 
 def source_order_key(seed: int, ids) -> np.ndarray:
-    """The seeded order of source rows within a class: sha256 of (seed, id), as uint64."""
-    return np.array([int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "little") for i in ids],
-                    dtype=np.uint64)
+    """The seeded order of source rows within a class: ``keys.row_keys`` of (seed, id)."""
+    return row_keys(ids, seed, "source")
 
 
 def source_index(location: str, seed: int) -> pa.Table:

@@ -14,158 +14,27 @@ the tracking URI, the run id and the TensorBoard location, passed in the loop co
 it works on a cluster; there :class:`StepLogger` logs rank 0's metrics per step or epoch.
 Reuse by content key logs the reused artifact's key and location as tags (:func:`reused`),
 never a second copy. A tracking server that stops answering mid-run costs a warning, not
-the run.
+the run. The MLflow calls live in :mod:`.mlflow_runs`, the TensorBoard writer in
+:mod:`.events` and the logged values' shaping in :mod:`.values`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 from synthaug import storage
+from synthaug.tracking.events import _Events
+from synthaug.tracking.mlflow_runs import _client, _create_run, _experiment, _metrics, _quiet, _send, _warn
+from synthaug.tracking.values import STAGE_SECTIONS, _dirname, _params, clean_key, flatten, numbers
 
-# The config sections whose fields are a stage's params (by the stage name's first word).
-STAGE_SECTIONS = {
-    "ingest": ("ingest",), "pretrain": ("pretrain",), "finetune": ("finetune",), "sample": ("sample",),
-    "filter": ("filter", "pseudolabel"), "teacher": ("classify", "pseudolabel"), "extractor": ("classify", "evaluate"),
-    "evaluate": ("evaluate", "classify"), "sweep": ("sweep", "classify", "filter"),
-    "pseudolabel": ("pseudolabel", "classify"), "classify": ("classify",), "report": (), "run": None, "study": None,
-}
+__all__ = ["PARENT_TAG", "STAGE_SECTIONS", "Scope", "StepLogger", "artifacts", "clean_key", "close_run", "current",
+           "final", "flatten", "handle", "numbers", "open_run", "reused", "run", "stage", "trial"]
+
 PARENT_TAG = "mlflow.parentRunId"
-_BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
-_warned: set = set()
-
-
-def _warn(what: str, e: BaseException) -> None:
-    """One line per kind of failure: tracking problems never stop the work."""
-    if what not in _warned:
-        _warned.add(what)
-        print(f"[tracking] {what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "the run goes on without it", flush=True)
-
-
-def _quiet() -> None:
-    """MLflow prints a 'View run' line each time a run ends; the parent's link is printed once instead."""
-    from synthaug import console
-
-    if not console.verbose():
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    _quiet()
-    return MlflowClient(tracking_uri=uri)
-
-
-def _send(uri: str, run_id: str, metrics: list) -> None:
-    """Metrics (``mlflow.entities.Metric``) to a run, in batches of MLflow's 1000 at most; failures warn."""
-    try:
-        client = _client(uri)
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
-    except Exception as e:  # noqa: BLE001 -- tracking never stops the work
-        _warn("MLflow logging", e)
-
-
-def _metrics(values: dict[str, float], step: int) -> list:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    return [Metric(k, v, ts, step) for k, v in values.items()]
-
-
-def clean_key(key: str) -> str:
-    """A metric, param or tag key MLflow accepts (letters, digits, ``_-. /``)."""
-    return _BAD_KEY.sub("_", str(key))[:250]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def numbers(result) -> dict[str, float]:
-    """The finite numbers of a stage's result (a dict, a tuple holding dicts, a DataFrame's summary),
-    one level of nesting deep; the records a manifest carries (``config``, ``inputs``) are left out."""
-    if isinstance(result, tuple):
-        out: dict = {}
-        for part in result:
-            out.update(numbers(part))
-        return out
-    attrs = getattr(result, "attrs", None)
-    if isinstance(attrs, dict) and isinstance(attrs.get("summary"), dict):
-        result = attrs["summary"]
-    if not isinstance(result, dict):
-        return {}
-    out = {}
-    for k, v in result.items():
-        if k in ("config", "inputs") or str(k).startswith("_"):
-            continue
-        items = v.items() if isinstance(v, dict) else [("", v)]
-        for sub, x in items:
-            if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
-                out[clean_key(f"{k}.{sub}" if sub != "" else k)] = float(x)
-    return out
-
-
-def _params(cfg, name: str) -> dict[str, str]:
-    """The resolved config of a stage, flattened: its sections (``STAGE_SECTIONS``), or all of it."""
-    from synthaug.config import to_dict
-
-    tree = to_dict(cfg)
-    sections = STAGE_SECTIONS.get(name.split()[0] if name else "", None)
-    if sections is not None:
-        tree = {"name": tree["name"], **{s: tree[s] for s in sections}}
-    return {clean_key(k): str(v)[:6000] for k, v in flatten(tree).items()}
-
-
-def _dirname(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name) or "_"
-
-
-# ----------------------------------------------------------------------------- TensorBoard
-
-
-class _Events:
-    """A SummaryWriter at a location: written in place when local, else in a local directory
-    uploaded to the location on close."""
-
-    def __init__(self, location: str):
-        self.location = location
-        self.local = storage.local_path(location)
-        self.staging = None if self.local is not None else tempfile.mkdtemp(prefix="synthaug-tb-")
-        self.writer = None
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.local or self.staging))
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.staging is not None:
-            storage.upload_dir(self.staging, self.location)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
 
 
 # ----------------------------------------------------------------------------- scopes (driver side)
@@ -234,49 +103,6 @@ def handle() -> dict | None:
     """The current scope's worker handle, or None."""
     s = current()
     return s.handle() if s is not None else None
-
-
-def _create_run(uri: str, experiment_id: str, name: str, tags: dict, params: dict | None) -> str | None:
-    try:
-        client = _client(uri)
-        r = client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
-        _log_params(client, r.info.run_id, params or {})
-        return r.info.run_id
-    except Exception as e:  # noqa: BLE001
-        _warn("MLflow run creation", e)
-        return None
-
-
-def _log_params(client, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i:i + 100])
-
-
-def _experiment(uri: str, name: str) -> str:
-    """The experiment's id (created when missing); an unreachable server is the user's input error."""
-    from synthaug.errors import InputValueError
-
-    if uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-        except Exception as e:  # noqa: BLE001
-            raise InputValueError(f"config key 'tracking.mlflow_uri': no MLflow server answers at {uri} ({e})") from None
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created meanwhile by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 @contextlib.contextmanager
