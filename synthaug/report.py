@@ -292,7 +292,7 @@ def _headline_markdown(cfg: Config, h: _Headline, summary: dict, pl_rows: list, 
            + describe_selection(cfg) + f" ({_fmt(100 * pseudo['kept_share'], 1)}% of the pool). Students: the same recipe and optimiser steps as "
            "real only (an epoch is |labelled| images).", ""] if pseudo is not None else [""]),
         f"Sweep (synthetic-set setting x ratio, {len(h.real)} seeds): {summary.get('verdict')}", "",
-        *([f"Sweep cells left out (a filtered set kept too few images of a class): "
+        *(["Sweep cells left out (a filtered set kept too few images of a class): "
            + "; ".join(f"{c['setting']} at ratio {c['ratio']:g} ({c['why']})" for c in summary["skipped"]) + ".", ""]
           if summary.get("skipped") else []),
     ]
