@@ -189,7 +189,7 @@ def _main(args) -> int:
 
         try:
             out = save_tiny_base(args.family, args.out, args.image_size, args.channels)
-        except (FileExistsError, ImportError) as e:
+        except ImportError as e:  # a family's optional dependency (OS errors are mapped by class in main)
             raise InputValueError(str(e)) from e
         print(f"synthaug tiny-base: {args.family} base (random weights) in {out}; fine-tune it with "
               f"`synthaug finetune --config c.yaml finetune.family={args.family} finetune.base={out}`")

@@ -13,7 +13,10 @@ last (see :mod:`synthaug.artifacts`), never by renaming a directory.
 S3-compatible endpoints: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. a local
 server at ``http://127.0.0.1:8333``); credentials come from the usual AWS chain
 (environment, instance profile). The filesystem objects pickle, so Ray tasks on any node
-reach the same storage.
+reach the same storage. Every S3 call is bounded: a connection attempt gives up after
+``S3_CONNECT_TIMEOUT_S``, a request after ``S3_REQUEST_TIMEOUT_S``, and a call is tried at
+most ``S3_MAX_ATTEMPTS`` times, so an unreachable endpoint or bad credentials fail in
+seconds, in one line naming the location (:func:`synthaug.errors.object_store_cause`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from synthaug.errors import InputError
+from synthaug.errors import InputError, object_store_cause
 
 
 class StorageError(InputError, OSError):
@@ -54,9 +57,17 @@ def _split(location: str) -> tuple[str, str, str]:
     return u.scheme, u.netloc, u.path.lstrip("/")
 
 
+# Bounds on every S3 call: seconds to connect, seconds without a response, tries per call.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+S3_MAX_ATTEMPTS = 3
+
+
 @functools.lru_cache(maxsize=None)
 def _s3(endpoint: str, region: str) -> pafs.FileSystem:
-    kwargs: dict[str, Any] = {"allow_bucket_creation": True, "region": region or "us-east-1"}
+    kwargs: dict[str, Any] = {"allow_bucket_creation": True, "region": region or "us-east-1",
+                              "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     if endpoint:
         u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
@@ -147,7 +158,7 @@ def info(location: str | os.PathLike) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as e:
-        raise StorageError(f"{location}: cannot reach storage ({e})") from None
+        raise _storage_error(location, "cannot reach storage", e) from None
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -169,7 +180,7 @@ def list_files(location: str | os.PathLike, recursive: bool = True) -> list[pafs
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"{location}: cannot list ({e})") from None
+        raise _storage_error(location, "cannot list", e) from None
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
@@ -178,7 +189,8 @@ def walk_files(location: str | os.PathLike) -> list[pafs.FileInfo]:
 
     As ``os.walk(followlinks=True)`` (torchvision's ``ImageFolder``), but a directory reached
     again through a link (a cycle, or one tree linked twice) is not walked again, so a link
-    loop ends. Object stores have no links: one recursive listing.
+    loop ends; a dangling link (or one that points to itself) raises naming it. Object
+    stores have no links: one recursive listing.
     """
     lp = local_path(location)
     if lp is None:
@@ -192,6 +204,12 @@ def walk_files(location: str | os.PathLike) -> list[pafs.FileInfo]:
         seen.add((st.st_dev, st.st_ino))
         paths += [os.path.join(d, f) for f in files]
     infos = pafs.LocalFileSystem().get_file_info(paths)  # follows links; a broken one is NotFound
+    for i in infos:
+        if i.type == pafs.FileType.NotFound:  # a dangling link, or a link loop: never skipped silently
+            try:
+                os.stat(i.path)
+            except OSError as e:
+                raise StorageError(f"{i.path}: broken symbolic link ({e.strerror})") from None
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
@@ -212,6 +230,10 @@ def read_bytes(location: str | os.PathLike) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such file") from None
+    except OSError as e:
+        if object_store_cause(e) is None:
+            raise
+        raise _storage_error(location, "cannot read", e) from None
 
 
 def read_text(location: str | os.PathLike) -> str:
@@ -237,8 +259,11 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> str:
                 os.unlink(tmp)
             raise StorageError(f"{location}: cannot write it ({e.strerror or e}{_where(e, path)})") from None
     else:
-        with fs.open_output_stream(path) as f:  # the object appears only when the upload completes
-            f.write(data)
+        try:
+            with fs.open_output_stream(path) as f:  # the object appears only when the upload completes
+                f.write(data)
+        except OSError as e:
+            raise _storage_error(location, "cannot write it", e) from None
     return str(location)
 
 
@@ -270,7 +295,12 @@ def makedirs(location: str | os.PathLike) -> None:
     try:
         fs.create_dir(path, recursive=True)
     except OSError as e:
-        raise StorageError(f"{location}: cannot create it ({e.strerror or e})") from None
+        raise _storage_error(location, "cannot create it", e) from None
+
+
+def _storage_error(location, action: str, e: OSError) -> StorageError:
+    """One line naming the location: the object store's cause in words, or the OS's reason."""
+    return StorageError(f"{location}: {action} ({object_store_cause(e) or e.strerror or str(e).splitlines()[0]})")
 
 
 def _where(e: OSError, path: str) -> str:

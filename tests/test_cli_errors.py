@@ -32,8 +32,9 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
     return out
 
 
-def synthaug(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def synthaug(*argv: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m synthaug.cli *argv`` from the repository, with this tree first (``env``: instead of os.environ)."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("SYNTHAUG_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "synthaug.cli", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -38,7 +38,7 @@ def _images(batch: pa.Table, chw) -> np.ndarray:
     """uint8 (B, C, H, W); an empty batch (a block the mixture filtered out) keeps the shape."""
     if batch.num_rows == 0 and chw is not None:
         return np.zeros((0, *map(int, chw)), np.uint8)
-    return decode_batch(batch.column("image").to_pylist())
+    return decode_batch(batch.column("image").to_pylist(), batch.column("id").to_pylist())
 
 
 def decode_to_uint8(batch: pa.Table, chw=None) -> dict:

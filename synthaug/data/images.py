@@ -1,11 +1,20 @@
-"""Lossless PNG encoding of uint8 images, and batch decoding to arrays."""
+"""Lossless PNG encoding of uint8 images, and batch decoding to arrays.
+
+Every image synthaug decodes (an ingest source's file or row, a contract dataset's PNG in
+any stage, in the driver or inside a Ray task) goes through :func:`open_image`, so
+whatever Pillow raises on bad data (truncated or corrupt files, a text file named
+``.png``, a decompression bomb, ...) becomes one :class:`~synthaug.artifacts.DatasetError`
+naming the file or row, not a decoder traceback behind Ray's wrapper.
+"""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from synthaug.artifacts import DatasetError
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -19,15 +28,28 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W, C) with C in {1, 3}."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
+def open_image(src, where: str) -> Image.Image:
+    """Open and fully decode one image (a file object or bytes); any decoder error raises naming ``where``."""
+    try:
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+        img.load()
+        return img
+    except UnidentifiedImageError:
+        raise DatasetError(f"{where}: unreadable or truncated image (not an image format PIL can read)") from None
+    except Exception as e:  # OSError (truncated), SyntaxError (bad chunk), DecompressionBombError, ValueError ...
+        raise DatasetError(f"{where}: unreadable or truncated image ({type(e).__name__}: {e})") from None
+
+
+def decode_png(data: bytes, where: str = "image") -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, C) with C in {1, 3}; bad data raises naming ``where``."""
+    arr = np.asarray(open_image(data, where))
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def decode_batch(images) -> np.ndarray:
-    """A column of PNG bytes -> uint8 (B, C, H, W)."""
-    arrs = [decode_png(b) for b in images]
+def decode_batch(images, ids=None, where: str = "") -> np.ndarray:
+    """A column of PNG bytes -> uint8 (B, C, H, W); a bad image raises naming ``where`` and its row id."""
+    ids = list(ids) if ids is not None else [f"#{k} of a batch" for k in range(len(images))]
+    arrs = [decode_png(b, f"{where + ': ' if where else ''}row {i!r}") for i, b in zip(ids, images)]
     return np.stack(arrs).transpose(0, 3, 1, 2).copy()
 
 

@@ -21,7 +21,6 @@ source directory for a directory source) and ``N`` the row within that file.
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,11 +28,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from synthaug import storage
 from synthaug.artifacts import DatasetError
 from synthaug.config import IngestConfig
+from synthaug.data.images import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Parquet chunks hold up to this many times ingest.chunk_size rows (whole row groups, in a seeded
@@ -114,21 +114,9 @@ def chunk_images(cfg: IngestConfig, desc: dict) -> Iterator[tuple[str, int, str,
                     data = f.read()
             except OSError as e:
                 raise DatasetError(f"{where}: cannot read ({e})") from None
-            yield i, int(y), where, open_image(io.BytesIO(data), where)
+            yield i, int(y), where, open_image(data, where)
     else:
         yield from _parquet_images(cfg, desc)
-
-
-def open_image(src, where: str) -> Image.Image:
-    """Open and fully decode one image; truncated or unreadable data raise naming ``where``."""
-    try:
-        img = Image.open(src)
-        img.load()
-        return img
-    except UnidentifiedImageError:
-        raise DatasetError(f"{where}: unreadable or truncated image (not an image format PIL can read)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{where}: unreadable or truncated image ({e})") from None
 
 
 # ----------------------------------------------------------------------------- digits
@@ -308,4 +296,4 @@ def _parquet_images(cfg: IngestConfig, desc: dict) -> Iterator[tuple[str, int, s
             where = f"{loc} row {first + r}"
             if not isinstance(data, (bytes, bytearray)):
                 raise DatasetError(f"{where}: column '{cfg.image_column}' holds {type(data).__name__}, not image bytes")
-            yield f"{stem}-{first + r:07d}", int(y[r]), where, open_image(io.BytesIO(data), where)
+            yield f"{stem}-{first + r:07d}", int(y[r]), where, open_image(data, where)

@@ -78,7 +78,7 @@ def decode_images(pngs, ids, image_size, where) -> np.ndarray:
     h, w = (int(v) for v in image_size)
     out = np.empty((len(pngs), 3, h, w), np.uint8)
     for k, (rid, data) in enumerate(zip(ids, pngs)):
-        img = decode_png(data)  # (H, W, C)
+        img = decode_png(data, f"{where}: row {rid!r}")  # (H, W, C)
         if img.shape[:2] != (h, w):
             raise DatasetError(
                 f"{where}: image {rid!r} is {img.shape[0]}x{img.shape[1]}, the manifest says {h}x{w}; "

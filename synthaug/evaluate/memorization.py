@@ -173,7 +173,7 @@ def iter_pixels(loc, chunk: int) -> Iterator[Chunk]:
     """Stream a dataset's images as flattened [-1, 1] pixels ``(n, C*H*W)``, in chunks."""
     for b in iter_batches(loc, columns=["id", "label", "image"], batch_size=chunk):
         if b.num_rows:
-            x = to_float(decode_batch(b.column("image").to_pylist()))  # (n, C, H, W)
+            x = to_float(decode_batch(b.column("image").to_pylist(), b.column("id").to_pylist(), str(loc)))  # (n, C, H, W)
             yield b.column("id").to_pylist(), np.asarray(b.column("label"), np.int64), x.reshape(len(x), -1)
 
 
@@ -184,7 +184,7 @@ def _images_by_id(loc, ids) -> dict:
     for b in iter_batches(loc, columns=["id", "image"], batch_size=4096):
         t = pa.Table.from_batches([b]).filter(pc.is_in(b.column("id"), value_set=want))
         if t.num_rows:
-            out.update(zip(t.column("id").to_pylist(), decode_batch(t.column("image").to_pylist())))
+            out.update(zip(t.column("id").to_pylist(), decode_batch(t.column("image").to_pylist(), t.column("id").to_pylist(), str(loc))))
     return out
 
 

@@ -74,10 +74,11 @@ class ShardEncoder:
         self.class_names, self.hflip, self.batch_size = list(class_names), hflip, batch_size
 
     @torch.no_grad()
-    def _encode(self, images: list[bytes]) -> list[bytes]:
+    def _encode(self, images: list[bytes], ids: list[str], where: str) -> list[bytes]:
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(to_float(decode_batch(images[i:i + self.batch_size]))).to(self.device)
+            b = slice(i, i + self.batch_size)
+            x = torch.from_numpy(to_float(decode_batch(images[b], ids[b], where))).to(self.device)
             m = vae_moments(self.vae, x)
             if self.hflip:
                 m = torch.cat([m, vae_moments(self.vae, x.flip(-1))], dim=1)
@@ -91,7 +92,8 @@ class ShardEncoder:
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f, columns=list(BASE_COLUMNS))
             table = table.set_column(table.schema.get_field_index("image"), "image",
-                                     pa.array(self._encode(table.column("image").to_pylist()), pa.binary()))
+                                     pa.array(self._encode(table.column("image").to_pylist(), table.column("id").to_pylist(),
+                                                          self.data_loc), pa.binary()))
             entries.append(write_shard(self.out, self.write_id, f"part-{int(index):05d}", table, self.class_names,
                                        ENCODING))
         return {"entry": [json.dumps(e) for e in entries]}

@@ -240,7 +240,7 @@ class Sampler:
         seeds = [int(v) for v in batch["seed"]]
         init = None
         if "source_image" in batch:  # image-to-image: the sources as pixels in [-1, 1]
-            init = torch.from_numpy(to_float(decode_batch(list(batch["source_image"]))))  # (B, C, H, W)
+            init = torch.from_numpy(to_float(decode_batch(list(batch["source_image"]), batch["source_id"])))  # (B, C, H, W)
         x = sample_images(self.gen, labels, seeds, guidance_scale=self.s.guidance_scale, sampler=self.s.sampler,
                           steps=self.s.steps, ddpm_log_variance_v=self.s.ddpm_log_variance_v,
                           device=self.device, autocast_dtype=self.autocast, init=init, strength=self.s.strength)

@@ -19,6 +19,7 @@ import torch
 
 from synthaug import storage
 from synthaug.artifacts import publish_tree, staging_dir
+from synthaug.errors import InputValueError
 
 TINY_FAMILIES = ("unet", "dit", "text2image")
 
@@ -119,7 +120,7 @@ def save_tiny_base(family: str, out: str | Path, image_size: int = 8, channels: 
         raise ValueError(f"unknown generator family {family!r}; tiny bases exist for {TINY_FAMILIES}")
     out = storage.absolute(out)
     if storage.is_file(out) or storage.list_files(out):
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory (a base is never overwritten)")
+        raise InputValueError(f"{out} exists and is not empty; choose another directory (a base is never overwritten)")
     lp = storage.local_path(out)
     tmp = staging_dir(lp) if lp is not None else Path(tempfile.mkdtemp(prefix="synthaug-tiny-base-"))
     if family == "unet":

@@ -48,7 +48,7 @@ def decode(batch: dict, latent_shape=None) -> dict:
 
         x = decode_moments(batch["image"], latent_shape)
     else:
-        x = decode_batch(batch["image"])
+        x = decode_batch(batch["image"], batch.get("id"))
     return {"x": x, "y": np.asarray(batch["label"], dtype=np.int64)}
 
 
