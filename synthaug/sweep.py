@@ -337,10 +337,10 @@ def run_sweep(
     results = _tuner(cfg, trainable, store, name, fingerprint, asha).fit()
 
     # Collect one row per trial; fail, naming the cells, if some errored (a re-run resumes them).
-    errors = [f"{r.config.get('cell')} seed {r.config.get('seed')}: {r.error}" for r in results if r.error]
+    errors = [f"{(r.config or {}).get('cell')} seed {(r.config or {}).get('seed')}: {r.error}" for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed (run again to resume them):\n" + "\n".join(errors))
-    unfinished = [f"{r.config.get('cell')} seed {r.config.get('seed')}" for r in results if "top1" not in (r.metrics or {})]
+    unfinished = [f"{(r.config or {}).get('cell')} seed {(r.config or {}).get('seed')}" for r in results if "top1" not in (r.metrics or {})]
     if unfinished:  # e.g. the sweep was interrupted
         raise RuntimeError(f"{len(unfinished)} sweep trial(s) did not report (run again to resume them): {unfinished}")
     df = results_table([(r.config, r.metrics, r.metrics.get("trial_id", "")) for r in results], settings(cfg))
