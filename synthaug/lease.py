@@ -84,7 +84,9 @@ def read(run_dir: str) -> dict | None:
     """The lease in ``run_dir`` (None when there is none or it is unreadable)."""
     try:
         d = json.loads(storage.read_bytes(storage.join(run_dir, LEASE)))
-    except (FileNotFoundError, NotADirectoryError, ValueError):  # none, or a path under a file (refused when written)
+    except storage.StorageError:  # an object store's error, in one line naming it
+        raise
+    except (OSError, ValueError):  # none, or a path the OS refuses (refused, naming it, when the lease is written)
         return None
     return d if isinstance(d, dict) and "token" in d and "heartbeat" in d else None
 
