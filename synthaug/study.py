@@ -291,8 +291,8 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
 
     s = cfg.study
     lines = [f"# synthaug study `{cfg.name}`", "",
-             f"Data `{cfg.ingest.source}`; classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of |labelled| "
-             f"images per run; seeds {list(cfg.classify.seeds)} x subset draws (`ingest.seed`) {list(s.draws)}, "
+             f"Data `{cfg.ingest.source}`; classifier `{cfg.classify.model}`, {cfg.classify.epochs} epochs of "
+             f"{_epoch(cfg)} images per run; seeds {list(cfg.classify.seeds)} x subset draws (`ingest.seed`) {list(s.draws)}, "
              f"for k in {list(s.k_per_class)} labelled images per class.", "",
              f"Pseudo-labels: a teacher (real only, seed {cfg.pseudolabel.teacher_seed}) labels the unlabelled pool; "
              f"kept: {describe_selection(cfg)}.", "",
@@ -322,6 +322,13 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
               f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}). Stages that an earlier "
               "invocation finished are reused by their keys and count ~0 here (as in `study.json`).", ""]
     return "\n".join(lines)
+
+
+def _epoch(cfg: Config) -> str:
+    """What an epoch is: the study's budgets, ``classify.epoch_images``, or the labelled rows."""
+    if cfg.study.budgets:
+        return " or ".join(f"{b:,}" for b in cfg.study.budgets)
+    return f"{cfg.classify.epoch_images:,}" if cfg.classify.epoch_images else "|labelled|"
 
 
 def _selection_line(summary: dict, cfg: Config) -> str:
