@@ -196,7 +196,9 @@ def plan_splits(merged: _PlanMerger, class_names: list[str], cfg: IngestConfig) 
     forced_val, forced_train, k = {}, {}, cfg.k_per_class
     for y, name in enumerate(class_names):
         if n_val[y] + n_train[y] < 2:
-            raise DatasetError(f"class '{name}' has {n_val[y] + n_train[y]} image(s); need at least 2 for a train/val split")
+            after = f" outside the test split (ingest.test_fraction={cfg.test_fraction:g})" if cfg.test_fraction else ""
+            raise DatasetError(f"class '{name}' has {n_val[y] + n_train[y]} image(s){after}; need at least 2 for a "
+                               "train/val split")
         if n_val[y] == 0:
             forced_val[y] = low[y]
             n_val[y], n_train[y] = 1, n_train[y] - 1
