@@ -43,6 +43,10 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("tensorboardX").setLevel(logging.ERROR)
     # Ray Data and Ray Train log DEBUG to their own files: only their console handlers are raised.
+    # Ray Data creates its handlers when it is first imported: import it first, or an import after
+    # this call would bring fresh INFO handlers back.
+    import ray.data  # noqa: F401
+
     for name in ("ray.data", "ray.train"):
         for h in logging.getLogger(name).handlers:
             if "File" not in type(h).__name__:
