@@ -32,6 +32,17 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
     return out
 
 
+def one_error_line(proc: subprocess.CompletedProcess, stage: str, culprit: str) -> str:
+    """A refused command's output: exit 2, no traceback, one ``synthaug <stage>: error:`` line naming ``culprit``."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"synthaug {stage}: error: ")]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    assert culprit in lines[0], lines[0]
+    return lines[0]
+
+
 def synthaug(*argv: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m synthaug.cli *argv`` from the repository, with this tree first (``env``: instead of os.environ)."""
     env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -145,13 +156,7 @@ def test_bad_input(run, name, stage, argv, culprit):
     if "--config" not in argv:
         argv = ["--config", TINY, *argv]
     before = tree_hashes(run["work"], run["results"])
-    proc = synthaug(stage, *argv, *run["base"])
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-4000:]
-    assert "Traceback" not in out, out[-4000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"synthaug {stage}: error: ")]
-    assert len(lines) == 1, proc.stderr[-4000:]
-    assert culprit in lines[0], lines[0]
+    one_error_line(synthaug(stage, *argv, *run["base"]), stage, culprit)
     assert tree_hashes(run["work"], run["results"]) == before, "a refused command changed an earlier run's outputs"
 
 
