@@ -32,6 +32,7 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -60,7 +61,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     keys += tuple(k for k in (TRIM_ENV, "MALLOC_ARENA_MAX", *STORAGE_ENV) if os.environ.get(k))  # only when set
     console.quiet()
     runtime_env = {"env_vars": {**{k: os.environ[k] for k in keys}, **console.worker_env()}}
-    _data_context()
+    data_context()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         try:
@@ -70,6 +71,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 raise
             ray.init(address=address, log_to_driver=True)
         return
+    # A Ray started here is one machine, which no cloud preempts: Train's preemption watcher (an
+    # actor per run, and an error line from its start on every run's console) is left out.
+    # Train passes the variable on to its controller. A cluster joined above keeps its own.
+    os.environ.setdefault(PREEMPTION_ENV, "0")
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
@@ -110,8 +115,9 @@ def check_cluster(cfg: Config) -> None:
     check_shared_locations(cfg, ray.nodes())
 
 
-def _data_context() -> None:
-    """This process's Ray Data context, set as the workers' env sets theirs (see init_ray)."""
+def data_context() -> None:
+    """This process's Ray Data context, set as the workers' env sets theirs (see init_ray); a process
+    that makes datasets of its own (a Tune trial) calls it too."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -187,6 +187,10 @@ def _trial(config: dict, *, tracked: dict | None = None, **kw) -> None:
     """One Tune trial, tracked as a child of the sweep's run (``tracked``: its ``tracking.handle``)."""
     import ray.tune
 
+    from synthaug.raylocal import data_context
+
+    console.quiet()
+    data_context()  # the trial plans its mixture with Ray Data: no progress bars in a log
     cell = config["cell"]
     name = f"trial-{ray.tune.get_context().get_trial_id()} {cell['setting'] or 'real only'} r={cell['ratio']:g} seed={config['seed']}"
     with tracking.trial(tracked, name, config):

@@ -23,18 +23,23 @@ def _cli(*argv: str) -> str:
     return out
 
 
-def test_quiet_log_and_verbose(tmp_path):
+def test_quiet_log_and_verbose(ray_session, tmp_path):
     """Generator pretraining (Ray Train, with checkpoints) and a classifier epoch, stdout to a pipe."""
     base = ["--config", TINY, f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
             "ray.include_dashboard=true", "pretrain.steps=4", "pretrain.checkpoint_every=2"]
-    _cli("ingest", *base)
+    from synthaug import api
+
+    api.ingest(TINY, base[2:])  # in this process: only the two pretraining commands' consoles are read
     quiet = _cli("pretrain", *base)
     assert "[pretrain] step 4/4" in quiet, quiet[-3000:]
     assert "\x1b" not in quiet, [ln for ln in quiet.splitlines() if "\x1b" in ln][:3]
     assert "TrainingReport(" not in quiet and "Checkpoint successfully created" not in quiet
     assert "execution finished" not in quiet  # Ray Data's per-execution INFO lines
+    for noise in ("Attempting to start training worker group", "PreemptionWatcher", "Progress bars disabled"):
+        assert noise not in quiet, noise  # Train's controller lines, its watcher's error on a local Ray, Data's notice
     verbose = _cli("pretrain", *base, "pretrain.steps=6", "--verbose")  # another key: trained again
     assert "[pretrain] step 6/6" in verbose and "TrainingReport(" in verbose, verbose[-3000:]
+    assert "Attempting to start training worker group" in verbose, verbose[-3000:]
 
 
 def test_quiet_strips_colour_from_rays_start_line():

@@ -33,6 +33,7 @@ import threading
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from synthaug.config import ClassifyConfig
 from synthaug.data.images import to_float
@@ -134,7 +135,7 @@ def _to_pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
 
 
-class TrainCollate:
+class TrainCollate(NumpyBatchCollateFn):
     """Ray Data ``collate_fn``: a numpy batch {image uint8 (B, C, H, W), label, domain, key} -> tensors.
 
     ``key`` is the row's stable per-id hash (``artifacts.id_hashes``), the per-sample seed's

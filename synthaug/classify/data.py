@@ -28,6 +28,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from synthaug.artifacts import id_hashes
 from synthaug.config import ClassifyConfig
@@ -152,7 +153,7 @@ def iterate(data, steps: int, cfg: ClassifyConfig, *, batch_size: int, seed: int
     ))
 
 
-class _Recorder:
+class _Recorder(NumpyBatchCollateFn):
     """A ``collate_fn`` wrapper that keeps the raw rows of one pass while they fit in ``cap`` rows.
 
     Ray Data calls it in its prefetch thread; ``rows()`` is read after the pass has ended.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synthaug import identity, storage, tracking
+from synthaug import console, identity, storage, tracking
 from synthaug.classify.data import decode_to_uint8, iterate, shuffle_rows, training_dataset, val_batches, val_dataset  # noqa: F401
 from synthaug.classify.mixing import Mixture, parts, real_only, streams
 from synthaug.classify.model_names import check_classifier_config
@@ -268,6 +268,7 @@ def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_
             name=name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=console.train_logging(),
             callbacks=list(callbacks or []),
             **storage.ray_storage(out_dir),
         ),

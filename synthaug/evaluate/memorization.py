@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -66,6 +67,14 @@ class Pair:
 Chunk = tuple[list, np.ndarray, np.ndarray]  # ids, labels (n,), float32 vectors (n, D)
 
 
+def _readonly_tensor(a, device) -> torch.Tensor:
+    """float32 features as a tensor without a copy. Rows read from Arrow are read-only arrays, which
+    torch warns about; the distance code only reads them, so the warning is silenced here alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+
 def nearest_chunked(query: np.ndarray, ref_chunks: Iterable[Chunk], device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each query row (n, D): L2 distance to, id of and label of its nearest row over all ref chunks.
 
@@ -73,7 +82,7 @@ def nearest_chunked(query: np.ndarray, ref_chunks: Iterable[Chunk], device: str 
     the winner's distance is then recomputed from the difference, so exact copies come out
     at exactly 0. A running minimum per query row keeps the first of equal distances.
     """
-    q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).to(device)  # (n, D)
+    q = _readonly_tensor(query, device)  # (n, D)
     qn = (q * q).sum(1)
     best = torch.full((len(q),), float("inf"), dtype=torch.float32, device=device)
     best_id = np.full(len(q), None, dtype=object)
@@ -81,7 +90,7 @@ def nearest_chunked(query: np.ndarray, ref_chunks: Iterable[Chunk], device: str 
     for ids, labels, ref in ref_chunks:
         if len(ref) == 0:
             continue
-        r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).to(device)  # (m, D)
+        r = _readonly_tensor(ref, device)  # (m, D)
         d2 = qn[:, None] + (r * r).sum(1)[None, :] - 2.0 * (q @ r.T)  # (n, m)
         j = d2.argmin(1)
         exact = (q - r[j]).norm(dim=1)  # (n,)

@@ -547,6 +547,7 @@ def _trainer(t: TrainGenConfig, stage: str, name: str, storage_dir: str, run_dir
             name=name, **storage.ray_storage(storage_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=console.train_logging(),
         ),
     )
 
