@@ -195,6 +195,7 @@ class ClassifyConfig:
     cache: bool = _f(False, "Materialise the decoded train mixture in Ray's object store once, and keep each worker's decoded val share in its memory (only for sets that fit); epochs then keep the first epoch's file order (the local shuffle still reshuffles). Off: every epoch streams and decodes the Parquet shards again, in a new file order.")
     shuffle_buffer_mb: int = _f(1024, "Upper bound (MiB of decoded uint8 rows) of each worker's local shuffle buffer; the buffer holds 16 of the mixture's largest shards (at least 8 batches), so class-sorted shards still give class-mixed batches.")
     num_workers: int = _f(1, "Training workers: 1 runs the loop in one Ray task; more are Ray Train workers (DDP).")
+    cpus_per_worker: int = _f(1, "CPUs each training process asks Ray for (a sweep trial's too), and its torch threads. 1: figures repeat bit for bit on any machine of one processor type, whatever its core count. More trains faster where cores are spare (e.g. 2 for one worker on a 2-core machine), with figures that differ in their last digits (a run of another key).")
     use_gpu: bool = _f(False, "One GPU per worker.")
     max_failures: int = _f(1, "Restarts after a worker dies: Ray Train FailureConfig.max_failures; with one worker, the Ray task's max_retries (it resumes from its latest checkpoint).")
 
@@ -671,6 +672,7 @@ def _check_classify(c: ClassifyConfig, p: str) -> None:
     _check(len(c.seeds) >= 1, f"config key '{p}seeds' must list at least one seed")
     _check(all(isinstance(x, int) and not isinstance(x, bool) for x in c.seeds), f"config key '{p}seeds' must list integers, got {list(c.seeds)}")
     _check(c.num_workers >= 1, f"config key '{p}num_workers' must be >= 1")
+    _check(c.cpus_per_worker >= 1, f"config key '{p}cpus_per_worker' must be >= 1")
     _check(c.batch_size >= c.num_workers, f"config key '{p}batch_size' must be >= {p}num_workers")
     _check(c.lr > 0, f"config key '{p}lr' must be > 0")
     ok = len(c.crop_scale) == 2 and all(isinstance(x, (int, float)) for x in c.crop_scale)

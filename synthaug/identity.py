@@ -28,7 +28,9 @@ NOT_RESULT: dict[str, frozenset] = {
     "ingest": frozenset({"chunk_size"}),
     "train_gen": frozenset({"max_failures", "checkpoint_every", "val_grid_every", "cache", "use_gpu",
                             "gradient_checkpointing", "data", "extra_data"}),  # data: by content, in the inputs
-    "classify": frozenset({"max_failures", "checkpoint_every", "cache", "seeds", "use_gpu", "kd_teacher"}),
+    # cpus_per_worker (torch threads) changes the last digits: in the key as `threads`, only when not 1.
+    "classify": frozenset({"max_failures", "checkpoint_every", "cache", "seeds", "use_gpu", "kd_teacher",
+                           "cpus_per_worker"}),
     "evaluate": frozenset({"batch_size", "min_actors", "max_actors", "num_gpus_per_actor", "near_copy_chunk"}),
     # Whether the baseline runs and how inference is placed; the selection (select, threshold or
     # top_fraction) and the teacher (teacher_seed, through the teacher's own key) change the set.

@@ -74,7 +74,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # A Ray started here is one machine, which no cloud preempts: Train's preemption watcher (an
     # actor per run, and an error line from its start on every run's console) is left out.
     # Train passes the variable on to its controller. A cluster joined above keeps its own.
+    # Its workers get it too: a classifier trained inside a Tune trial takes its environment from there.
     os.environ.setdefault(PREEMPTION_ENV, "0")
+    runtime_env["env_vars"][PREEMPTION_ENV] = os.environ[PREEMPTION_ENV]
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,

@@ -336,7 +336,7 @@ def run_sweep(
             train_dir=storage.join(store, f"{name}-train"), tracked=tracking.handle(),
             test_dir=storage.absolute(str(test_dir)) if test_dir else None,
         ),
-        {"cpu": 1, "gpu": 1 if use_gpu else 0},
+        {"cpu": cfg.classify.cpus_per_worker if cfg.classify.num_workers == 1 else 1, "gpu": 1 if use_gpu else 0},
     )
     results = _tuner(cfg, trainable, store, name, fingerprint, asha).fit()
 

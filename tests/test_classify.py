@@ -325,9 +325,12 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     assert fit(cfg, train, digits_dirs["val"], **kw) == first
     assert len([d for d in tmp_path.glob("X-*") if d.is_dir()]) == 1  # one run, not a second
 
-    # More epochs change the schedule, so they are another run (another key), from epoch 0.
-    second = fit(ClassifyConfig(epochs=4, batch_size=16, num_workers=2), train, digits_dirs["val"], save_model=True, **kw)
+    # More epochs change the schedule, so they are another run (another key), from epoch 0; two CPUs
+    # per worker are two torch threads in each (classify.cpus_per_worker; 1 by default).
+    second = fit(ClassifyConfig(epochs=4, batch_size=16, num_workers=2, cpus_per_worker=2), train, digits_dirs["val"],
+                 save_model=True, **kw)
     assert (second["start_epoch"], second["epochs"]) == (0, 4) and second["key"] != first["key"]
+    assert (first["threads"], second["threads"]) == (1, 2)
     assert second["top1"] > 30.0, second  # chance is 10%
     assert second["n_train"] == 100 and len(second["per_class_top1"]) == 10
 
@@ -340,6 +343,20 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     assert got["top1"] == pytest.approx(second["top1"], abs=1e-4)  # the two workers' val shards, reduced
     states = sorted((tmp_path / f"X-{second['key'][:12]}").glob("checkpoint_*/state.pt"))
     assert int(torch.load(states[-1], weights_only=True)["epoch"]) == 4
+
+
+def test_cpus_per_worker_is_in_the_key_only_when_not_one(digits_dirs):
+    """Threads change a run's last digits, so 2 is another key; 1 (the default) keeps the keys runs had before."""
+    from synthaug import identity
+    from synthaug.classify.train import as_mixture, run_key
+
+    train, names = _digits(digits_dirs)
+    spec, cfg = as_mixture(train), ClassifyConfig(epochs=2)
+    one, inputs = run_key(cfg, spec, digits_dirs["val"], 0, names, 1)
+    fields = identity.config_fields("classify", cfg)
+    assert "cpus_per_worker" not in fields
+    assert one == identity.artifact_key("classify", fields, inputs, seed=0, class_names=names, in_chans=1)
+    assert run_key(replace(cfg, cpus_per_worker=2), spec, digits_dirs["val"], 0, names, 1)[0] != one
 
 
 def test_unknown_model_name_suggests_close_names(digits_dirs, tmp_path):

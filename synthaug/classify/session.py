@@ -136,6 +136,12 @@ class _Session:
             self.store.save(checkpoint_dir, metrics)
 
 
+def worker_threads(cfg: ClassifyConfig, kind: str) -> int | None:
+    """torch threads of a training process under Ray: the CPUs it asked for (``classify.cpus_per_worker``;
+    1 by default, as Ray packs workers onto few cores). None outside Ray: torch's own default."""
+    return None if kind == "local" else int(cfg.cpus_per_worker)
+
+
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Sum across DDP ranks (identity on one process)."""
     import torch.distributed as dist
@@ -190,8 +196,8 @@ def train_loop_per_worker(config: dict) -> dict:
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     seed, num_classes = int(config["seed"]), int(config["num_classes"])
     session = _Session(config)
-    if session.kind != "local":
-        torch.set_num_threads(1)  # one core per worker; Ray packs workers onto few cores
+    if (threads := worker_threads(cfg, session.kind)) is not None:
+        torch.set_num_threads(threads)
     rank, world = session.rank, session.world_size
     meta = classifier_meta(cfg, config["class_names"], int(config["in_chans"]), config["image_size"])
     model, bare, ema, (start_epoch, step, elapsed), state = _build_and_restore(session, config)
@@ -231,7 +237,8 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / max(images, 1.0)), **evaluated, "epochs": epoch + 1,
             "images_per_s": float(images / max(stats["seconds"], 1e-9)), "seconds": elapsed,
-            "n_train": int(config["n_train"]), "start_epoch": start_epoch, **mix.summary(),
+            "n_train": int(config["n_train"]), "start_epoch": start_epoch, "threads": torch.get_num_threads(),
+            **mix.summary(),
         }
         track.log(metrics, epoch + 1)
         _report(session, cfg, epoch, metrics, lambda d: write_checkpoint(

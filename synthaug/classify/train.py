@@ -48,7 +48,7 @@ def __getattr__(name: str):
 
 RESULT_KEYS = (
     "top1", "top5", "top1_no_ema", "train_loss", "images_per_s", "epochs", "seconds", "n_train", "start_epoch",
-    "per_class_top1", "batch_blocked_share", "batch_label_entropy", "test_top1",
+    "per_class_top1", "batch_blocked_share", "batch_label_entropy", "test_top1", "threads",
 )
 
 
@@ -141,8 +141,9 @@ def run_key(cfg: ClassifyConfig, spec: Mixture, val_dir, seed: int, class_names,
         inputs["kd_teachers"] = [json.loads(m).get("key") or hashlib.sha256(m).hexdigest() for m in metas]
     if test_dir:  # likewise: only a run that reports on a test split
         inputs["test"] = identity.dataset_hash(str(test_dir))
+    threads = {} if cfg.cpus_per_worker == 1 else {"threads": int(cfg.cpus_per_worker)}  # 1: the keys as before
     key = identity.artifact_key("classify", identity.config_fields("classify", cfg), inputs, seed=int(seed),
-                                class_names=list(class_names), in_chans=int(in_chans))
+                                class_names=list(class_names), in_chans=int(in_chans), **threads)
     return key, inputs
 
 
@@ -247,7 +248,7 @@ def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_l
 
     ds = train_datasets(cfg, spec, seed)
     config = {**config, "_reporter": "task", "_run_loc": run_loc, "_dataset": ds["train"], "_added": ds.get("added")}
-    task = ray.remote(_train_loop).options(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0,
+    task = ray.remote(_train_loop).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
                                            max_retries=cfg.max_failures, name="classify")
     metrics = _result(ray.get(task.remote(config)))
     return metrics, TaskCheckpoints(run_loc).latest_checkpoint()
@@ -262,7 +263,7 @@ def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_
         _train_loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=name,
