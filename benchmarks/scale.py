@@ -32,7 +32,9 @@ single-process loop doing the same work (what a user would write instead: PIL + 
 in a for loop, pandas for the mix; for the epoch and the features, the library's own
 compute cores on the same rows with no Ray: the same mixture rows, steps, augmentation,
 optimiser and schedule; every extractor layer, per-class FID sums and the same capped
-subset) and prints the ratio and both sides' per-image throughput. It then measures:
+subset) and prints the ratio and both sides' per-image throughput. The plain loops' torch uses
+every core (its default), so the library is given as many: ``classify.cpus_per_worker`` = the
+cores, and one feature actor per core. It then measures:
 
 * ``ingest_cpu_scaling``: ingest images/s with a Ray of 2 CPUs over 1 CPU (``--scaling-n``);
 * ``stage_overhead_s``: the wall time of stage commands on tiny data when they join a
@@ -46,6 +48,7 @@ stages, <= 1.1), ``ingest_cpu_scaling`` (>= 1.7), ``stage_overhead_s`` (<= 20 pe
 
     python benchmarks/scale.py                      # N = 10k, 40k, 160k
     python benchmarks/scale.py --ns 10000 40000 160000 640000
+    python benchmarks/scale.py --equal-work 40000   # only the epoch and the features, on the data a run left
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ import numpy as np
 STAGES = ("ingest", "sample_finish", "mix", "classify_epoch", "features")
 CLASSES = 10
 FEATURE_CAP = 5000  # evaluate.max_samples for the benchmark's feature stage (below every N)
+# The cores the plain loops' torch uses (its default): the library is given as many, as a user on
+# one machine would give it (classify.cpus_per_worker; one feature actor per core).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -417,7 +423,7 @@ def _cfg(work: Path, folder: Path | None, px: int, per_class: int, extra: list[s
     over = [f"work_dir={work}", "ingest.source=imagefolder", f"ingest.path={folder}", "ingest.mode=RGB",
             f"ingest.image_size={px}", "ingest.k_per_class=0", f"sample.per_class={per_class}",
             "sample.chunk_size=1000", "classify.model=synthaug_cnn_tiny", "classify.epochs=1", "classify.seeds=[0]",
-            "classify.cache=false", *extra]
+            "classify.cache=false", f"classify.cpus_per_worker={CORES}", *extra]
     return load_config(None, over)
 
 
@@ -475,7 +481,6 @@ def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | N
     from synthaug.classify.mixing import mixture_dataset, plan_mixture
     from synthaug.classify.train import fit
     from synthaug.data import ingest
-    from synthaug.evaluate.features import dataset_statistics
     from synthaug.generative import sample
 
     shutil.rmtree(work, ignore_errors=True)
@@ -496,30 +501,46 @@ def library_stages(n: int, folder: Path, work: Path, px: int, extractor: str | N
     rows.append(r)
 
     m = read_manifest(train)
+    if extractor is None:  # one in-domain extractor for every N (untimed): 1 epoch on this N's train set
+        fit(cfg.classify, train, val, seed=0, out_dir=str(work.parent / "extractor"), name="extractor",
+            class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray, save_model=True)
+        extractor = str(work.parent / "extractor" / "model")
+    return rows + library_epoch_features(n, cfg, work, extractor), extractor
+
+
+def library_epoch_features(n: int, cfg, work: Path, extractor: str) -> list[dict]:
+    """The classifier epoch and the features of N's train split (``work/data``) and synthetic set, timed."""
+    from synthaug import storage
+    from synthaug.artifacts import read_manifest
+    from synthaug.classify.mixing import plan_mixture
+    from synthaug.classify.train import fit
+    from synthaug.evaluate.features import dataset_statistics
+
+    data, syn = storage.join(str(work), "data"), storage.join(str(work), "samples", "bench")
+    train, val = storage.join(data, "train"), storage.join(data, "val")
+    m = read_manifest(train)
+    shutil.rmtree(work / "clf", ignore_errors=True)  # runs are keyed: a kept one would time a cache hit
     spec = plan_mixture(train, syn, 1.0, 0)
     r, res = measure("classify_epoch", n, fit, cfg.classify, spec, val, seed=0, out_dir=storage.join(str(work), "clf"),
                      name="epoch", class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray)
     # What the epoch learnt, so a throughput figure can never hide a broken training order: top-1
     # on the held-out val split of the procedural classes, and the class mix of its batches.
-    r.update({k: res[k] for k in ("top1", "batch_blocked_share", "batch_label_entropy")})
+    r.update({k: res[k] for k in ("top1", "batch_blocked_share", "batch_label_entropy", "threads")})
     # An epoch is |real| images (classify.epoch_images = 0) in full batches from the 2 |real| mixture.
     r.update(per_image(r, math.ceil(m["num_rows"] / cfg.classify.batch_size) * cfg.classify.batch_size))
     print(f"  classify_epoch N={n:>7d}  top-1 {res['top1']:.2f} on val, blocked batches {res['batch_blocked_share']:.3f}",
           flush=True)
-    rows.append(r)
-
-    if extractor is None:  # one in-domain extractor for every N (untimed): 1 epoch on this N's train set
-        fit(cfg.classify, train, val, seed=0, out_dir=str(work.parent / "extractor"), name="extractor",
-            class_names=m["class_names"], in_chans=3, ray_cfg=cfg.ray, save_model=True)
-        extractor = str(work.parent / "extractor" / "model")
+    rows = [r]
     # IS/KID/PR hold a capped subset (evaluate.max_samples, a documented cap): set below the
-    # smallest N, so what grows with N is only what is not capped.
-    r, _ = measure("features", n, dataset_statistics, train, extractor, batch_size=256, max_samples=FEATURE_CAP)
+    # smallest N, so what grows with N is only what is not capped. One actor per core, as the plain
+    # loop's torch uses every core (each actor's torch takes its one CPU: bit-identical features).
+    r, _ = measure("features", n, dataset_statistics, train, extractor, batch_size=256, max_samples=FEATURE_CAP,
+                   min_actors=CORES, max_actors=CORES)
     rows.append({**r, **per_image(r, m["num_rows"])})
-    return rows, extractor
+    return rows
 
 
-def plain_stages(n: int, folder: Path, work: Path, px: int, extractor: str) -> list[dict]:
+def plain_stages(n: int, folder: Path, work: Path, px: int, extractor: str, only=None) -> list[dict]:
     """What a user would write instead, one process, on the same data (the syn set is the library's).
 
     The classifier epoch and the features read the library's train split and synthetic set, so
@@ -532,14 +553,15 @@ def plain_stages(n: int, folder: Path, work: Path, px: int, extractor: str) -> l
     train = str(work / "data" / "train")
     out = work / "plain"
     classify = _cfg(work, folder, px, n // CLASSES).classify
-    rows = []
-    for stage, fn, args in (
+    stages = (
         ("ingest", plain_ingest, (folder, out, px)),
         ("sample_finish", plain_finish, (syn_shards, n // CLASSES * CLASSES)),
         ("mix", plain_mix, (out / "train.parquet", syn_shards)),
         ("classify_epoch", plain_epoch, (train, str(syn), classify, px)),
         ("features", plain_features, (train, extractor)),
-    ):
+    )
+    rows = []
+    for stage, fn, args in (s for s in stages if only is None or s[0] in only):
         r, out_ = measure(stage, n, fn, *args)
         work_images = {"classify_epoch": lambda: out_["images"], "features": lambda: out_["rows"]}.get(stage)
         rows.append({**r, "side": "plain", **(per_image(r, work_images()) if work_images else {})})
@@ -566,38 +588,35 @@ def ingest_only(n: int, px: int, num_cpus: int) -> dict:
     return {"num_cpus": num_cpus, "n": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1)}
 
 
-def library_subprocess(n: int, px: int, extractor: str, tag: str) -> tuple[list[dict], str]:
-    """The library's five stages for one N in a fresh driver process (it starts its own local Ray)."""
-    cmd = [sys.executable, __file__, "--library-only", str(n), "--px", str(px), "--extractor", extractor, "--tag", tag]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LIBRARY ")]
+def _in_subprocess(args: list[str], tag: str, what: str, timeout: int = 3600):
+    """Run this script with ``args`` in a fresh process; echo its indented progress lines and return the
+    JSON it printed after ``tag``."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag + " ")]
     print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("  ")), flush=True)
     if proc.returncode or not line:
-        raise RuntimeError(f"library stages at N={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    out = json.loads(line[-1][len("LIBRARY "):])
+        raise RuntimeError(f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len(tag) + 1:])
+
+
+def library_subprocess(n: int, px: int, extractor: str, tag: str) -> tuple[list[dict], str]:
+    """The library's five stages for one N in a fresh driver process (it starts its own local Ray)."""
+    out = _in_subprocess(["--library-only", str(n), "--px", str(px), "--extractor", extractor, "--tag", tag], "LIBRARY",
+                         f"library stages at N={n}", timeout=7200)
     return out["rows"], out["extractor"]
 
 
 def plain_subprocess(n: int, px: int, extractor: str) -> list[dict]:
     """The plain baselines for one N in a fresh process (so their tables never count in the driver's RSS)."""
-    proc = subprocess.run([sys.executable, __file__, "--plain-only", str(n), "--px", str(px), "--extractor", extractor],
-                          capture_output=True, text=True, timeout=3600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAIN ")]
-    print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("  ")), flush=True)
-    if proc.returncode or not line:
-        raise RuntimeError(f"plain baselines at N={n} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[-1][len("PLAIN "):])
+    return _in_subprocess(["--plain-only", str(n), "--px", str(px), "--extractor", extractor], "PLAIN",
+                          f"plain baselines at N={n}")
 
 
 def cpu_scaling(n: int, px: int) -> dict:
     runs = []
     for cpus in (1, 2):
-        proc = subprocess.run([sys.executable, __file__, "--ingest-only", str(n), "--px", str(px), "--num-cpus", str(cpus)],
-                              capture_output=True, text=True, timeout=3600)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("INGEST ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"ingest-only with {cpus} CPUs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        runs.append(json.loads(line[-1][len("INGEST "):]))
+        runs.append(_in_subprocess(["--ingest-only", str(n), "--px", str(px), "--num-cpus", str(cpus)], "INGEST",
+                                   f"ingest-only with {cpus} CPUs"))
         print(f"  ingest on {cpus} CPU(s): {runs[-1]['images_per_s']} img/s", flush=True)
     return {"runs": runs, "ratio": round(runs[1]["images_per_s"] / runs[0]["images_per_s"], 3)}
 
@@ -632,6 +651,39 @@ def stage_overhead(work: Path) -> dict:
     return out
 
 
+def equal_work(n: int, px: int, side: str | None) -> None:
+    """``--equal-work N``: the two stages the equal-work targets are about, on the data and extractor a
+    full run left at N (``runs/bench/scale/n<N>``), each side in a fresh process; prints and writes the ratios."""
+    work, extractor = C.WORK / "scale" / f"n{n}", str(C.WORK / "scale" / "extractor" / "model")
+    folder = C.WORK / "scale" / f"folder-{n}-{px}"
+    if side == "library":
+        from synthaug.raylocal import init_ray
+
+        cfg = _cfg(work, folder, px, n // CLASSES)
+        init_ray(cfg.ray)
+        print("ROWS " + json.dumps(library_epoch_features(n, cfg, work, extractor)), flush=True)
+        return
+    if side == "plain":
+        print("ROWS " + json.dumps(plain_stages(n, folder, work, px, extractor, ("classify_epoch", "features"))), flush=True)
+        return
+    if not (work / "data" / "train" / "manifest.json").exists() or not Path(extractor).exists():
+        raise SystemExit(f"--equal-work {n}: no data at {work} or no extractor; run `python benchmarks/scale.py --ns {n}` first")
+    load_before, sides = C.load(), {}
+    for s in ("library", "plain"):
+        sides[s] = _in_subprocess(["--equal-work", str(n), "--px", str(px), "--side", s], "ROWS", f"{s} at N={n}")
+    ratios = [{"stage": lib["stage"], "n": n, "images": lib["work_images"], "library_s": lib["wall_s"],
+               "plain_s": p["wall_s"], "library_img_s": lib["images_per_s"], "plain_img_s": p["images_per_s"],
+               "plain_over_library": round(p["wall_s"] / lib["wall_s"], 3)}
+              for lib, p in zip(sides["library"], sides["plain"]) if lib["work_images"] == p["work_images"]]
+    if len(ratios) != 2:
+        raise RuntimeError(f"unequal work: {sides}")
+    print(C.table(ratios, ["stage", "n", "images", "library_s", "plain_s", "library_img_s", "plain_img_s",
+                           "plain_over_library"], f"equal work at N={n}, {CORES} cores (>1: the library is faster)"))
+    C.write_result("scale_equal_work", {"n": n, "px": px, "cores": CORES, "targets": {"classify_epoch": ">= 0.9",
+                   "features": ">= 0.9"}, "plain_vs_library": ratios, "rows": sides["library"],
+                   "plain_rows": sides["plain"], "load_before": load_before, "load_after": C.load()})
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -649,6 +701,10 @@ def main() -> None:
     ap.add_argument("--extractor", default="", help=argparse.SUPPRESS)
     ap.add_argument("--warmup-n", type=int, default=1000, help="an unrecorded first pass (imports, first Ray workers)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["scaling", "overhead", "plain"])
+    ap.add_argument("--equal-work", type=int, default=0, metavar="N",
+                    help="only the classifier epoch and the features, library vs plain, at an N a full run left data "
+                         "for; writes results/bench/scale_equal_work.json")
+    ap.add_argument("--side", choices=["library", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--overhead-only", action="store_true",
                     help="measure only the stage overhead and update it in results/bench/scale.json")
     args = ap.parse_args()
@@ -663,6 +719,8 @@ def main() -> None:
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
         print(f"stage_overhead_s {doc['stage_overhead_s']} {overhead}; updated {path}")
         return
+    if args.equal_work:
+        return equal_work(args.equal_work, args.px, args.side)
     if args.ingest_only:
         print("INGEST " + json.dumps(ingest_only(args.ingest_only, args.px, args.num_cpus)), flush=True)
         return
