@@ -128,6 +128,24 @@ def data_context() -> None:
         ctx.use_datasource_v2 = os.environ.get(PARQUET_V2_ENV, "0") not in ("0", "false", "False")
 
 
+def use_assigned_cpus() -> int:
+    """torch threads = the CPUs Ray gave this task or actor (1 for a fraction or none; unchanged outside Ray).
+
+    Ray sets ``OMP_NUM_THREADS`` from them only once per worker process, before torch may have been
+    imported by an earlier task of another size; this sets torch's pool itself. Returns the count.
+    """
+    import math
+
+    import ray
+    import torch
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return torch.get_num_threads()
+    cpus = max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU") or 1))
+    torch.set_num_threads(cpus)
+    return cpus
+
+
 def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
     """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions).
 

@@ -537,3 +537,21 @@ def test_sample_grid_reads_a_bounded_subset(digits_dirs, synth_dir, tmp_path):
     img = Image.open(png)
     # Three blocks of 3 tiles (8 px + 1 px padding) side by side, 10 class rows, scaled 2x, plus the label margins.
     assert img.size == (24 + 2 * (3 * (3 * 9 + 1) + 2 * 4), 16 + 2 * (10 * 9 + 1))
+
+
+def test_torch_threads_are_the_cpus_ray_gives(ray_session):
+    """``raylocal.use_assigned_cpus`` (a feature actor calls it): torch's pool is the task's or actor's CPUs,
+    even in a worker process an earlier task of another size started torch in."""
+    import ray
+
+    from synthaug.raylocal import use_assigned_cpus
+
+    def threads():
+        import torch
+
+        return use_assigned_cpus(), torch.get_num_threads()
+
+    task = ray.remote(threads)
+    assert ray.get(task.options(num_cpus=1).remote()) == (1, 1)
+    assert ray.get(task.options(num_cpus=2).remote()) == (2, 2)
+    assert ray.get(task.options(num_cpus=0.5).remote()) == (1, 1)
