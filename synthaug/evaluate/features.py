@@ -125,7 +125,7 @@ class FeatureActor:
     def __init__(self, ex: Extractor, layers: list[str], image_size, where: str, thresholds: np.ndarray,
                  seed: int, labelled: bool, device: str | None = None):
         self.device = _device(device)
-        self.threads = raylocal.use_assigned_cpus()  # torch uses every CPU the actor was given
+        raylocal.use_assigned_cpus()  # torch uses every CPU the actor was given
         self.fe = build_extractor(ex, layers, self.device)
         self.layers, self.image_size, self.where = list(layers), image_size, where
         self.thresholds, self.seed, self.labelled = np.asarray(thresholds, np.uint64), int(seed), labelled
