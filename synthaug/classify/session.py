@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from synthaug import console, tracking
+from synthaug import console, raylocal, tracking
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
 from synthaug.classify.checkpoints import TaskCheckpoints
 from synthaug.classify.core import (Distiller, build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
@@ -136,12 +136,6 @@ class _Session:
             self.store.save(checkpoint_dir, metrics)
 
 
-def worker_threads(cfg: ClassifyConfig, kind: str) -> int | None:
-    """torch threads of a training process under Ray: the CPUs it asked for (``classify.cpus_per_worker``;
-    1 by default, as Ray packs workers onto few cores). None outside Ray: torch's own default."""
-    return None if kind == "local" else int(cfg.cpus_per_worker)
-
-
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Sum across DDP ranks (identity on one process)."""
     import torch.distributed as dist
@@ -196,8 +190,7 @@ def train_loop_per_worker(config: dict) -> dict:
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     seed, num_classes = int(config["seed"]), int(config["num_classes"])
     session = _Session(config)
-    if (threads := worker_threads(cfg, session.kind)) is not None:
-        torch.set_num_threads(threads)
+    raylocal.use_assigned_cpus()  # torch threads = the CPUs Ray gave this worker (classify.cpus_per_worker)
     rank, world = session.rank, session.world_size
     meta = classifier_meta(cfg, config["class_names"], int(config["in_chans"]), config["image_size"])
     model, bare, ema, (start_epoch, step, elapsed), state = _build_and_restore(session, config)
