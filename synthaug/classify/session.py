@@ -190,7 +190,8 @@ def train_loop_per_worker(config: dict) -> dict:
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     seed, num_classes = int(config["seed"]), int(config["num_classes"])
     session = _Session(config)
-    raylocal.use_assigned_cpus()  # torch threads = the CPUs Ray gave this worker (classify.cpus_per_worker)
+    if session.kind != "local":  # torch threads = the CPUs Ray gave this worker (classify.cpus_per_worker)
+        raylocal.use_assigned_cpus()
     rank, world = session.rank, session.world_size
     meta = classifier_meta(cfg, config["class_names"], int(config["in_chans"]), config["image_size"])
     model, bare, ema, (start_epoch, step, elapsed), state = _build_and_restore(session, config)
