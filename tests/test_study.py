@@ -104,15 +104,15 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
     over = [f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}", "name=st",
             "study.k_per_class=[4]", "study.draws=[1]", "study.headline_k=4", "classify.seeds=[0, 1]",
             "classify.epochs=2", "sample.per_class=4", "sample.guidance_scale=1.0", "sweep.guidance_scales=[1.0]",
-            "sweep.ratios=[0, 1]", "sweep.taus=[0.0, 0.01]", "filter.tau=0.01", "pseudolabel.with_synthetic=true",
+            "sweep.ratios=[0, 1]", "sweep.taus=[0.01]", "filter.tau=0.01", "pseudolabel.with_synthetic=true",
             "pseudolabel.threshold=0.0", "pretrain.steps=4", "finetune.steps=4", "ingest.test_fraction=0.2",
             "study.recipes={kd: {added_batch: 8, added_weight: 0.5, kd_teacher: teacher}}", "study.dpt=true"]
     assert main(["study", "--config", "jobs/configs/tiny.yaml", *over]) == 0
     out = tmp_path / "results" / "st"
     table = pd.read_csv(out / "study.csv")
     assert set(table.k) == {4} and set(table.draw) == {1}
-    arms = {S.REAL, S.PSEUDO, "real + syn (w=1)", "real + syn (w=1 tau=0.01)", "pseudo-label + syn (w=1 tau=0.01)"}
-    arms |= {"real + syn-DPT (w=1)", "real + syn-DPT (w=1 tau=0.01)"}  # a generator fine-tuned on + pseudo-labels
+    arms = {S.REAL, S.PSEUDO, "real + syn (w=1 tau=0.01)", "pseudo-label + syn (w=1 tau=0.01)"}
+    arms |= {"real + syn-DPT (w=1 tau=0.01)"}  # a generator fine-tuned on + pseudo-labels
     arms |= {f"{a} [kd]" for a in arms - {S.REAL}}  # the recipe's arms; real only once
     assert set(table.arm) == arms and table.test_top1.between(0, 100).all()
     assert all(sorted(g.seed) == [0, 1] for _, g in table.groupby("arm"))
@@ -120,8 +120,8 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
     js = json.loads((out / "study.json").read_text())
     assert js["k_per_class"] == [4] and js["seeds"] == [0, 1]
     assert js["report_split"] == "test"
-    real, syn = (table[table.arm == a].set_index("seed").test_top1 for a in (S.REAL, "real + syn (w=1)"))
-    assert math.isclose(js["summary"]["4"]["real + syn (w=1)"]["vs_real"]["mean"], float((syn - real).mean()))
+    real, syn = (table[table.arm == a].set_index("seed").test_top1 for a in (S.REAL, "real + syn (w=1 tau=0.01)"))
+    assert math.isclose(js["summary"]["4"]["real + syn (w=1 tau=0.01)"]["vs_real"]["mean"], float((syn - real).mean()))
     assert "## k = 4 labelled images per class" in (out / "study.md").read_text()
     assert (out / "config.yaml").exists() and not (out / "config.attempt.yaml").exists()
     assert (tmp_path / "runs" / "st-k4-d1" / "data" / "train").exists()
