@@ -25,8 +25,11 @@ def _cli(*argv: str) -> str:
 
 def test_quiet_log_and_verbose(ray_session, tmp_path):
     """Generator pretraining (Ray Train, with checkpoints) and a classifier epoch, stdout to a pipe."""
+    # Both commands join this session's Ray (as under `ray job submit`) rather than start their own:
+    # what they print is the same, without two Ray start-ups.
+    address = ray_session.get_runtime_context().gcs_address
     base = ["--config", TINY, f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
-            "ray.include_dashboard=true", "pretrain.steps=4", "pretrain.checkpoint_every=2"]
+            f"ray.address={address}", "pretrain.steps=4", "pretrain.checkpoint_every=2"]
     from synthaug import api
 
     api.ingest(TINY, base[2:])  # in this process: only the two pretraining commands' consoles are read
