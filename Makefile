@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup compile demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,15 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# The package is byte-compiled first: every Ray worker imports it, and with PYTHONDONTWRITEBYTECODE
+# Byte-compile the package once: every Ray worker imports it, and with PYTHONDONTWRITEBYTECODE
 # set (as on CI machines) each would otherwise compile it again.
-demo: setup
+compile: setup
 	$(BIN)/python -m compileall -q synthaug
+
+demo: compile
 	$(BIN)/synthaug run --config jobs/configs/default.yaml
 
 # The ray-job-submit tests start their own Ray nodes from the CLI, so they run after the in-process suite.
-test: setup
-	$(BIN)/python -m compileall -q synthaug
+test: compile
 	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py --ignore=tests/test_multinode.py --durations=25
 	$(BIN)/python -m pytest tests/test_jobs.py tests/test_multinode.py --durations=10
 

@@ -190,7 +190,9 @@ def train_loop_per_worker(config: dict) -> dict:
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
     seed, num_classes = int(config["seed"]), int(config["num_classes"])
     session = _Session(config)
-    if session.kind != "local":  # torch threads = the CPUs Ray gave this worker (classify.cpus_per_worker)
+    # Under Ray (task, Train worker, Tune trial): torch threads = the CPUs Ray gave this worker
+    # (classify.cpus_per_worker). A local run keeps torch's default, also inside a Ray process.
+    if session.kind != "local":
         raylocal.use_assigned_cpus()
     rank, world = session.rank, session.world_size
     meta = classifier_meta(cfg, config["class_names"], int(config["in_chans"]), config["image_size"])
