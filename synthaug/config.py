@@ -257,6 +257,7 @@ class StudyConfig:
     share_pretrain: bool = _f(True, "Pretrain once per draw on the draw's whole train split (its labels unused), shared by every k; false: each (k, draw) run pretrains on its own unlabelled pool, as `synthaug run` does.")
     pretrain_once: bool = _f(False, "With share_pretrain: one pretraining for the whole study, on the first draw's whole train split (labels unused), used by every draw and k. Cheaper; the other draws' val images are then in the generator's unlabelled corpus (never their labels), so prefer it when nothing is chosen on val (one budget).")
     dpt: bool = _f(False, "Also arms whose generator is fine-tuned on the labelled rows plus the pseudo-labelled pool (DPT, arXiv 2302.10586; needs the unlabelled pool): sampled and filtered like the mixed sets, mixed with the real rows, with each recipe.")
+    dpt_tau: float | None = _f(None, "The teacher confidence DPT's sampled set is filtered at before mixing (0 = unfiltered); null = each of the sweep's taus, like the labelled-only generator's sets. Its own value lets the arm mix where the pseudo-labels' noise leaves too few confident images of a class.")
     budgets: tuple = _f((), "Training budgets (classify.epoch_images, independent of the mix): every arm runs at each; an arm is reported at its best budget on val, beside the equal-budget tables. () = classify.epoch_images only.")
     recipes: dict = _f({}, "Training recipes for the arms with added data: {name: {classify key: value}}, e.g. {two-stream: {added_batch: 64, added_weight: 0.5}}; kd_teacher: teacher = the run's real-only teacher. Each is an arm of its own beside the plain recipe.")
 
@@ -271,6 +272,9 @@ class StudyConfig:
         _check(self.headline_k in self.k_per_class, f"config key '{p}headline_k' = {self.headline_k} is not in '{p}k_per_class'")
         _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.budgets),
                f"config key '{p}budgets' must list positive integers (classify.epoch_images values)")
+        _check(self.dpt_tau is None or (isinstance(self.dpt_tau, (int, float)) and not isinstance(self.dpt_tau, bool)
+                                        and 0.0 <= self.dpt_tau < 1.0),
+               f"config key '{p}dpt_tau' must be null or a number in [0, 1)")
         _check(isinstance(self.recipes, dict) and all(isinstance(v, dict) for v in self.recipes.values()),
                f"config key '{p}recipes' must map a name to classify overrides")
         for name, over in self.recipes.items():

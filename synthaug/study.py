@@ -132,7 +132,8 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
                       "top1": float(r.top1), "test_top1": _num(r, "test_top1"), **base}
                      for r in df[df.ratio > 0].itertuples()]
             if dpt:
-                dc = replace(rc, sweep=replace(rc.sweep, ratios=tuple(r for r in rc.sweep.ratios if float(r) > 0)))
+                dc = replace(rc, sweep=replace(rc.sweep, ratios=tuple(r for r in rc.sweep.ratios if float(r) > 0),
+                                               taus=tuple(sorted({k[2] for k in dpt}))))
                 df = timer(f"sweep b={budget}{tag} dpt", run_sweep, dc, p.data("train"), p.data("val"), dpt,
                            storage.join(out_dir, f"sweep-b{budget}{tag}-dpt"), name=f"{cfg.sweep.name}{tag}-dpt",
                            storage_dir=p.ray, test_dir=p.test())
@@ -154,18 +155,19 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
 
 
 def _dpt_sets(cfg: Config, timer, teacher: dict, base: str | None, sets: dict) -> dict:
-    """``study.dpt``: each mixed setting's set again, from the DPT generator (fine-tuned on labelled +
-    pseudo-labelled rows, :func:`synthaug.pipeline.stage_dpt`), filtered at the setting's tau."""
+    """``study.dpt``: the sample config's set again, from the DPT generator (fine-tuned on labelled +
+    pseudo-labelled rows, :func:`synthaug.pipeline.stage_dpt`), filtered at each mixed setting's tau
+    (or at ``study.dpt_tau`` alone): ``(guidance, strength, tau) -> set``."""
     from synthaug import pipeline as P
 
     from synthaug.sweep import primary_strength
 
     sampled = timer("dpt", P.stage_dpt, cfg, teacher, base)
+    recipe = (float(cfg.sample.guidance_scale), primary_strength(cfg))
+    taus = [float(cfg.study.dpt_tau)] if cfg.study.dpt_tau is not None else sorted({k[2] for k in sets if k[:2] == recipe})
     out = {}
-    for key in sets:  # (guidance, strength, tau) at the sample config's recipe: one sampled set, filtered per tau
-        if key[:2] != (float(cfg.sample.guidance_scale), primary_strength(cfg)):
-            continue
-        tau = key[2]
+    for tau in taus:  # one sampled set at the sample config's recipe, filtered per tau
+        key = (*recipe, tau)
         out[key] = sampled if tau <= 0 else timer(f"filter dpt tau={tau:g}", P.stage_filter,
                                                   replace(cfg, filter=replace(cfg.filter, tau=tau)), sampled, teacher)[0]
     return out

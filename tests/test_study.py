@@ -93,6 +93,8 @@ def test_study_config_is_checked():
         load_config(None, ["study.recipes={ts: {added_batches: 8}}"])
     with pytest.raises(ConfigError, match="study.budgets"):
         load_config(None, ["study.budgets=[0]"])
+    with pytest.raises(ConfigError, match=r"study.dpt_tau' must be null or a number in \[0, 1\)"):
+        load_config(None, ["study.dpt_tau=1.0"])
     cfg = load_config("jobs/configs/study.yaml")
     assert list(cfg.study.k_per_class) == [5, 10, 30] and len(cfg.study.draws) >= 2 and len(cfg.classify.seeds) >= 5
     rc = S.run_config(cfg, 30, 1)
@@ -106,13 +108,14 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
             "classify.epochs=2", "sample.per_class=4", "sample.guidance_scale=1.0", "sweep.guidance_scales=[1.0]",
             "sweep.ratios=[0, 1]", "sweep.taus=[0.01]", "filter.tau=0.01", "pseudolabel.with_synthetic=true",
             "pseudolabel.threshold=0.0", "pretrain.steps=4", "finetune.steps=4", "ingest.test_fraction=0.2",
-            "study.recipes={kd: {added_batch: 8, added_weight: 0.5, kd_teacher: teacher}}", "study.dpt=true"]
+            "study.recipes={kd: {added_batch: 8, added_weight: 0.5, kd_teacher: teacher}}", "study.dpt=true",
+            "study.dpt_tau=0"]
     assert main(["study", "--config", "jobs/configs/tiny.yaml", *over]) == 0
     out = tmp_path / "results" / "st"
     table = pd.read_csv(out / "study.csv")
     assert set(table.k) == {4} and set(table.draw) == {1}
     arms = {S.REAL, S.PSEUDO, "real + syn (w=1 tau=0.01)", "pseudo-label + syn (w=1 tau=0.01)"}
-    arms |= {"real + syn-DPT (w=1 tau=0.01)"}  # a generator fine-tuned on + pseudo-labels
+    arms |= {"real + syn-DPT (w=1)"}  # a generator fine-tuned on + pseudo-labels, unfiltered (study.dpt_tau)
     arms |= {f"{a} [kd]" for a in arms - {S.REAL}}  # the recipe's arms; real only once
     assert set(table.arm) == arms and table.test_top1.between(0, 100).all()
     assert all(sorted(g.seed) == [0, 1] for _, g in table.groupby("arm"))
