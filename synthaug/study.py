@@ -22,7 +22,8 @@ or whose interval holds zero (it matches).
 
 Writes ``<results_dir>/<name>/``: ``study.csv`` (one row per k, draw, seed and arm),
 ``study.json`` (per k and arm: the figures above, the stage times of each run) and
-``study.md`` (the tables), plus each run's sweep table under ``k<k>-d<draw>/sweep/``.
+``study.md`` (the tables), plus each run's sweep table under ``k<k>-d<draw>/sweep/`` and its
+``run.json`` (key, rows, stage seconds), from which a later invocation reuses the finished run.
 """
 
 from __future__ import annotations
@@ -152,6 +153,61 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
                           "top1": float(r["top1"]), "test_top1": _num(r, "test_top1"), **base}
                          for r in pseudo.get("combined", [])]
     return rows, timer.seconds, skipped
+
+
+RUN_RECORD = "run.json"  # beside a (k, draw) run's sweep tables: its key, rows, skipped arms and stage seconds
+_NOT_RUN = ("name", "results_dir", "work_dir", "shared_mount", "allow_downloads", "evaluate", "ray", "tracking")
+
+
+def run_key(cfg: Config, inputs: dict) -> str:
+    """The key of one (k, draw) run's rows: every result-changing field of the sections it runs
+    (``identity.config_fields``), the study's recipe keys, which draw pretrains the shared
+    generator, and ``inputs`` (the content hashes of its ingested splits, which stand for the
+    source's location). Paths, Ray, tracking, evaluation and the study's lists of k and draws are
+    not in it."""
+    from synthaug import identity
+    from synthaug.config import to_dict
+
+    sections = [name for name, v in to_dict(cfg).items() if isinstance(v, dict) and name not in (*_NOT_RUN, "study")]
+    fields = {name: identity.config_fields(name, getattr(cfg, name)) for name in sections}
+    for where in ("path", "test_path"):  # the source's location (made absolute by the CLI): its content is in `inputs`
+        fields["ingest"].pop(where, None)
+    study = {k: v for k, v in to_dict(cfg.study).items() if k not in ("k_per_class", "draws", "headline_k")}
+    first = cfg.study.draws[0] if cfg.study.share_pretrain and cfg.study.pretrain_once else None
+    return identity.artifact_key("study-run", fields, inputs, study=study, pretrained_on_draw=first)
+
+
+def _run_inputs(cfg: Config) -> dict:
+    """The content hashes of a run's ingested splits (ingesting them first: keyed, so usually reused)."""
+    from synthaug import identity
+    from synthaug import pipeline as P
+
+    P.stage_ingest(cfg)
+    p = P.RunPaths(cfg)
+    return {s: identity.dataset_hash(p.data(s)) for s in ("train", "val", "pool", "train_full", "test")
+            if is_complete(p.data(s))}
+
+
+def finished_run(cfg: Config, run_dir: str) -> tuple[list[dict], dict, list[str]] | None:
+    """The rows, stage seconds and skipped arms of a (k, draw) run that finished with the same key
+    (:data:`RUN_RECORD` in its results directory, written last), or None: a committed study grows by
+    a k or a draw without running the finished ones again, on any machine."""
+    from synthaug import identity
+
+    key = run_key(cfg, _run_inputs(cfg))
+    if not identity.matches(run_dir, key, RUN_RECORD):
+        return None
+    rec = identity.read_record(run_dir, RUN_RECORD)
+    print(f"[study] {run_dir}: reusing the finished run's rows (same key {key[:12]})", flush=True)
+    return rec["rows"], rec.get("seconds", {}), rec.get("skipped", [])
+
+
+def _record_run(cfg: Config, run_dir: str, result: tuple[list[dict], dict, list[str]]):
+    """Write a finished run's :data:`RUN_RECORD` (its key, rows, seconds and skipped arms); returns ``result``."""
+    rows, seconds, skipped = result
+    atomic_write_json(storage.join(run_dir, RUN_RECORD), {"key": run_key(cfg, _run_inputs(cfg)), "run": cfg.name,
+                                                          "rows": rows, "seconds": seconds, "skipped": skipped})
+    return result
 
 
 def _dpt_sets(cfg: Config, timer, teacher: dict, base: str | None, sets: dict) -> dict:
@@ -376,8 +432,10 @@ def _run_study(cfg: Config, command: str) -> dict:
             rc = run_config(cfg, k, draw)
             print(f"\n##### study {cfg.name}: k={k} draw={draw} (run {rc.name}) #####", flush=True)
             shared, pretrain = pretraining(cfg, draw)
+            run_dir = storage.join(out, f"k{k}-d{draw}")
             with tracking.stage(rc.name, rc):
-                got, secs, skip = run_one(rc, storage.join(out, f"k{k}-d{draw}"), shared, pretrain)
+                got, secs, skip = finished_run(rc, run_dir) or _record_run(
+                    rc, run_dir, run_one(rc, run_dir, shared, pretrain))
             rows += [{"k": int(k), "draw": int(draw), **r} for r in got]
             seconds[rc.name] = secs
             if skip:

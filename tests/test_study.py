@@ -12,7 +12,7 @@ from scipy import stats
 
 from synthaug import study as S
 from synthaug.cli import main
-from synthaug.config import ConfigError, load_config
+from synthaug.config import ConfigError, absolute_locations, load_config
 
 
 def _table(gains: dict[str, list[float]], draws=(0, 1), seeds=(0, 1, 2), k=10) -> pd.DataFrame:
@@ -101,7 +101,7 @@ def test_study_config_is_checked():
     assert (rc.name, rc.ingest.k_per_class, rc.ingest.seed) == ("study-k30-d1", 30, 1)
 
 
-def test_study_end_to_end_tiny(ray_session, tmp_path):
+def test_study_end_to_end_tiny(ray_session, tmp_path, capsys):
     """One (k, draw) run of the tiny config through the CLI: every arm per seed, and the tables."""
     over = [f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}", "name=st",
             "study.k_per_class=[4]", "study.draws=[1]", "study.headline_k=4", "classify.seeds=[0, 1]",
@@ -131,6 +131,28 @@ def test_study_end_to_end_tiny(ray_session, tmp_path):
     dpt = json.loads((tmp_path / "runs" / "st-k4-d1" / "generators" / "finetune-dpt" / "manifest.json").read_text())
     plain = json.loads((tmp_path / "runs" / "st-k4-d1" / "generators" / "finetune" / "manifest.json").read_text())
     assert dpt["key"] != plain["key"] and "pseudolabel" in json.dumps(dpt)
+
+    # Run again with one more k listed: the finished run's rows are reused from its record in the
+    # results directory (no stage runs), and the tables come out the same.
+    capsys.readouterr()
+    assert json.loads((out / "k4-d1" / S.RUN_RECORD).read_text())["run"] == "st-k4-d1"
+    assert main(["study", "--config", "jobs/configs/tiny.yaml", *over]) == 0
+    log = capsys.readouterr().out
+    assert "reusing the finished run's rows" in log and "=== sweep" not in log, log[-3000:]
+    assert pd.read_csv(out / "study.csv").equals(table)
+
+
+def test_run_key_covers_the_result_not_the_paths():
+    cfg = load_config("jobs/configs/fashion_mnist_study.yaml")
+    key = S.run_key(S.run_config(cfg, 10, 0), {"train": "h"})
+    same = load_config("jobs/configs/fashion_mnist_study.yaml", ["results_dir=elsewhere", "work_dir=w", "study.k_per_class=[10, 50]"])
+    assert S.run_key(S.run_config(same, 10, 0), {"train": "h"}) == key
+    assert S.run_key(S.run_config(absolute_locations(cfg), 10, 0), {"train": "h"}) == key  # as the CLI resolves it
+    assert S.run_key(S.run_config(cfg, 10, 0), {"train": "other"}) != key  # other data
+    assert S.run_key(S.run_config(cfg, 10, 1), {"train": "h"}) != key  # another draw
+    for change in ("classify.epochs=3", "study.dpt=true", "sample.guidance_scale=2.0", "study.draws=[1, 0]"):
+        other = load_config("jobs/configs/fashion_mnist_study.yaml", [change])
+        assert S.run_key(S.run_config(other, 10, 0), {"train": "h"}) != key, change
 
 
 def test_pretraining_per_draw_or_once_for_the_study():
