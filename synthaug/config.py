@@ -247,6 +247,9 @@ class SweepConfig:
         _check_sweep(self, _prefix(self))
 
 
+_RUN_SECTIONS = frozenset({"ingest", "pretrain", "finetune", "sample", "evaluate", "classify", "pseudolabel", "filter", "sweep"})
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """`synthaug study`: the run's recipe arms over k labelled images per class x subset draws x classifier seeds."""
@@ -259,6 +262,7 @@ class StudyConfig:
     dpt: bool = _f(False, "Also arms whose generator is fine-tuned on the labelled rows plus the pseudo-labelled pool (DPT, arXiv 2302.10586; needs the unlabelled pool): sampled and filtered like the mixed sets, mixed with the real rows, with each recipe.")
     dpt_tau: float | None = _f(None, "The teacher confidence DPT's sampled set is filtered at before mixing (0 = unfiltered); null = each of the sweep's taus, like the labelled-only generator's sets. Its own value lets the arm mix where the pseudo-labels' noise leaves too few confident images of a class.")
     budgets: tuple = _f((), "Training budgets (classify.epoch_images, independent of the mix): every arm runs at each; an arm is reported at its best budget on val, beside the equal-budget tables. () = classify.epoch_images only.")
+    k_overrides: dict = _f({}, "Config overrides for the runs of one k: {k: {dotted key: value}} outside `study`, `ray` and `tracking`, e.g. {50: {filter.tau: 0.0, sweep.taus: [0.0]}} where a filter that suits k = 10 keeps too few images to mix 1:1 with 50 real images per class. Each run's key covers the sections they change.")
     recipes: dict = _f({}, "Training recipes for the arms with added data: {name: {classify key: value}}, e.g. {two-stream: {added_batch: 64, added_weight: 0.5}}; kd_teacher: teacher = the run's real-only teacher. Each is an arm of its own beside the plain recipe.")
 
     def __post_init__(self) -> None:
@@ -275,6 +279,13 @@ class StudyConfig:
         _check(self.dpt_tau is None or (isinstance(self.dpt_tau, (int, float)) and not isinstance(self.dpt_tau, bool)
                                         and 0.0 <= self.dpt_tau < 1.0),
                f"config key '{p}dpt_tau' must be null or a number in [0, 1)")
+        _check(isinstance(self.k_overrides, dict) and all(isinstance(v, dict) for v in self.k_overrides.values())
+               and all(str(k).isdigit() for k in self.k_overrides),
+               f"config key '{p}k_overrides' must map a k to {{dotted key: value}} overrides")
+        object.__setattr__(self, "k_overrides", {int(k): dict(v) for k, v in self.k_overrides.items()})  # YAML/JSON keys
+        for k, over in self.k_overrides.items():
+            bad = sorted(key for key in over if str(key).split(".")[0] not in _RUN_SECTIONS)
+            _check(not bad, f"config key '{p}k_overrides.{k}': {bad} not in a run's sections {sorted(_RUN_SECTIONS)}")
         _check(isinstance(self.recipes, dict) and all(isinstance(v, dict) for v in self.recipes.values()),
                f"config key '{p}recipes' must map a name to classify overrides")
         for name, over in self.recipes.items():

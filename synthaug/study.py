@@ -41,8 +41,15 @@ REAL, PSEUDO, DPT = "real only", "pseudo-label", "syn-DPT"
 
 
 def run_config(cfg: Config, k: int, draw: int) -> Config:
-    """The config of one (k, draw) run."""
-    return replace(cfg, name=f"{cfg.name}-k{k}-d{draw}", ingest=replace(cfg.ingest, k_per_class=int(k), seed=int(draw)))
+    """The config of one (k, draw) run: ``study.k_overrides`` of its k, its name, k and draw."""
+    from synthaug.config import ConfigError, load_config
+
+    over = cfg.study.k_overrides.get(int(k))
+    try:
+        base = load_config(None, over, base=cfg) if over else cfg
+    except ConfigError as e:
+        raise ConfigError(f"config key 'study.k_overrides.{k}': {e}") from None
+    return replace(base, name=f"{cfg.name}-k{k}-d{draw}", ingest=replace(base.ingest, k_per_class=int(k), seed=int(draw)))
 
 
 def arm_label(setting: str, ratio: float, base: str = "real", recipe: str = "", syn: str = "syn") -> str:
@@ -172,7 +179,7 @@ def run_key(cfg: Config, inputs: dict) -> str:
     fields = {name: identity.config_fields(name, getattr(cfg, name)) for name in sections}
     for where in ("path", "test_path"):  # the source's location (made absolute by the CLI): its content is in `inputs`
         fields["ingest"].pop(where, None)
-    study = {k: v for k, v in to_dict(cfg.study).items() if k not in ("k_per_class", "draws", "headline_k")}
+    study = {k: v for k, v in to_dict(cfg.study).items() if k not in ("k_per_class", "draws", "headline_k", "k_overrides")}
     first = cfg.study.draws[0] if cfg.study.share_pretrain and cfg.study.pretrain_once else None
     return identity.artifact_key("study-run", fields, inputs, study=study, pretrained_on_draw=first)
 
@@ -354,6 +361,7 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
              f"for k in {list(s.k_per_class)} labelled images per class.", "",
              f"Pseudo-labels: a teacher (real only, seed {cfg.pseudolabel.teacher_seed}) labels the unlabelled pool; "
              f"kept: {describe_selection(cfg)}.", "",
+             *([f"Per-k overrides: {'; '.join(f'k={k}: {o}' for k, o in s.k_overrides.items())}.", ""] if s.k_overrides else []),
              f"Command: `{command}`", "",
              "Gains are paired differences in top-1 points (same draw, same seed), pooled over draws x seeds: "
              "mean ± std [95% t interval of the mean]. *Goal*: a gain over real only above 2 std whose interval is "
@@ -425,6 +433,8 @@ def _run_study(cfg: Config, command: str) -> dict:
         raise ValueError(f"results_dir: the study draws its sweep plots locally; {cfg.results_dir} is not a local path")
     for b in budgets(cfg):  # every recipe's classify config is checked before any work
         recipe_configs(cfg, b, None)
+    for k in cfg.study.k_per_class:  # and every k's overrides
+        run_config(cfg, k, cfg.study.draws[0])
     dump_config(cfg, out, "config.attempt.yaml")
     rows, seconds, skipped = [], {}, {}
     for k in cfg.study.k_per_class:

@@ -142,6 +142,24 @@ def test_study_end_to_end_tiny(ray_session, tmp_path, capsys):
     assert pd.read_csv(out / "study.csv").equals(table)
 
 
+def test_k_overrides_change_only_their_k():
+    over = ["study.k_per_class=[10, 50]", "study.k_overrides={50: {filter.tau: 0.0, sweep.taus: [0.0]}}"]
+    cfg = load_config("jobs/configs/fashion_mnist_study.yaml", over)
+    plain = load_config("jobs/configs/fashion_mnist_study.yaml", ["study.k_per_class=[10]", "study.k_overrides={}"])
+    r50, r10 = S.run_config(cfg, 50, 1), S.run_config(cfg, 10, 1)
+    assert (r50.filter.tau, tuple(r50.sweep.taus), r50.ingest.k_per_class, r50.ingest.seed) == (0.0, (0.0,), 50, 1)
+    assert (r10.filter.tau, tuple(r10.sweep.taus)) == (0.8, (0.8,))  # other k: the config's own
+    assert S.run_key(r10, {}) == S.run_key(S.run_config(plain, 10, 1), {})
+    # the same run given by command-line overrides has the same key (its finished run is reused)
+    cli = load_config("jobs/configs/fashion_mnist_study.yaml", ["study.k_per_class=[50]", "study.headline_k=50",
+                                                                 "study.k_overrides={}", "sweep.taus=[0.0]", "filter.tau=0.0"])
+    assert S.run_key(S.run_config(cli, 50, 1), {}) == S.run_key(r50, {})
+    with pytest.raises(ConfigError, match=r"study.k_overrides.50': \['study.dpt'\] not in a run's sections"):
+        load_config(None, ["study.k_overrides={50: {study.dpt: true}}"])
+    with pytest.raises(ConfigError, match=r"study.k_overrides.50': unknown config key 'filter.taux'"):
+        S.run_config(load_config(None, ["study.k_overrides={50: {filter.taux: 1}}"]), 50, 0)
+
+
 def test_run_key_covers_the_result_not_the_paths():
     cfg = load_config("jobs/configs/fashion_mnist_study.yaml")
     key = S.run_key(S.run_config(cfg, 10, 0), {"train": "h"})
