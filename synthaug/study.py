@@ -195,13 +195,12 @@ def _run_inputs(cfg: Config) -> dict:
             if is_complete(p.data(s))}
 
 
-def finished_run(cfg: Config, run_dir: str) -> tuple[list[dict], dict, list[str]] | None:
-    """The rows, stage seconds and skipped arms of a (k, draw) run that finished with the same key
+def finished_run(run_dir: str, key: str) -> tuple[list[dict], dict, list[str]] | None:
+    """The rows, stage seconds and skipped arms of a (k, draw) run that finished with ``key``
     (:data:`RUN_RECORD` in its results directory, written last), or None: a committed study grows by
     a k or a draw without running the finished ones again, on any machine."""
     from synthaug import identity
 
-    key = run_key(cfg, _run_inputs(cfg))
     if not identity.matches(run_dir, key, RUN_RECORD):
         return None
     rec = identity.read_record(run_dir, RUN_RECORD)
@@ -209,10 +208,10 @@ def finished_run(cfg: Config, run_dir: str) -> tuple[list[dict], dict, list[str]
     return rec["rows"], rec.get("seconds", {}), rec.get("skipped", [])
 
 
-def _record_run(cfg: Config, run_dir: str, result: tuple[list[dict], dict, list[str]]):
+def _record_run(cfg: Config, run_dir: str, key: str, result: tuple[list[dict], dict, list[str]]):
     """Write a finished run's :data:`RUN_RECORD` (its key, rows, seconds and skipped arms); returns ``result``."""
     rows, seconds, skipped = result
-    atomic_write_json(storage.join(run_dir, RUN_RECORD), {"key": run_key(cfg, _run_inputs(cfg)), "run": cfg.name,
+    atomic_write_json(storage.join(run_dir, RUN_RECORD), {"key": key, "run": cfg.name,
                                                           "rows": rows, "seconds": seconds, "skipped": skipped})
     return result
 
@@ -444,8 +443,9 @@ def _run_study(cfg: Config, command: str) -> dict:
             shared, pretrain = pretraining(cfg, draw)
             run_dir = storage.join(out, f"k{k}-d{draw}")
             with tracking.stage(rc.name, rc):
-                got, secs, skip = finished_run(rc, run_dir) or _record_run(
-                    rc, run_dir, run_one(rc, run_dir, shared, pretrain))
+                key = run_key(rc, _run_inputs(rc))
+                got, secs, skip = finished_run(run_dir, key) or _record_run(
+                    rc, run_dir, key, run_one(rc, run_dir, shared, pretrain))
             rows += [{"k": int(k), "draw": int(draw), **r} for r in got]
             seconds[rc.name] = secs
             if skip:
