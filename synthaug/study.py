@@ -163,7 +163,6 @@ def run_one(cfg: Config, out_dir: str, pretrained: str | None = None,
 
 
 RUN_RECORD = "run.json"  # beside a (k, draw) run's sweep tables: its key, rows, skipped arms and stage seconds
-_NOT_RUN = ("name", "results_dir", "work_dir", "shared_mount", "allow_downloads", "evaluate", "ray", "tracking")
 
 
 def run_key(cfg: Config, inputs: dict) -> str:
@@ -173,10 +172,10 @@ def run_key(cfg: Config, inputs: dict) -> str:
     source's location). Paths, Ray, tracking, evaluation and the study's lists of k and draws are
     not in it."""
     from synthaug import identity
-    from synthaug.config import to_dict
+    from synthaug.config import _RUN_SECTIONS, to_dict
 
-    sections = [name for name, v in to_dict(cfg).items() if isinstance(v, dict) and name not in (*_NOT_RUN, "study")]
-    fields = {name: identity.config_fields(name, getattr(cfg, name)) for name in sections}
+    # A run's sections (those study.k_overrides may change), but evaluation: the study measures classification.
+    fields = {name: identity.config_fields(name, getattr(cfg, name)) for name in _RUN_SECTIONS - {"evaluate"}}
     for where in ("path", "test_path"):  # the source's location (made absolute by the CLI): its content is in `inputs`
         fields["ingest"].pop(where, None)
     study = {k: v for k, v in to_dict(cfg.study).items() if k not in ("k_per_class", "draws", "headline_k", "k_overrides")}
@@ -201,9 +200,9 @@ def finished_run(run_dir: str, key: str) -> tuple[list[dict], dict, list[str]] |
     a k or a draw without running the finished ones again, on any machine."""
     from synthaug import identity
 
-    if not identity.matches(run_dir, key, RUN_RECORD):
-        return None
     rec = identity.read_record(run_dir, RUN_RECORD)
+    if (rec or {}).get("key") != key:
+        return None
     print(f"[study] {run_dir}: reusing the finished run's rows (same key {key[:12]})", flush=True)
     return rec["rows"], rec.get("seconds", {}), rec.get("skipped", [])
 
