@@ -248,6 +248,14 @@ class SweepConfig:
 
 
 _RUN_SECTIONS = frozenset({"ingest", "pretrain", "finetune", "sample", "evaluate", "classify", "pseudolabel", "filter", "sweep"})
+# The study keys that only one (k, draw) run reads (its arms), so study.k_overrides may set them per k.
+_RUN_STUDY_KEYS = frozenset({"dpt", "dpt_tau"})
+
+
+def _run_key_path(dotted: str) -> bool:
+    """Whether ``dotted`` names a key that one (k, draw) run of a study reads (study.k_overrides)."""
+    section, _, rest = dotted.partition(".")
+    return section in _RUN_SECTIONS or (section == "study" and rest.split(".")[0] in _RUN_STUDY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -262,7 +270,7 @@ class StudyConfig:
     dpt: bool = _f(False, "Also arms whose generator is fine-tuned on the labelled rows plus the pseudo-labelled pool (DPT, arXiv 2302.10586; needs the unlabelled pool): sampled and filtered like the mixed sets, mixed with the real rows, with each recipe.")
     dpt_tau: float | None = _f(None, "The teacher confidence DPT's sampled set is filtered at before mixing (0 = unfiltered); null = each of the sweep's taus, like the labelled-only generator's sets. Its own value lets the arm mix where the pseudo-labels' noise leaves too few confident images of a class.")
     budgets: tuple = _f((), "Training budgets (classify.epoch_images, independent of the mix): every arm runs at each; an arm is reported at its best budget on val, beside the equal-budget tables. () = classify.epoch_images only.")
-    k_overrides: dict = _f({}, "Config overrides for the runs of one k: {k: {dotted key: value}} outside `study`, `ray` and `tracking`, e.g. {50: {filter.tau: 0.0, sweep.taus: [0.0]}} where a filter that suits k = 10 keeps too few images to mix 1:1 with 50 real images per class. Each run's key covers the sections they change.")
+    k_overrides: dict = _f({}, "Config overrides for the runs of one k: {k: {dotted key: value}} in a run's sections (not `ray` or `tracking`; of `study`, only `dpt` and `dpt_tau`), e.g. {50: {filter.tau: 0.0, sweep.taus: [0.0]}} where a filter that suits k = 10 keeps too few images to mix 1:1 with 50 real images per class. Each run's key covers the sections they change.")
     recipes: dict = _f({}, "Training recipes for the arms with added data: {name: {classify key: value}}, e.g. {two-stream: {added_batch: 64, added_weight: 0.5}}; kd_teacher: teacher = the run's real-only teacher. Each is an arm of its own beside the plain recipe.")
 
     def __post_init__(self) -> None:
@@ -284,8 +292,9 @@ class StudyConfig:
                f"config key '{p}k_overrides' must map a k to {{dotted key: value}} overrides")
         object.__setattr__(self, "k_overrides", {int(k): dict(v) for k, v in self.k_overrides.items()})  # YAML/JSON keys
         for k, over in self.k_overrides.items():
-            bad = sorted(key for key in over if str(key).split(".")[0] not in _RUN_SECTIONS)
-            _check(not bad, f"config key '{p}k_overrides.{k}': {bad} not in a run's sections {sorted(_RUN_SECTIONS)}")
+            bad = sorted(key for key in over if not _run_key_path(str(key)))
+            _check(not bad, f"config key '{p}k_overrides.{k}': {bad} not in a run's sections {sorted(_RUN_SECTIONS)} "
+                            f"or study.{{{', '.join(sorted(_RUN_STUDY_KEYS))}}}")
         _check(isinstance(self.recipes, dict) and all(isinstance(v, dict) for v in self.recipes.values()),
                f"config key '{p}recipes' must map a name to classify overrides")
         for name, over in self.recipes.items():
@@ -758,3 +767,8 @@ def validate(cfg: Config) -> None:
         _check(st is None or int(cfg.sample.steps * float(st)) >= 1,
                f"config keys 'sweep.strengths' x 'sample.steps' = {st} x {cfg.sample.steps} leaves no denoising step "
                "(int(steps * strength) must be >= 1)")
+    for k, over in cfg.study.k_overrides.items():  # each k's run config builds (a misspelled key fails here, not mid-study)
+        try:
+            load_config(None, {**over, "study.k_overrides": {}}, base=cfg)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'study.k_overrides.{k}': {e}") from None

@@ -154,10 +154,19 @@ def test_k_overrides_change_only_their_k():
     cli = load_config("jobs/configs/fashion_mnist_study.yaml", ["study.k_per_class=[50]", "study.headline_k=50",
                                                                  "study.k_overrides={}", "sweep.taus=[0.0]", "filter.tau=0.0"])
     assert S.run_key(S.run_config(cli, 50, 1), {}) == S.run_key(r50, {})
-    with pytest.raises(ConfigError, match=r"study.k_overrides.50': \['study.dpt'\] not in a run's sections"):
-        load_config(None, ["study.k_overrides={50: {study.dpt: true}}"])
-    with pytest.raises(ConfigError, match=r"study.k_overrides.50': unknown config key 'filter.taux'"):
-        S.run_config(load_config(None, ["study.k_overrides={50: {filter.taux: 1}}"]), 50, 0)
+    # of the study, only the keys one run reads (its DPT arms) may differ per k; they change that k's key alone
+    dpt = load_config("jobs/configs/fashion_mnist_study.yaml", [*over[:1], "study.k_overrides={50: {study.dpt: true, study.dpt_tau: 0}}"])
+    assert (S.run_config(dpt, 50, 1).study.dpt, S.run_config(dpt, 50, 1).study.dpt_tau, S.run_config(dpt, 10, 1).study.dpt) == (True, 0, False)
+    assert S.run_key(S.run_config(dpt, 10, 1), {}) == S.run_key(r10, {})
+    nodpt = load_config("jobs/configs/fashion_mnist_study.yaml", [*over[:1], "study.k_overrides={}"])
+    assert S.run_key(S.run_config(dpt, 50, 1), {}) != S.run_key(S.run_config(nodpt, 50, 1), {})
+    with pytest.raises(ConfigError, match=r"study.k_overrides.50': \['study.draws'\] not in a run's sections .* or study.\{dpt, dpt_tau\}"):
+        load_config(None, ["study.k_overrides={50: {study.draws: [1]}}"])
+    # a misspelled or invalid key is refused when the config is loaded (--dry-run), not when its k's runs start
+    with pytest.raises(ConfigError, match=r"study.k_overrides.50': unknown config key 'filter.taux' \(did you mean 'filter.tau'\?\)"):
+        load_config(None, ["study.k_overrides={50: {filter.taux: 1}}"])
+    with pytest.raises(ConfigError, match=r"study.k_overrides.50': config key 'filter.tau' must be in \[0, 1\]"):
+        load_config(None, ["study.k_overrides={50: {filter.tau: 2}}"])
 
 
 def test_run_key_covers_the_result_not_the_paths():
