@@ -382,9 +382,10 @@ def markdown(summary: dict, cfg: Config, seconds: dict, command: str, skipped: d
                   "cannot be mixed; its arms are missing from these runs:", ""]
         lines += [f"- `{run}`: {why}" for run, whys in skipped.items() for why in whys] + [""]
     total = sum(sum(v.values()) for v in seconds.values())
-    lines += ["## Wall time of this invocation", "", f"{total / 60:.1f} min over {len(seconds)} runs "
-              f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}). Stages that an earlier "
-              "invocation finished are reused by their keys and count ~0 here (as in `study.json`).", ""]
+    lines += ["## Wall time of the runs", "", f"{total / 60:.1f} min over {len(seconds)} runs "
+              f"({', '.join(f'{r}: {sum(v.values()) / 60:.1f}' for r, v in seconds.items())}). A run reused from its "
+              f"`{RUN_RECORD}` counts the seconds recorded when it ran; inside a run, a stage that an earlier "
+              "invocation finished is reused by its key and counts ~0 (as in `study.json`).", ""]
     return "\n".join(lines)
 
 
