@@ -105,6 +105,12 @@ def reuse(location: str, key: str, stage: str, noun: str) -> dict | None:
     return m
 
 
+def keyed_record(location: str, key: str, filename: str = RECORD) -> dict | None:
+    """The record (or a manifest-like JSON ``filename``) in ``location`` when its ``key`` is ``key``, else None."""
+    rec = read_record(location, filename)
+    return rec if rec is not None and rec.get("key") == key else None
+
+
 def matches(location: str, key: str, filename: str = RECORD) -> bool:
     """True when ``location`` holds a record (or a manifest-like JSON ``filename``) whose ``key`` is ``key``."""
-    return (read_record(location, filename) or {}).get("key") == key
+    return keyed_record(location, key, filename) is not None

@@ -42,13 +42,10 @@ REAL, PSEUDO, DPT = "real only", "pseudo-label", "syn-DPT"
 
 def run_config(cfg: Config, k: int, draw: int) -> Config:
     """The config of one (k, draw) run: ``study.k_overrides`` of its k, its name, k and draw."""
-    from synthaug.config import ConfigError, load_config
+    from synthaug.config import load_config
 
-    over = cfg.study.k_overrides.get(int(k))
-    try:
-        base = load_config(None, over, base=cfg) if over else cfg
-    except ConfigError as e:
-        raise ConfigError(f"config key 'study.k_overrides.{k}': {e}") from None
+    over = cfg.study.k_overrides.get(int(k))  # each k's overrides were checked when cfg was built (config.validate)
+    base = load_config(None, over, base=cfg) if over else cfg
     return replace(base, name=f"{cfg.name}-k{k}-d{draw}", ingest=replace(base.ingest, k_per_class=int(k), seed=int(draw)))
 
 
@@ -200,8 +197,8 @@ def finished_run(run_dir: str, key: str) -> tuple[list[dict], dict, list[str]] |
     a k or a draw without running the finished ones again, on any machine."""
     from synthaug import identity
 
-    rec = identity.read_record(run_dir, RUN_RECORD)
-    if (rec or {}).get("key") != key:
+    rec = identity.keyed_record(run_dir, key, RUN_RECORD)
+    if rec is None:
         return None
     print(f"[study] {run_dir}: reusing the finished run's rows (same key {key[:12]})", flush=True)
     return rec["rows"], rec.get("seconds", {}), rec.get("skipped", [])

@@ -206,8 +206,8 @@ def fit(
     name = identity.run_name(name, key)
     out_dir = storage.absolute(str(out_dir))
     run_loc, model_loc = storage.join(out_dir, name), storage.join(out_dir, "model")
-    done = identity.read_record(run_loc)
-    if (not callbacks and done and done.get("key") == key and "metrics" in done
+    done = identity.keyed_record(run_loc, key)
+    if (not callbacks and done and "metrics" in done
             and (not save_model or identity.matches(model_loc, key, "classifier.json"))):
         print(f"[classify] {name}: reusing the finished run (same key)", flush=True)
         tracking.reused(name, key, run_loc)
