@@ -255,6 +255,9 @@ def _tuner(cfg: Config, trainable, store: str, name: str, fingerprint: dict, ash
     else:
         tune_cfg = tune.TuneConfig(metric="top1", mode="max", max_concurrent_trials=cfg.sweep.max_concurrent)
     tune_cfg.trial_dirname_creator = lambda trial: f"trial-{trial.trial_id}"
+    # A finished trial's process runs the next one (every trial asks for the same resources):
+    # one process per concurrent trial, not one per trial, each importing torch and timm anew.
+    tune_cfg.reuse_actors = True
     return tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(fingerprint["grid"]), "seed": tune.grid_search(seeds)},
