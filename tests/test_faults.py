@@ -274,7 +274,7 @@ def test_one_worker_classifier_survives_killed_task(ray_session, digits_dirs, tm
     finishes with the metrics of an undisturbed run, to the bit: the checkpoint carries the
     count of the train set's executions, which seeds each epoch's file order. (Under Ray
     Train, with more workers, the count lives in Train's split coordinator and restarts.)"""
-    from synthaug.classify.checkpoints import TaskCheckpoints
+    from synthaug.checkpoints import TaskCheckpoints
     from synthaug.classify.train import fit
 
     epochs = 8

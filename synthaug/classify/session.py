@@ -2,11 +2,9 @@
 
 ``train_loop_per_worker(config)`` is the training function. Ray Train runs it on 1 or N
 workers (DDP through ``ray.train.torch.prepare_model``); a Ray Tune trial runs it directly
-in its own process. It talks to whichever through ``_Session``, picked by
-``config["_reporter"]``: ``"train"`` (``ray.train.*``), ``"tune"`` (``ray.tune.*``, as
-Ray 2.x requires inside a Tune function), ``"task"`` (one worker in a plain Ray task;
-checkpoints in the run's storage through :class:`TaskCheckpoints`) or ``"local"`` (no Ray
-session: reports are only returned).
+in its own process, a plain Ray task runs it for one worker. It talks to whichever through
+``_Session`` (a :class:`synthaug.trainsession.TrainSession` with the classifier's data),
+picked by ``config["_reporter"]``: ``"train"``, ``"tune"``, ``"task"`` or ``"local"``.
 
 Data: the train shard is a streaming Ray Data iterator (``get_dataset_shard("train")``
 under Ray Train, else ``config["_dataset"].iterator()``); see ``classify/data.py``.
@@ -35,39 +33,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from synthaug import console, raylocal, tracking
 from synthaug.classify.augment import MixupCutmix, _seed, enabled as mixup_enabled
-from synthaug.classify.checkpoints import TaskCheckpoints
 from synthaug.classify.core import (Distiller, build_loss, build_optimizer, build_scheduler, classifier_meta, eval_counts,
                                     metrics_from_counts, read_checkpoint, train_epoch, two_stream, write_checkpoint)
 from synthaug.classify.data import iterate, val_batches, val_dataset
 from synthaug.classify.models import build_classifier
 from synthaug.config import ClassifyConfig
 from synthaug.shuffle import BatchMix
+from synthaug.trainsession import TrainSession
 
 
-class _Session:
-    """Data, checkpoints and reports for the loop: a Ray Train worker, a Tune trial, a Ray task, or local."""
+class _Session(TrainSession):
+    """A :class:`~synthaug.trainsession.TrainSession` with the classifier's data: a Ray Train
+    worker, a Tune trial, a Ray task, or local (``config["_reporter"]``)."""
 
     def __init__(self, config: dict):
-        self.kind = config.get("_reporter", "train")
-        if self.kind not in ("train", "tune", "task", "local"):
-            raise ValueError(f"_reporter must be 'train', 'tune', 'task' or 'local', got {self.kind!r}")
+        super().__init__(config.get("_reporter", "train"), config.get("_run_loc"), config["classify"].use_gpu)
         self.config = config
-        self.store = TaskCheckpoints(config["_run_loc"]) if self.kind == "task" else None
-        if self.kind == "train":
-            import ray.train
-            import ray.train.torch
-
-            ctx = ray.train.get_context()
-            self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-            self.device = ray.train.torch.get_device()
-        else:
-            self.rank, self.world_size = 0, 1
-            use_gpu = config["classify"].use_gpu and torch.cuda.is_available()
-            self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def train_data(self, name: str = "train"):
         """This worker's stream of the ``"train"`` set, or of the ``"added"`` one (two-stream batches)."""
@@ -96,44 +80,6 @@ class _Session:
         ctx = self._data_context
         if ctx is not None and hasattr(ctx, "_execution_idx"):
             ctx._execution_idx = int(n)
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        if self.kind == "train":
-            import ray.train.torch
-
-            return ray.train.torch.prepare_model(model)  # to device, DDP when world_size > 1
-        return model.to(self.device)
-
-    def get_checkpoint(self):
-        if self.kind == "train":
-            import ray.train
-
-            return ray.train.get_checkpoint()
-        if self.kind == "tune":
-            import ray.tune
-
-            return ray.tune.get_checkpoint()
-        if self.kind == "task":
-            return self.store.latest_checkpoint()
-        return None
-
-    @property
-    def saves_checkpoints(self) -> bool:
-        return self.kind != "local" and self.rank == 0
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if self.kind == "train":
-            import ray.train
-
-            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=ckpt)
-        elif self.kind == "tune":
-            import ray.tune
-
-            ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.tune.report(metrics, checkpoint=ckpt)
-        elif self.kind == "task" and checkpoint_dir:
-            self.store.save(checkpoint_dir, metrics)
 
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:

@@ -236,7 +236,7 @@ def fit(
 
 
 def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_loc: str):
-    """One worker: the loop in one Ray task, checkpoints in the run's storage (``checkpoints.TaskCheckpoints``).
+    """One worker: the loop in one Ray task, checkpoints in the run's storage (``synthaug.checkpoints.TaskCheckpoints``).
 
     Ray's advice for one worker, as in a Tune trial: no Train controller, worker group or
     process group to start for every classifier. A task whose process or node dies is run
@@ -244,7 +244,7 @@ def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_l
     """
     import ray
 
-    from synthaug.classify.checkpoints import TaskCheckpoints
+    from synthaug.checkpoints import TaskCheckpoints
 
     ds = train_datasets(cfg, spec, seed)
     config = {**config, "_reporter": "task", "_run_loc": run_loc, "_dataset": ds["train"], "_added": ds.get("added")}

@@ -1,7 +1,8 @@
-"""Generator training with Ray Train (DDP): class-conditional fine-tuning, and pretraining.
+"""Generator training: class-conditional fine-tuning, and pretraining; one Ray task, or Ray Train (DDP).
 
 Pretraining on an unlabelled pool is the same loop with every label set to the null
-class. One function, :func:`train_loop_per_worker`, runs for 1 and for N workers, for
+class. One function, :func:`train_loop_per_worker`, runs for 1 worker (in a plain Ray
+task, as the classifier's one worker does) and for N (Ray Train workers), for
 every generator family: the loss encodes images through the family (identity for
 ``unet``, a frozen VAE for ``dit`` and ``text2image``), and only parameters that require
 grad (all, or LoRA adapters) are optimised and tracked by the EMA. Its step is
@@ -13,12 +14,12 @@ every epoch -- the shards in a seeded per-epoch order, its contiguous slice of t
 rows, a seeded local shuffle buffer -- read and decoded in Ray Data tasks anywhere in
 the cluster; nothing is materialised unless ``cache`` asks for the decoded set in the
 object store. Steps count optimiser steps over epochs of that stream. Checkpoints
-(rank 0, every N steps) hold model, EMA, optimiser, LR schedule, step and RNG state in
-Ray Train storage at any location. Runs are keyed by content (:func:`run_key`: the
+(rank 0, every N steps) hold model, EMA, optimiser, LR schedule, step and RNG state at
+the run's location, on any storage (Ray Train's storage for N workers,
+:class:`synthaug.checkpoints.TaskCheckpoints` for one). Runs are keyed by content (:func:`run_key`: the
 result-changing config fields, the data's content hash and the base's hash): the run is
 ``<storage>/<stage>-<key[:12]>`` and the export's manifest holds the key, so a re-run of
-the same command reuses a finished export or resumes from the latest checkpoint (Train V2
-finds it in the run's storage), and a changed hyperparameter or input trains anew. The
+the same command reuses a finished export or resumes from the latest checkpoint, and a changed hyperparameter or input trains anew. The
 noise of each optimiser step is seeded from (seed, rank, step), so a resumed run ends
 with the same weights as an undisturbed one, and a restarted worker group
 re-reads the current epoch and skips the micro-batches already consumed, so the final
@@ -63,11 +64,17 @@ def _state_steps(run: str) -> list[int]:
 
 
 def latest_step(run: str | Path) -> int:
-    """The step of the checkpoint Ray Train will resume from (0 when none), at any storage location.
+    """The step of the checkpoint a run will resume from (0 when none), at any storage location.
 
-    Read from Train V2's checkpoint-manager snapshot, not from the newest directory: a
+    One worker (a Ray task): its committed checkpoint's pointer (``synthaug.checkpoints``).
+    N workers: Train V2's checkpoint-manager snapshot, not the newest directory: a
     checkpoint written but not yet registered when a run died is not resumed from.
     """
+    from synthaug.checkpoints import TaskCheckpoints
+
+    task = TaskCheckpoints(str(run)).latest_metrics()
+    if task:
+        return int(task.get("step", 0))
     snap = storage.join(run, "checkpoint_manager_snapshot.json")
     if storage.is_file(snap):
         latest = storage.read_json(snap).get("latest_checkpoint_result") or {}
@@ -176,7 +183,7 @@ class TrainCore:
     and sets up what is trained (``trainable``), the EMA over it, AdamW and the LR
     schedule; :meth:`begin` starts the per-rank noise stream and wraps the model (DDP);
     :meth:`micro_step` runs one micro-batch. A plain loop that feeds it the same batch
-    stream (:func:`plan_tensors`) computes what a 1-worker Ray Train run computes.
+    stream (:func:`plan_tensors`) computes what a 1-worker run computes.
     """
 
     def __init__(self, t: TrainGenConfig, base: str, class_names: list[str], image_size: int, channels: int, *,
@@ -300,30 +307,32 @@ def plain_loop(core: TrainCore, x: torch.Tensor, y: torch.Tensor, on_step=None) 
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function (1 or N workers): :class:`TrainCore` over this rank's shard, with checkpoints."""
-    import ray.train
-    import ray.train.torch
+    """The worker function: :class:`TrainCore` over this rank's shard, with checkpoints.
+
+    Ray Train runs it on N workers; one worker runs it in a plain Ray task
+    (``config["_reporter"] == "task"``, checkpoints at ``config["_run_loc"]``).
+    """
+    from synthaug.trainsession import TrainSession
 
     t: TrainGenConfig = TrainGenConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
     console.quiet()  # Train's per-report and per-checkpoint lines, unless --verbose
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = TrainSession(config.get("_reporter", "train"), config.get("_run_loc"), t.use_gpu)
+    rank, world, device = session.rank, session.world_size, session.device
     torch.set_num_threads(max(1, int(os.environ.get("SYNTHAUG_TORCH_THREADS", "1"))))
-    device = ray.train.torch.get_device()
     latent_shape = config.get("latent_shape")
     core = TrainCore(t, config["base_dir"], config["class_names"], config["image_size"], config["channels"],
                      device=device, rank=rank, unconditional=config["unconditional"], moments=latent_shape is not None)
 
     # Resume from the latest checkpoint (a re-run, or a restarted worker group).
     restored: dict = {}
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             restored = core.restore(d)
         if rank == 0:
             print(f"[{config['stage']}] resumed at step {core.step}/{t.steps}")
     start_step = core.step
-    core.begin(ray.train.torch.prepare_model if world > 1 else None)
+    core.begin(session.prepare_model if world > 1 else None)
 
     # This rank's stream, from the micro-batch after the last one the checkpoint consumed.
     micro = t.batch_size // world
@@ -356,9 +365,9 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     core.save(d)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    session.report(metrics, d)
             else:
-                ray.train.report(metrics)
+                session.report(metrics)
         if step >= t.steps:
             break
     track.close()
@@ -436,8 +445,8 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
 
     ``stage`` picks the config section ('pretrain' or 'finetune'); ``unconditional``
     trains with every label set to the null class (pretraining on an unlabelled pool).
-    Every location (data, export, Ray Train storage, base) may be local or a URI.
-    Everything is checked before Ray Train starts.
+    Every location (data, export, run storage, base) may be local or a URI.
+    Everything is checked before training starts.
     """
     from synthaug.raylocal import init_ray
 
@@ -463,15 +472,19 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
     if t.latent_cache:  # encode once (or reuse the keyed cache); the stream reads its moments
         job.update(_latent_shards(t, data_dir, data_manifest, base, storage_dir, latents_dir))
     cached = train_data.cache(job["shards"], job["latent_shape"]) if t.cache else None
-    trainer = _trainer(t, stage, name, storage_dir, run_dir, base, unconditional, job, cached)
+    loop_config = _loop_config(t, stage, base, unconditional, job, cached, run_dir)
     t0 = time.time()
-    result = trainer.fit()
+    if t.num_workers == 1:
+        metrics, checkpoint = _fit_task(t, stage, loop_config, run_dir)
+    else:
+        result = _trainer(t, name, storage_dir, loop_config).fit()
+        metrics, checkpoint = result.metrics, result.checkpoint
     seconds = time.time() - t0
-    del cached
-    warn_if_blocked(stage, str(data_dir), result.metrics)
+    del cached, loop_config
+    warn_if_blocked(stage, str(data_dir), metrics)
 
     # Export the EMA weights in diffusers layout with a manifest (the base's weights are read once, here).
-    gen, step = _load_ema(t, stage, base, job, result.checkpoint)
+    gen, step = _load_ema(t, stage, base, job, checkpoint)
     identity.write_record(run_dir, stage, key, inputs, to_dict(t))
     if t.val_grid_every:
         tracking.artifacts(storage.join(run_dir, "val_grids"), "val_grids")
@@ -481,9 +494,9 @@ def run(cfg: Config, stage: str, data_dir: str | Path, out_dir: str | Path, stor
         "data_dir": str(data_dir), "data_content_hash": data_manifest["content_hash"],
         "config": to_dict(cfg), "train_seconds": round(seconds, 1),
         "resumed_from": offset_steps,
-        "restored_state_sums": {k[len("restored_"):]: v for k, v in result.metrics.items() if k.startswith("restored_")},
-        "final_loss": result.metrics.get("loss"), "images_per_s": result.metrics.get("images_per_s"),
-        **{k: result.metrics.get(k) for k in ("batch_blocked_share", "batch_label_entropy")},
+        "restored_state_sums": {k[len("restored_"):]: v for k, v in metrics.items() if k.startswith("restored_")},
+        "final_loss": metrics.get("loss"), "images_per_s": metrics.get("images_per_s"),
+        **{k: metrics.get(k) for k in ("batch_blocked_share", "batch_label_entropy")},
     })
 
 
@@ -526,21 +539,45 @@ def _latent_shards(t: TrainGenConfig, data_dir: str, data_manifest: dict, base: 
     return {"shards": shards, "shard_rows": shard_rows, "latent_shape": lm["latent_shape"]}
 
 
-def _trainer(t: TrainGenConfig, stage: str, name: str, storage_dir: str, run_dir: str, base: str | None,
-             unconditional: bool, job: dict, cached):
-    """The Ray Train ``TorchTrainer`` of this key's run (its name and storage make a re-run resume)."""
+def _loop_config(t: TrainGenConfig, stage: str, base: str | None, unconditional: bool, job: dict, cached,
+                 run_dir: str) -> dict:
+    """What ``train_loop_per_worker`` reads (the run's config, data and where its grids go)."""
+    return {
+        "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": job["class_names"],
+        "image_size": job["image_size"], "channels": job["channels"], "unconditional": unconditional,
+        "shards": job["shards"], "shard_rows": job["shard_rows"], "cached": cached,
+        "latent_shape": job["latent_shape"], "grid_dir": storage.join(run_dir, "val_grids"),
+        "_tracking": tracking.handle(),
+    }
+
+
+def _fit_task(t: TrainGenConfig, stage: str, config: dict, run_dir: str):
+    """One worker: the loop in one Ray task, checkpoints at the run's location (``synthaug.checkpoints``).
+
+    As the classifier's one worker does (``classify.train``): no Train controller, worker
+    group or process group to start. A task whose process or node dies is run again
+    (``<stage>.max_failures`` times) and resumes from the latest checkpoint; so does a re-run.
+    Returns the last checkpoint's metrics and the checkpoint.
+    """
+    import ray
+
+    from synthaug.checkpoints import TaskCheckpoints
+
+    task = ray.remote(train_loop_per_worker).options(num_cpus=1, num_gpus=1 if t.use_gpu else 0,
+                                                     max_retries=t.max_failures, name=stage)
+    ray.get(task.remote({**config, "_reporter": "task", "_run_loc": run_dir}))
+    store = TaskCheckpoints(run_dir)
+    return store.latest_metrics(), store.latest_checkpoint()
+
+
+def _trainer(t: TrainGenConfig, name: str, storage_dir: str, config: dict):
+    """The Ray Train ``TorchTrainer`` of this key's run, N workers (its name and storage make a re-run resume)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": to_dict(t), "stage": stage, "base_dir": base, "class_names": job["class_names"],
-            "image_size": job["image_size"], "channels": job["channels"], "unconditional": unconditional,
-            "shards": job["shards"], "shard_rows": job["shard_rows"], "cached": cached,
-            "latent_shape": job["latent_shape"], "grid_dir": storage.join(run_dir, "val_grids"),
-            "_tracking": tracking.handle(),
-        },
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(

@@ -1,9 +1,9 @@
-"""A one-worker classifier run's checkpoints in its run's storage (no torch, no Ray imports).
+"""A one-worker run's checkpoints in its run's storage (no torch, no Ray imports).
 
-``classify.train.fit`` runs one worker as a plain Ray task (the ``"task"`` session of
-``classify.session``); its checkpoints live at the run location, on any storage, beside
-the run's ``artifact.json``. The layout and the commit rule are those of the dataset
-contract: the files first, a small pointer last.
+``classify.train.fit`` and ``generative.finetune.run`` run one worker as a plain Ray task
+(the ``"task"`` kind of :class:`synthaug.trainsession.TrainSession`); its checkpoints live at
+the run location, on any storage, beside the run's ``artifact.json``. The layout and the
+commit rule are those of the dataset contract: the files first, a small pointer last.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from synthaug import storage
 class TaskCheckpoints:
     """A one-worker run's checkpoints at its run location (any storage), for the ``"task"`` session.
 
-    ``checkpoint_<epoch>/`` holds what ``core.write_checkpoint`` writes; ``latest_checkpoint.json``
+    ``checkpoint_<n>/`` (n counts the saves) holds what the loop wrote; ``latest_checkpoint.json``
     names the newest complete one and is written after its files, so a checkpoint whose upload
     was cut off is never read (the manifest rule). The two newest are kept, as Ray Train keeps them.
     """
@@ -39,10 +39,12 @@ class TaskCheckpoints:
         return {} if p is None else dict(p["metrics"])
 
     def save(self, local_dir: str, metrics: dict) -> None:
-        """Commit a local checkpoint directory reported with ``metrics`` (its ``epoch`` names it)."""
-        name = f"checkpoint_{int(metrics['epoch']):06d}"
+        """Commit a local checkpoint directory reported with ``metrics``."""
+        p = self._pointer()
+        index = 1 if p is None else int(p.get("index", p["path"].rsplit("_", 1)[-1])) + 1
+        name = f"checkpoint_{index:06d}"
         storage.upload_dir(local_dir, storage.join(self.run_loc, name))
-        storage.write_json(storage.join(self.run_loc, self.POINTER), {"path": name, "metrics": metrics})
+        storage.write_json(storage.join(self.run_loc, self.POINTER), {"path": name, "index": index, "metrics": metrics})
         old = sorted(d for d in storage.list_dirs(self.run_loc) if d.startswith("checkpoint_"))[:-self.KEEP]
         for d in old:
             storage.delete(storage.join(self.run_loc, d))
