@@ -25,10 +25,10 @@ compile: setup
 demo: compile
 	$(BIN)/synthaug run --config jobs/configs/default.yaml
 
-# The ray-job-submit tests start their own Ray nodes from the CLI, so they run after the in-process suite.
+# Two pytest-xdist workers, a test file each at a time (module fixtures stay in one process);
+# each worker starts its own local Ray, S3 server and MLflow server on free ports.
 test: compile
-	$(BIN)/python -m pytest tests --ignore=tests/test_jobs.py --ignore=tests/test_multinode.py --durations=25
-	$(BIN)/python -m pytest tests/test_jobs.py tests/test_multinode.py --durations=10
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/finetune_throughput.py

@@ -15,8 +15,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/s3server.py
 
 # Ray's dashboard serves its metrics on a fixed port (44227) by default; a second local
-# Ray on the same machine (another test session) then fails to start. Pick a free one.
-if "DASHBOARD_METRIC_PORT" not in os.environ:
+# Ray on the same machine (another test session, or another pytest-xdist worker, each of
+# which starts its own Ray) then fails to start. Pick a free one, in each worker.
+if "DASHBOARD_METRIC_PORT" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
     import s3server
 
     os.environ["DASHBOARD_METRIC_PORT"] = str(s3server.free_ports(1)[0])

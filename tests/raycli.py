@@ -84,7 +84,7 @@ def start_head(log: Path, num_cpus: int, env: dict | None = None) -> Node:
     """A head on 127.0.0.1 with its own temp dir; ``num_cpus=0`` makes it CPU-less like cluster.yaml's."""
     # Unix socket paths under the temp dir must stay short (~107 chars), so not under tmp_path.
     temp_dir = Path(tempfile.mkdtemp(prefix="synthaug-ray-", dir="/tmp"))
-    gcs, dash, client, agent_http, agent_grpc, rt_env = free_ports(6)
+    gcs, dash, client, agent_http, agent_grpc, rt_env, dash_metrics = free_ports(7)
     cmd = [
         RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", "--num-gpus=0",
@@ -93,6 +93,8 @@ def start_head(log: Path, num_cpus: int, env: dict | None = None) -> Node:
         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
         f"--temp-dir={temp_dir}",
     ]  # fmt: skip
+    # Its dashboard's metrics port too: the test session's own Ray may hold the one in the environment.
+    env = {"DASHBOARD_METRIC_PORT": str(dash_metrics), **(env or {})}
     node = Node(_spawn(cmd, log, cli_env(env)), temp_dir, log, gcs, f"http://127.0.0.1:{dash}")
     try:
         _wait(lambda: _dashboard_up(node.dashboard_url), node.proc, log, START_TIMEOUT_S, f"dashboard {node.dashboard_url}")

@@ -312,22 +312,31 @@ def test_fit_local_full_recipe_is_reproducible(ray_session, digits_dirs, tmp_pat
     assert abs(cached["top1"] - a["top1"]) < 15 and cached["n_train"] == a["n_train"]
 
 
-def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
+def test_fit_two_workers_and_one_task_learn_and_reuse(ray_session, digits_dirs, tmp_path):
+    """Two Ray Train workers (DDP) and one worker in a Ray task; runs are reused by key.
+    (test_faults.py kills a worker of each kind; two workers learning is checked there.)"""
     from synthaug.classify.models import load_classifier
     from synthaug.data.images import decode_batch, to_float
 
     train, names = _digits(digits_dirs)
+    val = read_table(digits_dirs["val"])
+    x = to_float(decode_batch(val.column("image").to_pylist()))
     cfg = ClassifyConfig(epochs=2, batch_size=16, num_workers=2)
     kw = dict(seed=0, out_dir=tmp_path, name="X", class_names=names, in_chans=1)
-    first = fit(cfg, train, digits_dirs["val"], **kw)
+    first = fit(cfg, train, digits_dirs["val"], save_model=True, **kw)
     assert (first["start_epoch"], first["epochs"]) == (0, 2)
+    # The saved model reproduces the reported accuracy (the two workers' val shards, reduced).
+    model, meta = load_classifier(tmp_path / "model")
+    assert meta["class_names"] == names and meta["image_size"] == [8, 8]
+    got = evaluate(model, array_batches(x, val.column("label").to_pylist()), num_classes=10)
+    assert got["top1"] == pytest.approx(first["top1"], abs=1e-4)
     # The same config and inputs: the finished run is reused (same key), not trained again.
-    assert fit(cfg, train, digits_dirs["val"], **kw) == first
+    assert fit(cfg, train, digits_dirs["val"], save_model=True, **kw) == first
     assert len([d for d in tmp_path.glob("X-*") if d.is_dir()]) == 1  # one run, not a second
 
-    # More epochs change the schedule, so they are another run (another key), from epoch 0; two CPUs
-    # per worker are two torch threads in each (classify.cpus_per_worker; 1 by default).
-    second = fit(ClassifyConfig(epochs=4, batch_size=16, num_workers=2, cpus_per_worker=2), train, digits_dirs["val"],
+    # More epochs change the schedule, so they are another run (another key), from epoch 0; one
+    # worker is a Ray task, and two CPUs for it are two torch threads (classify.cpus_per_worker).
+    second = fit(ClassifyConfig(epochs=4, batch_size=16, num_workers=1, cpus_per_worker=2), train, digits_dirs["val"],
                  save_model=True, **kw)
     assert (second["start_epoch"], second["epochs"]) == (0, 4) and second["key"] != first["key"]
     assert (first["threads"], second["threads"]) == (1, 2)
@@ -335,12 +344,9 @@ def test_fit_two_workers_learns_and_resumes(ray_session, digits_dirs, tmp_path):
     assert second["n_train"] == 100 and len(second["per_class_top1"]) == 10
 
     # The saved model reproduces the reported accuracy; checkpoint state loads without pickle.
-    model, meta = load_classifier(tmp_path / "model")
-    assert meta["class_names"] == names and meta["image_size"] == [8, 8]
-    val = read_table(digits_dirs["val"])
-    x = to_float(decode_batch(val.column("image").to_pylist()))
+    model, _ = load_classifier(tmp_path / "model")
     got = evaluate(model, array_batches(x, val.column("label").to_pylist()), num_classes=10)
-    assert got["top1"] == pytest.approx(second["top1"], abs=1e-4)  # the two workers' val shards, reduced
+    assert got["top1"] == pytest.approx(second["top1"], abs=1e-4)
     states = sorted((tmp_path / f"X-{second['key'][:12]}").glob("checkpoint_*/state.pt"))
     assert int(torch.load(states[-1], weights_only=True)["epoch"]) == 4
 

@@ -24,12 +24,13 @@ def _cli(*argv: str) -> str:
 
 
 def test_quiet_log_and_verbose(ray_session, tmp_path):
-    """Generator pretraining (Ray Train, with checkpoints) and a classifier epoch, stdout to a pipe."""
+    """Generator pretraining on two Ray Train workers (one worker is a plain Ray task, with no Train
+    lines to hide), with checkpoints, stdout to a pipe."""
     # Both commands join this session's Ray (as under `ray job submit`) rather than start their own:
     # what they print is the same, without two Ray start-ups.
     address = ray_session.get_runtime_context().gcs_address
     base = ["--config", TINY, f"work_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}",
-            f"ray.address={address}", "pretrain.steps=4", "pretrain.checkpoint_every=2"]
+            f"ray.address={address}", "pretrain.steps=4", "pretrain.checkpoint_every=2", "pretrain.num_workers=2"]
     from synthaug import api
 
     api.ingest(TINY, base[2:])  # in this process: only the two pretraining commands' consoles are read
