@@ -1,6 +1,6 @@
-"""Generator training throughput: the Ray Train loop vs a plain PyTorch loop of the same step.
+"""Generator training throughput: the library's loop on Ray vs a plain PyTorch loop of the same step.
 
-CPU mode (default): ``synthaug.generative.finetune.run`` (Ray Train, 1 worker, tiny UNet,
+CPU mode (default): ``synthaug.generative.finetune.run`` (1 worker: one Ray task; tiny UNet,
 8x8 digits, class-conditional fine-tuning on the 10-per-class split) against a plain
 single-process loop (``finetune.plain_loop``) that drives the worker's own step object,
 ``finetune.TrainCore`` -- the same construction and seeding, label dropout, loss, clip,
@@ -204,7 +204,7 @@ def cpu_benchmark(args) -> None:
     rows = [
         {"loop": "plain (before)", "img/s": runs["plain_before"]["images_per_s"], "steady img/s": runs["plain_before"]["steady_images_per_s"], "load1 before/after": f"{runs['plain_before']['load_before'][0]}/{runs['plain_before']['load_after'][0]}"},
         {"loop": "plain (after)", "img/s": runs["plain_after"]["images_per_s"], "steady img/s": runs["plain_after"]["steady_images_per_s"], "load1 before/after": f"{runs['plain_after']['load_before'][0]}/{runs['plain_after']['load_after'][0]}"},
-        {"loop": "Ray Train (1 worker)", "img/s": ray["images_per_s"], "steady img/s": ray["steady_images_per_s"], "load1 before/after": f"{ray['load_before'][0]}/{ray['load_after'][0]}"},
+        {"loop": "finetune.run (1 worker, a Ray task)", "img/s": ray["images_per_s"], "steady img/s": ray["steady_images_per_s"], "load1 before/after": f"{ray['load_before'][0]}/{ray['load_after'][0]}"},
         {"loop": "ratio ray/plain", "img/s": ratio, "steady img/s": ratio_steady, "load1 before/after": "target >= 0.9"},
     ]
     print()
