@@ -6,7 +6,7 @@ A loop (the classifier's, the generator's) is one function that may run as
   ``ray.train.torch.prepare_model``);
 * ``"tune"``: a Ray Tune trial's own process (``ray.tune.*``, as Ray 2.x requires inside
   a Tune function);
-* ``"task"``: one worker in a plain Ray task, checkpoints in the run's storage
+* ``"task"``: one worker in a plain Ray task (:func:`run_task`), checkpoints in the run's storage
   (:class:`synthaug.checkpoints.TaskCheckpoints`). Ray's advice for one worker: no Train
   controller, worker group or process group to start for every run;
 * ``"local"``: in this process, no Ray session (reports are only returned, nothing is saved).
@@ -18,6 +18,23 @@ never imports ``ray.train`` or ``ray.tune`` itself.
 from __future__ import annotations
 
 KINDS = ("train", "tune", "task", "local")
+
+
+def run_task(loop, config: dict, run_loc: str, *, name: str, num_cpus: float, use_gpu: bool, max_retries: int):
+    """Run ``loop(config)`` as one worker in one Ray task, its checkpoints at ``run_loc``.
+
+    The loop sees the ``"task"`` kind (``config["_reporter"]``, ``config["_run_loc"]``). A task
+    whose process or node dies is run again (``max_retries`` times) and resumes from the latest
+    checkpoint, as a re-run does. Returns what the loop returned and the run's
+    :class:`~synthaug.checkpoints.TaskCheckpoints`.
+    """
+    import ray
+
+    from synthaug.checkpoints import TaskCheckpoints
+
+    task = ray.remote(loop).options(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=max_retries, name=name)
+    out = ray.get(task.remote({**config, "_reporter": "task", "_run_loc": run_loc}))
+    return out, TaskCheckpoints(run_loc)
 
 
 class TrainSession:

@@ -236,22 +236,18 @@ def fit(
 
 
 def _fit_task(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, run_loc: str):
-    """One worker: the loop in one Ray task, checkpoints in the run's storage (``synthaug.checkpoints.TaskCheckpoints``).
+    """One worker: the loop in one Ray task (``trainsession.run_task``), checkpoints in the run's storage.
 
     Ray's advice for one worker, as in a Tune trial: no Train controller, worker group or
     process group to start for every classifier. A task whose process or node dies is run
     again (``classify.max_failures`` times) and resumes from the latest checkpoint.
     """
-    import ray
-
-    from synthaug.checkpoints import TaskCheckpoints
+    from synthaug.trainsession import run_task
 
     ds = train_datasets(cfg, spec, seed)
-    config = {**config, "_reporter": "task", "_run_loc": run_loc, "_dataset": ds["train"], "_added": ds.get("added")}
-    task = ray.remote(_train_loop).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
-                                           max_retries=cfg.max_failures, name="classify")
-    metrics = _result(ray.get(task.remote(config)))
-    return metrics, TaskCheckpoints(run_loc).latest_checkpoint()
+    out, store = run_task(_train_loop, {**config, "_dataset": ds["train"], "_added": ds.get("added")}, run_loc,
+                          name="classify", num_cpus=cfg.cpus_per_worker, use_gpu=cfg.use_gpu, max_retries=cfg.max_failures)
+    return _result(out), store.latest_checkpoint()
 
 
 def _fit_train(cfg: ClassifyConfig, spec: Mixture, config: dict, seed: int, out_dir: str, name: str, callbacks):

@@ -16,10 +16,11 @@ the cluster; nothing is materialised unless ``cache`` asks for the decoded set i
 object store. Steps count optimiser steps over epochs of that stream. Checkpoints
 (rank 0, every N steps) hold model, EMA, optimiser, LR schedule, step and RNG state at
 the run's location, on any storage (Ray Train's storage for N workers,
-:class:`synthaug.checkpoints.TaskCheckpoints` for one). Runs are keyed by content (:func:`run_key`: the
-result-changing config fields, the data's content hash and the base's hash): the run is
-``<storage>/<stage>-<key[:12]>`` and the export's manifest holds the key, so a re-run of
-the same command reuses a finished export or resumes from the latest checkpoint, and a changed hyperparameter or input trains anew. The
+:class:`synthaug.checkpoints.TaskCheckpoints` for one). Runs are keyed by content
+(:func:`run_key`: the result-changing config fields, the data's content hash and the
+base's hash): the run is ``<storage>/<stage>-<key[:12]>`` and the export's manifest holds
+the key, so a re-run of the same command reuses a finished export or resumes from the
+latest checkpoint, and a changed hyperparameter or input trains anew. The
 noise of each optimiser step is seeded from (seed, rank, step), so a resumed run ends
 with the same weights as an undisturbed one, and a restarted worker group
 re-reads the current epoch and skips the micro-batches already consumed, so the final
@@ -552,21 +553,17 @@ def _loop_config(t: TrainGenConfig, stage: str, base: str | None, unconditional:
 
 
 def _fit_task(t: TrainGenConfig, stage: str, config: dict, run_dir: str):
-    """One worker: the loop in one Ray task, checkpoints at the run's location (``synthaug.checkpoints``).
+    """One worker: the loop in one Ray task (``trainsession.run_task``), checkpoints at the run's location.
 
     As the classifier's one worker does (``classify.train``): no Train controller, worker
     group or process group to start. A task whose process or node dies is run again
     (``<stage>.max_failures`` times) and resumes from the latest checkpoint; so does a re-run.
     Returns the last checkpoint's metrics and the checkpoint.
     """
-    import ray
+    from synthaug.trainsession import run_task
 
-    from synthaug.checkpoints import TaskCheckpoints
-
-    task = ray.remote(train_loop_per_worker).options(num_cpus=1, num_gpus=1 if t.use_gpu else 0,
-                                                     max_retries=t.max_failures, name=stage)
-    ray.get(task.remote({**config, "_reporter": "task", "_run_loc": run_dir}))
-    store = TaskCheckpoints(run_dir)
+    _, store = run_task(train_loop_per_worker, config, run_dir, name=stage, num_cpus=1, use_gpu=t.use_gpu,
+                        max_retries=t.max_failures)
     return store.latest_metrics(), store.latest_checkpoint()
 
 
