@@ -117,7 +117,7 @@ class SampleConfig:
     batch_size: int = _f(64, "Images per denoising batch in a sampling actor.")
     chunk_size: int = _f(0, "Images per output shard: one actor call samples (in batches of batch_size) and writes one chunk of one class; 0 = batch_size. Fixed for a set by its first run (plan.json).")
     min_actors: int = _f(1, "Actor pool minimum size.")
-    max_actors: int = _f(1, "Actor pool maximum size.")
+    max_actors: int = _f(1, "Actor pool maximum size (a set of at most 4,096 rows with no GPU runs in up to this many pooled Ray tasks instead, which keep the model loaded between passes).")
     num_gpus_per_actor: float = _f(0.0, "GPUs per sampling actor (1 on a GPU cluster).")
     seed: int = _f(0, "Global seed; each image's seed derives from (seed, class, index).")
     compile: bool = _f(False, "torch.compile the denoiser in each sampling actor (slow first batches; part of the output's content key).")
@@ -146,7 +146,7 @@ class EvaluateConfig:
     near_copy_chunk: int = _f(4096, "Rows per chunk of the near-copy search (synthetic chunks against train chunks, chunked matrix products).")
     batch_size: int = _f(64, "Feature-extraction batch size.")
     min_actors: int = _f(1, "Feature-extraction actor pool minimum size.")
-    max_actors: int = _f(1, "Feature-extraction actor pool maximum size.")
+    max_actors: int = _f(1, "Feature-extraction actor pool maximum size (a set of at most 4,096 rows with no GPU runs in up to this many pooled Ray tasks instead, which keep the model loaded between passes).")
     num_gpus_per_actor: float = _f(0.0, "GPUs per feature-extraction actor (1 on a GPU cluster).")
 
     def __post_init__(self) -> None:
@@ -215,7 +215,7 @@ class PseudoLabelConfig:
     with_synthetic: bool = _f(False, "Also train on labelled + pseudo-labelled + synthetic (sample.guidance_scale, the headline ratio) and report it.")
     batch_size: int = _f(256, "Images per teacher inference batch (Ray Data actor pool); results do not depend on it.")
     min_actors: int = _f(1, "Teacher inference actor pool minimum size.")
-    max_actors: int = _f(1, "Teacher inference actor pool maximum size.")
+    max_actors: int = _f(1, "Teacher inference actor pool maximum size (a set of at most 4,096 rows with no GPU runs in up to this many pooled Ray tasks instead, which keep the model loaded between passes).")
     num_gpus_per_actor: float = _f(0.0, "GPUs per teacher inference actor (1 on a GPU cluster).")
 
     def __post_init__(self) -> None:

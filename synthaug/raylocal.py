@@ -162,3 +162,54 @@ def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> di
     else:
         kwargs["compute"] = ActorPoolStrategy(min_size=min_size, max_size=max_size)
     return kwargs
+
+
+# A Ray Data map over at most this many rows, with no GPU, runs in pooled Ray tasks rather
+# than a fresh actor pool: an actor is a new process that imports torch and builds its model
+# (seconds of CPU) for each pass, which is most of the work on a small set; a pooled task
+# worker keeps both for the next pass (see map_pool_kwargs).
+SMALL_MAP_ROWS = 4096
+
+_CACHED: dict = {}  # this worker process's one (key -> instance) of map_pool_kwargs' task form
+
+
+def _call_cached(batch, cls, ctor_kwargs: dict):
+    """Run ``cls(**ctor_kwargs)(batch)``, building the instance once per worker process (one kept).
+
+    torch's threads are set to this task's CPUs first: an earlier task of another size may
+    have left the pooled process with more (and float sums that differ with the thread count).
+    """
+    import hashlib
+
+    from ray import cloudpickle
+
+    use_assigned_cpus()
+    key = (cls.__module__, cls.__qualname__, hashlib.sha256(cloudpickle.dumps(ctor_kwargs)).hexdigest())
+    inst = _CACHED.get(key)
+    if inst is None:
+        _CACHED.clear()  # one model per process: what an idle worker holds stays bounded
+        inst = _CACHED[key] = cls(**ctor_kwargs)
+    return inst(batch)
+
+
+def map_pool_kwargs(cls, ctor_kwargs: dict, *, rows: int, min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
+    """``map_batches`` kwargs (``fn`` included) that map batches through ``cls(**ctor_kwargs)``.
+
+    A GPU, or more than :data:`SMALL_MAP_ROWS` rows: an autoscaling actor pool of ``min_size``
+    to ``max_size`` actors, each building ``cls`` once. Otherwise at most ``max_size`` Ray
+    tasks at a time, in Ray's pooled worker processes, each process building ``cls`` once and
+    keeping it for later passes with the same arguments. ``cls.__call__`` must be a pure
+    function of the batch (as every synthaug map actor's is), so both forms give the same rows.
+    """
+    if num_gpus or rows > SMALL_MAP_ROWS:
+        return {"fn": cls, "fn_constructor_kwargs": ctor_kwargs, **actor_pool_kwargs(min_size, max_size, num_gpus)}
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    kwargs: dict = {"fn": _call_cached, "fn_kwargs": {"cls": cls, "ctor_kwargs": ctor_kwargs}, "num_cpus": 1}
+    major, minor = (int(x) for x in ray.__version__.split(".")[:2])
+    if (2, 9) <= (major, minor) < (2, 51):  # pragma: no cover - older Ray
+        kwargs["concurrency"] = max_size
+    else:
+        kwargs["compute"] = TaskPoolStrategy(size=max_size)
+    return kwargs

@@ -198,8 +198,13 @@ def test_kid_of_a_set_against_itself_is_zero(digits_dirs, clf_dir):
 # ----------------------------------------------------------------------------- invariance
 
 
-def test_metrics_do_not_depend_on_batch_size(digits_dirs, synth_dir, clf_dir):
-    a = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig(batch_size=7))
+def test_metrics_do_not_depend_on_batch_size(digits_dirs, synth_dir, clf_dir, monkeypatch):
+    """Nor on the pool's form: batches of 7 in an actor pool, of 64 in pooled tasks (a set this small)."""
+    from synthaug import raylocal
+
+    with monkeypatch.context() as m:
+        m.setattr(raylocal, "SMALL_MAP_ROWS", 0)
+        a = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig(batch_size=7))
     b = fd.compute_fidelity(digits_dirs["val"], synth_dir, clf_dir, EvaluateConfig(batch_size=64))
     assert a.keys() == b.keys()
     for k, v in a.items():

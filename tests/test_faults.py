@@ -188,12 +188,17 @@ def _rows_written(out: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in (out / DATA_DIR).glob("*/chunk-*.parquet"))
 
 
-def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path):
+def test_sampling_survives_killed_actor(ray_session, generator_dir, tmp_path, monkeypatch):
+    """The reference set is sampled in pooled tasks (a set this small), the killed run in an actor
+    pool: the same pixels either way, and after the kill."""
+    from synthaug import raylocal
+
     per_class = 4
     cfg = load_config(None, [f"sample.per_class={per_class}", "sample.steps=40", "sample.batch_size=4",
                              "sample.min_actors=1", "sample.max_actors=1", f"work_dir={tmp_path}/work"])
     reference, _ = sample.run(cfg, generator_dir, tmp_path / "reference")
 
+    monkeypatch.setattr(raylocal, "SMALL_MAP_ROWS", 0)  # an actor pool, whose process is killed
     out = tmp_path / "faulty"
     killer = Killer(MAP_WORKER, ready=lambda: _rows_written(out) > 0, progress=lambda: _rows_written(out))
     killer.start()

@@ -27,7 +27,7 @@ def gens(ray_session, digits_dirs, tmp_path_factory):
     """Pretrain on the pool, then fine-tune from that export, both with 2 DDP workers.
 
     The fine-tune is then run again with the same config (its export is reused, not
-    retrained) and with another ``steps`` (another key: a new run from step 0).
+    retrained) and with another ``steps`` (another key: a new run from step 0, on one worker).
     """
     root = tmp_path_factory.mktemp("gen")
     cfg = load_config(None, TINY + [f"work_dir={root}/work", "pretrain.cache=true"])  # the object-store cache path
@@ -36,7 +36,7 @@ def gens(ray_session, digits_dirs, tmp_path_factory):
     ft = finetune.run(full, "finetune", digits_dirs["train"], root / "ft", root / "ray", base_dir=root / "pre")
     manifest_bytes = (root / "ft" / "manifest.json").read_bytes()
     again = finetune.run(full, "finetune", digits_dirs["train"], root / "ft", root / "ray", base_dir=root / "pre")
-    short = load_config(None, TINY + ["finetune.steps=6"])
+    short = load_config(None, TINY + ["finetune.steps=6", "finetune.num_workers=1"])
     first = finetune.run(short, "finetune", digits_dirs["train"], root / "ft6", root / "ray", base_dir=root / "pre")
     return {"cfg": cfg, "root": root, "pre": root / "pre", "ft": root / "ft", "pre_m": pre, "ft_m": ft, "ft6_m": first,
             "again": again, "manifest_bytes": manifest_bytes}

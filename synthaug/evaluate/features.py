@@ -344,10 +344,11 @@ def dataset_statistics(
     thresholds = subset_thresholds(loc, manifest, max_samples, seed)
     ds = read_ray(loc, columns=["id", "image", "label"])
     ds = ds.map_batches(
-        FeatureActor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(ex=ex, layers=layers, image_size=manifest["image_size"], where=str(loc),
-                                   thresholds=thresholds, seed=seed, labelled=labelled, device=device),
-        **raylocal.actor_pool_kwargs(min_actors, max_actors, num_gpus),
+        batch_size=batch_size, batch_format="numpy",
+        **raylocal.map_pool_kwargs(
+            FeatureActor, dict(ex=ex, layers=layers, image_size=manifest["image_size"], where=str(loc),
+                               thresholds=thresholds, seed=seed, labelled=labelled, device=device),
+            rows=manifest["num_rows"], min_size=min_actors, max_size=max_actors, num_gpus=num_gpus),
     )
     ds = ds.map_batches(block_sums, batch_size=SUM_ROWS, batch_format="numpy",
                         fn_kwargs=dict(fid_layer=fid_layer, layers=layers, per_class=grouped))

@@ -139,11 +139,12 @@ def feature_store(loc, ex: Extractor, layer: str, root, *, batch_size: int = 64,
     labelled = bool(manifest.get("labelled", True) and manifest.get("class_names"))
     groups = len(manifest["class_names"]) if labelled else 1
     ds = read_ray(loc, columns=["id", "image", "label"]).map_batches(
-        FeatureActor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(ex=ex, layers=[layer], image_size=manifest["image_size"], where=str(loc),
-                                   thresholds=np.full(groups, MAX_HASH, np.uint64), seed=0, labelled=labelled,
-                                   device=device),
-        **raylocal.actor_pool_kwargs(min_actors, max_actors, num_gpus),
+        batch_size=batch_size, batch_format="numpy",
+        **raylocal.map_pool_kwargs(
+            FeatureActor, dict(ex=ex, layers=[layer], image_size=manifest["image_size"], where=str(loc),
+                               thresholds=np.full(groups, MAX_HASH, np.uint64), seed=0, labelled=labelled,
+                               device=device),
+            rows=manifest["num_rows"], min_size=min_actors, max_size=max_actors, num_gpus=num_gpus),
     ).map_batches(_store_rows, fn_kwargs={"layer": layer}, batch_format="numpy")
     wid = new_write_id()
     fs, path = storage.resolve(storage.join(store, "data", wid))

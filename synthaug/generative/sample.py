@@ -389,22 +389,23 @@ class _Interner:
 
 def _sample_chunks(cfg: Config, generator_dir: str, gen_manifest: dict, out: str, plan: dict,
                    todo: list[Chunk], intern: _Interner, source: str | None = None) -> list[dict]:
-    """Stream the chunk rows through the actor pool; returns the written shards' entries."""
+    """Stream the chunk rows through samplers (an actor pool, or pooled tasks for a small set); returns
+    the written shards' entries."""
     import ray.data
 
-    from synthaug.raylocal import actor_pool_kwargs
+    from synthaug.raylocal import map_pool_kwargs
 
     s = cfg.sample
     img2img = {} if source is None else {"source": source, "source_index": source_index(source, s.seed)}
     ds = ray.data.from_items([c._asdict() for c in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
     ds = ds.map_batches(
-        ChunkSampler,
-        fn_constructor_kwargs={"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
-                               "write_id": plan["write_id"], "class_names": list(gen_manifest["class_names"]),
-                               "counts": plan["counts"],
-                               "weights_hash": gen_manifest["weights_hash"], **img2img},
         batch_size=1, batch_format="numpy",
-        **actor_pool_kwargs(s.min_actors, s.max_actors, s.num_gpus_per_actor),
+        **map_pool_kwargs(
+            ChunkSampler, {"generator_dir": generator_dir, "sample": to_dict(s), "out": out,
+                           "write_id": plan["write_id"], "class_names": list(gen_manifest["class_names"]),
+                           "counts": plan["counts"], "weights_hash": gen_manifest["weights_hash"], **img2img},
+            rows=sum(c.rows(plan["counts"]) for c in todo), min_size=s.min_actors, max_size=s.max_actors,
+            num_gpus=s.num_gpus_per_actor),
     )
     return [intern(json.loads(row["entry"])) for row in ds.iter_rows()]
 
