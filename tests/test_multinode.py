@@ -92,21 +92,25 @@ def test_pipeline_job_on_cpu_less_head_and_worker_node(two_nodes, s3_server, tmp
     assert metrics, "empty metrics.json"
     assert storage.read_text(storage.join(results_dir, "tiny", "summary.md")).strip()
 
-    # Every actor that needs a CPU or GPU (Train workers, samplers, feature actors, Tune trials)
-    # ran on the worker node: the head has none to give. Ray's zero-resource control actors
-    # (PlacementGroupCleaner, SplitCoordinator, DatasetManager, ...) may sit on the head.
-    from ray.util.state import list_actors
+    # Every actor and task that needs a CPU or GPU (Train workers, Tune trials, one-worker
+    # training tasks, Ray Data's read, sampling and feature tasks and actors) ran on the worker
+    # node: the head has none to give. Ray's zero-resource control actors (PlacementGroupCleaner,
+    # SplitCoordinator, DatasetManager, ...) may sit on the head.
+    from ray.util.state import list_actors, list_tasks
 
     heads = {nid for nid, is_head in _node_ids(head).items() if is_head}
-    actors = [a for a in list_actors(address=head.dashboard_url, limit=10000, detail=True)
+    actors = [(a.class_name, a.node_id, a.required_resources)
+              for a in list_actors(address=head.dashboard_url, limit=10000, detail=True)
               if a.job_id and a.class_name not in ("JobSupervisor",)]
+    tasks = [(t.name, t.node_id, t.required_resources) for t in list_tasks(address=head.dashboard_url, limit=10000, detail=True)
+             if t.job_id and t.node_id and t.type == "NORMAL_TASK"]
 
-    def needs_compute(a) -> bool:
-        r = a.required_resources or {}
+    def needs_compute(resources) -> bool:
+        r = resources or {}
         return float(r.get("CPU", 0)) > 0 or float(r.get("GPU", 0)) > 0
 
-    workers = [a for a in actors if needs_compute(a)]
-    assert workers, "no actor that needs compute was seen"  # Train workers report their resources through placement groups
-    on_head = [a.class_name for a in workers if a.node_id in heads]
-    assert not on_head, f"actors that need compute ran on the CPU-less head: {on_head}"
-    print(json.dumps(sorted({a.class_name for a in workers})))
+    workers = [(name, node) for name, node, r in actors + tasks if needs_compute(r)]
+    assert workers, "no actor or task that needs compute was seen"
+    on_head = sorted({name for name, node in workers if node in heads})
+    assert not on_head, f"actors or tasks that need compute ran on the CPU-less head: {on_head}"
+    print(json.dumps(sorted({name for name, _ in workers})))
