@@ -115,3 +115,19 @@ def mlflow_server(tmp_path_factory):
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cli_ray(tmp_path_factory):
+    """``ray.address=...`` of a Ray head started with the CLI (tests/raycli.py), for tests that run many
+    ``synthaug`` commands as subprocesses: each joins it as a user's command joins a cluster, instead
+    of starting a local Ray of its own (about 5 s of start-up per command here)."""
+    import raycli as R
+
+    from synthaug.config import RayConfig
+
+    head = R.start_head(tmp_path_factory.mktemp("cli_ray") / "head.log", num_cpus=RayConfig().num_cpus)
+    try:
+        yield f"ray.address={head.address}"
+    finally:
+        R.stop(head)

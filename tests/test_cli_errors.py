@@ -52,11 +52,12 @@ def synthaug(*argv: str, timeout: int = 600, env: dict | None = None) -> subproc
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A good ingest of the tiny config: the earlier outputs every bad command must leave alone."""
+def run(tmp_path_factory, cli_ray):
+    """A good ingest of the tiny config: the earlier outputs every bad command must leave alone.
+    Commands with the tiny config join one CLI-started Ray head (``cli_ray``)."""
     tmp = tmp_path_factory.mktemp("cli_errors")
     work, results = tmp / "work", tmp / "results"
-    base = (f"work_dir={work}", f"results_dir={results}", "ray.num_cpus=2", "ray.include_dashboard=false")
+    base = (f"work_dir={work}", f"results_dir={results}", cli_ray)
     proc = synthaug("ingest", "--config", TINY, *base)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"tmp": tmp, "work": work, "results": results, "base": base, "data": work / "tiny" / "data"}

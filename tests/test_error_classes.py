@@ -29,11 +29,12 @@ from synthaug.errors import find_input_error, first_line
 
 
 @pytest.fixture(scope="module")
-def earlier(tmp_path_factory):
-    """A good ingest of the tiny config: the outputs every refused command must leave alone."""
+def earlier(tmp_path_factory, cli_ray):
+    """A good ingest of the tiny config: the outputs every refused command must leave alone.
+    Commands with a config join one CLI-started Ray head (``cli_ray``)."""
     tmp = tmp_path_factory.mktemp("error_classes")
     work, results = tmp / "work", tmp / "results"
-    base = [f"results_dir={results}", "ray.num_cpus=2", "ray.include_dashboard=false"]
+    base = [f"results_dir={results}", cli_ray]
     proc = synthaug("ingest", "--config", TINY, f"work_dir={work}", *base)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"tmp": tmp, "work": work, "results": results, "base": base, "data": work / "tiny" / "data"}
