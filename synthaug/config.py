@@ -215,7 +215,7 @@ class PseudoLabelConfig:
     with_synthetic: bool = _f(False, "Also train on labelled + pseudo-labelled + synthetic (sample.guidance_scale, the headline ratio) and report it.")
     batch_size: int = _f(256, "Images per teacher inference batch (Ray Data actor pool); results do not depend on it.")
     min_actors: int = _f(1, "Teacher inference actor pool minimum size.")
-    max_actors: int = _f(1, "Teacher inference actor pool maximum size (a set of at most 4,096 rows with no GPU runs in up to this many pooled Ray tasks instead, which keep the model loaded between passes).")
+    max_actors: int = _f(1, "Teacher inference actor pool maximum size.")
     num_gpus_per_actor: float = _f(0.0, "GPUs per teacher inference actor (1 on a GPU cluster).")
 
     def __post_init__(self) -> None:

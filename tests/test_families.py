@@ -100,11 +100,13 @@ def test_lora_trains_adapters_only_and_folds_them_on_export(bases, tmp_path):
 def finetuned(ray_session, digits_dirs, bases, tmp_path_factory):
     """Each family fine-tuned from its tiny base through the console entry:
     ``synthaug finetune --config jobs/configs/finetune_tiny_<family>.yaml --data DIR``
-    with the base, work dir (and LoRA) given as dotted overrides. The latent families on the
-    configs' 2 DDP workers; unet on one (a Ray task: its DDP run is test_generative's fine-tune)."""
+    with the base, work dir (and LoRA) given as dotted overrides. dit and the text2image LoRA run on
+    the configs' 2 DDP workers; unet and full text2image on one (a Ray task: unet's DDP run is
+    test_generative's fine-tune, text2image's the LoRA one here)."""
     root = tmp_path_factory.mktemp("ft")
     out = {}
-    for name, family, over in [("unet", "unet", ["finetune.num_workers=1"]), ("dit", "dit", []), ("text2image", "text2image", []),
+    for name, family, over in [("unet", "unet", ["finetune.num_workers=1"]), ("dit", "dit", []),
+                               ("text2image", "text2image", ["finetune.num_workers=1"]),
                                ("lora", "text2image", ["finetune.lora_rank=2"])]:
         config = CONFIGS / f"finetune_tiny_{family}.yaml"
         argv = ["finetune", "--config", str(config), "--data", str(digits_dirs["train"]),
@@ -127,7 +129,7 @@ def test_finetuned_export_reloads_and_samples(finetuned, bases, family, parts):
     for part in parts:
         assert (out / part).is_dir() and not list((out / part).glob("*.bin")), part
     assert list((out / parts[0]).glob("*.safetensors")) and (out / "manifest.json").is_file()
-    assert m["config"]["finetune"]["num_workers"] == (1 if family == "unet" else 2) and m["config"]["finetune"]["family"] == family
+    assert m["config"]["finetune"]["num_workers"] == (2 if family == "dit" else 1) and m["config"]["finetune"]["family"] == family
     if family == "text2image":  # the template from the YAML
         assert m["prompts"][3] == "a photo of the handwritten digit 3" and m["prompts"][-1] == ""
     elif family == "dit":

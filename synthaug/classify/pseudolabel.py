@@ -131,16 +131,16 @@ class TeacherActor:
 
 
 def _scored(cfg: Config, loc: str, teacher: dict, mode: str, threshold: float | None, columns=None):
-    """``loc``'s rows through :class:`TeacherActor` (an actor pool, or pooled tasks for a small set; lazy)."""
+    """``loc``'s rows through a :class:`TeacherActor` pool (lazy Ray Dataset)."""
     pl = cfg.pseudolabel
     ds = read_ray(loc, columns=columns)
+    # Always an actor pool, also for a small set (raylocal.map_pool_kwargs): its output blocks
+    # become the labelled set's shards, and the students' seeded order depends on them.
     return ds.map_batches(
-        batch_size=pl.batch_size, batch_format="pyarrow",
-        **raylocal.map_pool_kwargs(
-            TeacherActor, dict(model_dir=teacher["model"], mode=mode, threshold=threshold, teacher_key=teacher["key"],
-                               class_names=teacher_classes(teacher)),
-            rows=read_manifest(loc)["num_rows"], min_size=pl.min_actors, max_size=pl.max_actors,
-            num_gpus=pl.num_gpus_per_actor),
+        TeacherActor, batch_size=pl.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(model_dir=teacher["model"], mode=mode, threshold=threshold, teacher_key=teacher["key"],
+                                   class_names=teacher_classes(teacher)),
+        **raylocal.actor_pool_kwargs(pl.min_actors, pl.max_actors, pl.num_gpus_per_actor),
     )
 
 
