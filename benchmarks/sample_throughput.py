@@ -137,8 +137,13 @@ def _same_images(a, b) -> bool:
 
 
 def throughput(args) -> dict:
+    from synthaug import raylocal
     from synthaug.generative.sample import plan_table
     from synthaug.raylocal import init_ray
+
+    # The actor pool, as any set over raylocal.SMALL_MAP_ROWS rows or on a GPU gets it; a set
+    # this small on CPU would run in pooled tasks (docs/scale.md).
+    raylocal.SMALL_MAP_ROWS = 0
 
     t_start = time.time()
     dirs = C.digits()
