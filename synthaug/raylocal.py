@@ -146,18 +146,24 @@ def use_assigned_cpus() -> int:
     return cpus
 
 
-def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
-    """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions).
+def _concurrency_api() -> bool:
+    """Whether this Ray's ``map_batches`` takes ``concurrency=`` (2.9-2.50) rather than ``compute=``.
 
-    Ray 2.9-2.50 took ``concurrency=(min, max)``; from 2.51 that is deprecated in favour
-    of ``compute=ActorPoolStrategy(...)``, which older versions (< 2.9) also used.
+    From 2.51 ``concurrency`` is deprecated in favour of ``compute=ActorPoolStrategy(...)`` /
+    ``TaskPoolStrategy(...)``, which older versions (< 2.9) also used.
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     major, minor = (int(x) for x in ray.__version__.split(".")[:2])
+    return (2, 9) <= (major, minor) < (2, 51)
+
+
+def actor_pool_kwargs(min_size: int, max_size: int, num_gpus: float = 0.0) -> dict:
+    """``map_batches`` kwargs for an autoscaling actor pool (the API moved between versions)."""
+    from ray.data import ActorPoolStrategy
+
     kwargs: dict = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": 1}
-    if (2, 9) <= (major, minor) < (2, 51):  # pragma: no cover - older Ray
+    if _concurrency_api():  # pragma: no cover - older Ray
         kwargs["concurrency"] = (min_size, max_size) if min_size != max_size else min_size
     else:
         kwargs["compute"] = ActorPoolStrategy(min_size=min_size, max_size=max_size)
@@ -173,18 +179,14 @@ SMALL_MAP_ROWS = 4096
 _CACHED: dict = {}  # this worker process's one (key -> instance) of map_pool_kwargs' task form
 
 
-def _call_cached(batch, cls, ctor_kwargs: dict):
-    """Run ``cls(**ctor_kwargs)(batch)``, building the instance once per worker process (one kept).
+def _call_cached(batch, cls, ctor_kwargs: dict, key: str):
+    """Run ``cls(**ctor_kwargs)(batch)``, building the instance once per worker process (one kept);
+    ``key`` names ``(cls, ctor_kwargs)``, hashed once in the driver (:func:`map_pool_kwargs`).
 
     torch's threads are set to this task's CPUs first: an earlier task of another size may
     have left the pooled process with more (and float sums that differ with the thread count).
     """
-    import hashlib
-
-    from ray import cloudpickle
-
     use_assigned_cpus()
-    key = (cls.__module__, cls.__qualname__, hashlib.sha256(cloudpickle.dumps(ctor_kwargs)).hexdigest())
     inst = _CACHED.get(key)
     if inst is None:
         _CACHED.clear()  # one model per process: what an idle worker holds stays bounded
@@ -203,12 +205,14 @@ def map_pool_kwargs(cls, ctor_kwargs: dict, *, rows: int, min_size: int, max_siz
     """
     if num_gpus or rows > SMALL_MAP_ROWS:
         return {"fn": cls, "fn_constructor_kwargs": ctor_kwargs, **actor_pool_kwargs(min_size, max_size, num_gpus)}
-    import ray
+    import hashlib
+
+    from ray import cloudpickle
     from ray.data import TaskPoolStrategy
 
-    kwargs: dict = {"fn": _call_cached, "fn_kwargs": {"cls": cls, "ctor_kwargs": ctor_kwargs}, "num_cpus": 1}
-    major, minor = (int(x) for x in ray.__version__.split(".")[:2])
-    if (2, 9) <= (major, minor) < (2, 51):  # pragma: no cover - older Ray
+    key = f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(cloudpickle.dumps(ctor_kwargs)).hexdigest()}"
+    kwargs: dict = {"fn": _call_cached, "fn_kwargs": {"cls": cls, "ctor_kwargs": ctor_kwargs, "key": key}, "num_cpus": 1}
+    if _concurrency_api():  # pragma: no cover - older Ray
         kwargs["concurrency"] = max_size
     else:
         kwargs["compute"] = TaskPoolStrategy(size=max_size)
