@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -110,13 +112,13 @@ def start_worker(head: Node, log: Path, num_cpus: int, env: dict | None = None,
     """A second node joined to ``head`` with ``ray start --address``: its own temp dir and ports."""
     temp_dir = Path(tempfile.mkdtemp(prefix="synthaug-rayw-", dir="/tmp"))
     nm, om, agent_http, agent_grpc, rt_env, metrics = free_ports(6)
-    lo = free_ports(1)[0]
+    lo, hi = worker_port_range()
     cmd = [
         RAY, "start", "--block", "--disable-usage-stats", f"--address={head.address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--node-manager-port={nm}", f"--object-manager-port={om}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-        f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}", f"--temp-dir={temp_dir}",
+        f"--min-worker-port={lo}", f"--max-worker-port={hi}", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
@@ -127,6 +129,36 @@ def start_worker(head: Node, log: Path, num_cpus: int, env: dict | None = None,
         stop(node)
         raise
     return node
+
+
+def worker_port_range(width: int = 200) -> tuple[int, int]:
+    """Ports for a worker node's workers, all free now, below the kernel's ephemeral range.
+
+    Not next to a port ``free_ports`` returned: those come from the ephemeral range, and a range
+    around one once overlapped the node's own agent port ("worker_ports is trying to use a port
+    number ... used by other components"), which made ``ray start`` exit. Each pytest-xdist worker
+    draws from its own block, so two test processes never share a range either.
+    """
+    lo_all, hi_all = 20000, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    block = (hi_all - lo_all) // max(count, 1)
+    first = lo_all + index * block
+    starts = list(range(first, first + block - width, width + 1))
+    random.shuffle(starts)
+    for lo in starts:
+        if all(_bindable(p) for p in range(lo, lo + width + 1)):
+            return lo, lo + width
+    raise RuntimeError(f"no {width + 1} free ports in a row between {first} and {first + block}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _cluster_cpus(head: Node) -> float:
