@@ -1,12 +1,12 @@
 """The whole default pipeline, tiny, through the CLI a user calls (one real local Ray).
 
-In CI the tiny pipeline runs twice, each time through ``ray job submit``: on the S3
-server across two nodes (``test_multinode.py``, which checks its outputs with
-:func:`check_run_outputs` below) and on a local path (``test_jobs.py``, the reference run
-of the stop-and-resubmit test). The same run in this process, with ``work_dir`` and
-``results_dir`` on S3 or on local disk, is kept for debugging the in-process CLI
-(``pytest tests/test_pipeline.py --runpipeline``) and skipped in the suite, where it would
-be a third run of the same stages.
+In CI the tiny pipeline runs through ``ray job submit`` on the S3 server across two nodes
+(``test_multinode.py``, which checks its outputs with :func:`check_run_outputs` below; the
+same run is the undisturbed reference of its stop-and-resubmit test), and on a local path
+through the Python API (``test_api.py``, docs/walkthrough.py). The same run in this process,
+with ``work_dir`` and ``results_dir`` on S3 or on local disk, is kept for debugging the
+in-process CLI (``pytest tests/test_pipeline.py --runpipeline``) and skipped in the suite,
+where it would run the same stages again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FAST = ["pretrain.steps=10", "classify.epochs=1", "evaluate.extractor_epochs=1"]
 def run_dirs(request, tmp_path, s3_server):
     """(work_dir, results_dir) on local disk, or both on the S3 server."""
     if not request.config.getoption("--runpipeline"):
-        pytest.skip("the tiny pipeline runs in test_multinode.py (S3) and test_jobs.py (local path); "
+        pytest.skip("the tiny pipeline runs in test_multinode.py (S3) and test_api.py (local path); "
                     "pass --runpipeline to run it in this process too")
     if request.param == "local":
         return str(tmp_path / "runs"), str(tmp_path / "results")
