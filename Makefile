@@ -25,10 +25,11 @@ compile: setup
 demo: compile
 	$(BIN)/synthaug run --config jobs/configs/default.yaml
 
-# Two pytest-xdist workers, a test file each at a time (module fixtures stay in one process);
-# each worker starts its own local Ray, S3 server and MLflow server on free ports.
+# Two pytest-xdist workers, a test file each at a time (module fixtures stay in one process),
+# the longest files first (tests/conftest.py); each worker starts its own local Ray, S3 server
+# and MLflow server on free ports.
 test: compile
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/finetune_throughput.py

@@ -102,6 +102,20 @@ def digits_dirs(tmp_path_factory):
     return {k: out / k for k in ("train", "val", "pool", "train_full")}
 
 
+# `make test` runs pytest-xdist with --dist loadfile: each worker takes a whole file at a time,
+# in collection order (--no-loadscope-reorder; xdist's default starts the files with the most
+# tests first, which left the longest file, minutes of one test, to run alone at the end).
+# These files take longest in CI (--durations), longest first; the others follow in name order.
+SLOW_FILES_FIRST = ("test_multinode.py", "test_faults.py", "test_error_classes.py", "test_generative.py",
+                    "test_study.py", "test_cas_quality.py", "test_families.py", "test_api.py", "test_console.py",
+                    "test_jobs.py", "test_pseudolabel.py", "test_cli_errors.py", "test_classify.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 def pytest_addoption(parser):
     parser.addoption("--runpipeline", action="store_true", default=False,
                      help="also run the tiny pipeline in this process, on S3 and on a local path (test_pipeline.py)")
