@@ -39,18 +39,6 @@ def ray_head(tmp_path_factory):
             warnings.warn("killed after the head stopped:\n  " + "\n  ".join(killed), stacklevel=1)
 
 
-def _submit(head, working_dir, submission_id, entrypoint):
-    return R.submit(head, working_dir, submission_id, entrypoint, JOB_TIMEOUT_S)
-
-
-def _working_dir(dest):
-    return R.working_dir(dest)
-
-
-def _job_details(head, submission_id):
-    return R.job_details(head, submission_id)
-
-
 # Under `ray job submit` the driver must join the cluster it was submitted to: the job
 # supervisor sets RAY_ADDRESS and synthaug.raylocal.init_ray uses it. Cheap to check alone.
 _DRIVER = """
@@ -65,7 +53,8 @@ print("DRIVER", json.dumps({"ray_address": os.environ.get("RAY_ADDRESS"), "gcs_a
 
 def test_driver_joins_submitted_cluster(ray_head, tmp_path):
     submission_id = f"synthaug-test-{uuid.uuid4().hex[:8]}"
-    proc = _submit(ray_head, _working_dir(tmp_path / "src"), submission_id, [sys.executable, "-c", _DRIVER])
+    proc = R.submit(ray_head, R.working_dir(tmp_path / "src"), submission_id, [sys.executable, "-c", _DRIVER],
+                    JOB_TIMEOUT_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     line = next((ln for ln in out.splitlines() if ln.startswith("DRIVER ")), None)
@@ -74,7 +63,7 @@ def test_driver_joins_submitted_cluster(ray_head, tmp_path):
     assert seen["ray_address"] == seen["gcs_address"], seen
     assert seen["gcs_address"].endswith(f":{ray_head.gcs_port}"), seen
     assert seen["cpus"] == _num_cpus(), seen
-    details = _job_details(ray_head, submission_id)
+    details = R.job_details(ray_head, submission_id)
     assert details.driver_info is not None and details.driver_info.id == seen["job_id"], details
 
 

@@ -149,7 +149,7 @@ def _outputs(work_dir: str, results_dir: str) -> dict:
     """What a run produced, by content: every manifest's content / weights hash, and the flat metrics."""
     from synthaug import storage
 
-    fs, root = storage.resolve(work_dir)
+    root = storage.resolve(work_dir)[1]
     out = {}
     for i in storage.list_files(work_dir):
         if not i.path.endswith("/manifest.json"):
